@@ -1,0 +1,58 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set everything up first.
+PY       ?= python3.11
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+ORT_GPU  := onnxruntime-gpu==1.32.0
+DEB_PKGS := dcmtk dicom3tools orthanc
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-gpu deb-deps demo test test-fast bench lock clean
+
+setup: $(STAMP)
+
+# Re-installs only when the lock or the project metadata changed, so a second `make setup` takes a second.
+$(STAMP): constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,test]'
+	touch $@
+
+# GPU workstation: swap the CPU build of ONNX Runtime for the CUDA build. The two install into the same
+# folder, so the CPU one is removed first; never keep both.
+setup-gpu: setup
+	$(BIN)/pip uninstall --yes onnxruntime
+	$(BIN)/pip install --quiet $(ORT_GPU)
+
+# Debian tools the tests talk to (dcmtk, dciodvfy, Orthanc). Installed when run as root, otherwise explained.
+deb-deps:
+	@missing=""; \
+	for t in /usr/bin/storescu /usr/bin/dciodvfy /usr/sbin/Orthanc; do [ -x $$t ] || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $(DEB_PKGS)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PKGS) >/dev/null; \
+	  else \
+	    echo "missing:$$missing"; echo "run: sudo apt-get install -y $(DEB_PKGS)"; exit 1; \
+	  fi; \
+	fi
+
+demo: setup
+	$(BIN)/livernode demo
+
+test: setup deb-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything except the tests that train or export a network.
+test-fast: setup deb-deps
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+# Refresh the lock from the current environment after a deliberate upgrade.
+lock: setup
+	{ echo "# Exact versions the test suite passed with (Python 3.11, Linux x86_64). Regenerate with 'make lock'."; \
+	  $(BIN)/pip freeze --exclude-editable; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

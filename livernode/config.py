@@ -1,0 +1,120 @@
+"""Pydantic models for the TOML configuration files, validated once at the entry point and passed down."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from livernode.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WindowConfig(_Strict):
+    """CT window in Hounsfield units mapped to [0, 1]."""
+
+    low: float = -100.0
+    high: float = 400.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WindowConfig":
+        if not self.high > self.low:
+            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
+        return self
+
+
+class PreprocessConfig(_Strict):
+    window: WindowConfig = WindowConfig()
+    channels: Literal[1, 3] = 1
+    bilateral: bool = False
+    size: int = Field(256, ge=32, description="square training and inference size in pixels, a multiple of 32")
+
+    @model_validator(mode="after")
+    def _multiple(self) -> "PreprocessConfig":
+        if self.size % 32:
+            raise ValueError(f"size {self.size} is not a multiple of 32 (U-Net input)")
+        return self
+
+
+class ModelConfig(_Strict):
+    backbone: str = "resnet34"
+    encoder_weights: str | None = Field(
+        None, description="None for random init, or a local .h5 file with ImageNet weights for the backbone"
+    )
+
+
+class AugmentConfig(_Strict):
+    enabled: bool = True
+    flip: bool = True
+    rotate_degrees: float = Field(10.0, ge=0, le=45)
+    intensity_jitter: float = Field(0.05, ge=0, le=0.5)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    focal_weight: float = Field(1.0, ge=0)
+    class_weights: tuple[float, float, float] = (0.2, 1.0, 3.0)
+    steps_per_epoch: int | None = Field(None, ge=1, description="None: one pass over the training slices")
+    liver_slices_only_fraction: float = Field(
+        0.8, ge=0, le=1, description="share of each batch drawn from slices that contain liver"
+    )
+    augment: AugmentConfig = AugmentConfig()
+
+
+class SplitConfig(_Strict):
+    validation: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+
+
+class TrainingConfig(_Strict):
+    """`config/training.toml`."""
+
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    split: SplitConfig = SplitConfig()
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{path}'"
+    return f"{source}: key '{path}': {first['msg']}"
+
+
+def load_training_config(path: Path | None, overrides: dict | None = None) -> TrainingConfig:
+    """Read and validate a training TOML file (defaults when `path` is None) with dotted-key `overrides` applied.
+
+    Raises ConfigError naming the file and the offending key's path.
+    """
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return TrainingConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None

@@ -1,0 +1,1 @@
+"""Shared by the offline and online halves: DICOM volumes, preprocessing, phantoms and metrics."""

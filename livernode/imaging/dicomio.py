@@ -1,0 +1,131 @@
+"""Read CT series into `CtVolume`s: slices sorted along the slice normal, geometry checked, pixels in HU."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from livernode.errors import InputError, SeriesRejected
+from livernode.imaging.preprocess import to_hu
+from livernode.imaging.volume import CtVolume
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MAX_TILT_DEG = 0.5
+SPACING_TOLERANCE = 0.1  # relative deviation of one slice step from the median step
+
+
+def read_dataset(path: Path, *, pixels: bool = True) -> pydicom.Dataset:
+    """Read one DICOM file; InputError naming the file if it is not readable DICOM."""
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=not pixels)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise InputError(f"{path}: not readable DICOM ({type(exc).__name__}: {exc})") from None
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    return np.cross(row, col)
+
+
+def hu_of(ds: pydicom.Dataset, source: str) -> np.ndarray:
+    """Pixel data of one single-frame image in HU (float32), decoding any supported transfer syntax."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoders raise many types; all mean the same to the caller
+        raise InputError(f"{source}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+    hu = to_hu(arr, float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
+    pad = getattr(ds, "PixelPaddingValue", None)
+    if pad is not None:
+        hu[arr == pad] = -1000.0
+    return hu
+
+
+def _require(ds: pydicom.Dataset, source: str, *keywords: str) -> None:
+    missing = [k for k in keywords if k not in ds or ds[k].value in (None, "")]
+    if missing:
+        raise SeriesRejected(f"{source}: missing {', '.join(missing)}")
+
+
+def volume_from_datasets(items: Iterable[tuple[str, pydicom.Dataset]], *, series_label: str = "") -> CtVolume:
+    """Build a volume from (source, dataset) pairs of one series.
+
+    Slices are ordered by ImagePositionPatient projected on the slice normal, never by file name or instance
+    number. Duplicate positions are dropped (first kept); mixed geometry, tilt and gaps are rejected with a reason.
+    """
+    items = list(items)
+    if not items:
+        raise SeriesRejected(f"series {series_label}: no images")
+    ref_src, ref = items[0]
+    for src, ds in items:
+        _require(ds, src, "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+    orientation = tuple(float(v) for v in ref.ImageOrientationPatient)
+    normal = slice_normal(orientation)
+    label = series_label or str(getattr(ref, "SeriesInstanceUID", ref_src))
+    for src, ds in items:
+        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], orientation, atol=1e-3):
+            raise SeriesRejected(f"series {label}: {src} has a different image orientation")
+        if (ds.Rows, ds.Columns) != (ref.Rows, ref.Columns):
+            raise SeriesRejected(f"series {label}: {src} is {ds.Rows}x{ds.Columns}, not {ref.Rows}x{ref.Columns}")
+        if not np.allclose([float(v) for v in ds.PixelSpacing], [float(v) for v in ref.PixelSpacing], atol=1e-4):
+            raise SeriesRejected(f"series {label}: {src} has a different pixel spacing")
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in items])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    kept: list[int] = []
+    for idx in order:
+        if kept and abs(along[idx] - along[kept[-1]]) < 1e-3:
+            log.warning("series %s: dropping %s, duplicate slice position %.3f", label, items[idx][0], along[idx])
+            continue
+        kept.append(int(idx))
+    if len(kept) > 1:
+        steps = np.diff(along[kept])
+        step = float(np.median(steps))
+        bad = np.abs(steps - step) > SPACING_TOLERANCE * step
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise SeriesRejected(
+                f"series {label}: slice gap of {steps[i]:.2f} mm after {items[kept[i]][0]} (median step {step:.2f} mm)"
+            )
+        # Gantry tilt: the line through the slice origins must run along the normal.
+        drift = positions[kept[-1]] - positions[kept[0]]
+        cos = abs(drift @ normal) / max(np.linalg.norm(drift), 1e-9)
+        tilt = float(np.degrees(np.arccos(min(1.0, cos))))
+        if tilt > MAX_TILT_DEG:
+            raise SeriesRejected(f"series {label}: gantry tilt {tilt:.1f} deg exceeds {MAX_TILT_DEG} deg")
+    else:
+        step = float(getattr(ref, "SliceThickness", 1.0) or 1.0)
+    hu = np.stack([hu_of(items[i][1], items[i][0]) for i in kept])
+    row_sp, col_sp = (float(v) for v in ref.PixelSpacing)
+    return CtVolume(
+        hu=hu,
+        spacing=(step, row_sp, col_sp),
+        origin=tuple(float(v) for v in positions[kept[0]]),
+        orientation=orientation,
+        sop_instance_uids=tuple(str(items[i][1].SOPInstanceUID) for i in kept),
+        series_instance_uid=str(getattr(ref, "SeriesInstanceUID", "")),
+        source=label,
+    )
+
+
+def read_ct_series(files: Sequence[Path], *, series_label: str = "") -> CtVolume:
+    """Read the given files (one series) into a CtVolume; InputError/SeriesRejected name the file and reason."""
+    return volume_from_datasets(((str(f), read_dataset(f)) for f in files), series_label=series_label)
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """All regular files below `folder` that start like DICOM (preamble + 'DICM'), sorted by path."""
+    found = []
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            with p.open("rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM":
+                found.append(p)
+    return found

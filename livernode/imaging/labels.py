@@ -1,0 +1,35 @@
+"""The label map shared by training targets, model outputs, the manifest and DICOM SEG segments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    value: int
+    name: str
+    category: CodedConcept
+    property_type: CodedConcept
+    anatomic_region: CodedConcept | None = None
+
+
+SCT_LIVER = CodedConcept("10200004", "SCT", "Liver")
+LABELS: tuple[LabelInfo, ...] = (
+    LabelInfo(1, "Liver", CodedConcept("91723000", "SCT", "Anatomical Structure"), SCT_LIVER),
+    LabelInfo(
+        2,
+        "Liver tumour",
+        CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure"),
+        CodedConcept("108369006", "SCT", "Neoplasm"),
+        SCT_LIVER,
+    ),
+)
+LABEL_NAMES = {0: "Background", **{li.value: li.name for li in LABELS}}
