@@ -63,7 +63,10 @@ class TrainConfig(_Strict):
     class_weights: tuple[float, float, float] = (0.2, 1.0, 3.0)
     steps_per_epoch: int | None = Field(None, ge=1, description="None: one pass over the training slices")
     liver_slices_only_fraction: float = Field(
-        0.8, ge=0, le=1, description="share of each batch drawn from slices that contain liver"
+        0.5, ge=0, le=1, description="share of each batch drawn from slices that contain liver"
+    )
+    tumour_slices_fraction: float = Field(
+        0.375, ge=0, le=1, description="share of each batch drawn from slices with a labelled tumour"
     )
     augment: AugmentConfig = AugmentConfig()
 

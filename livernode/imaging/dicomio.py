@@ -17,6 +17,9 @@ from livernode.imaging.volume import CtVolume
 log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+IMAGE_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE})
 MAX_TILT_DEG = 0.5
 SPACING_TOLERANCE = 0.1  # relative deviation of one slice step from the median step
 
@@ -24,9 +27,26 @@ SPACING_TOLERANCE = 0.1  # relative deviation of one slice step from the median 
 def read_dataset(path: Path, *, pixels: bool = True) -> pydicom.Dataset:
     """Read one DICOM file; InputError naming the file if it is not readable DICOM."""
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=not pixels)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise InputError(f"{path}: not readable DICOM ({type(exc).__name__}: {exc})") from None
+    if pixels and ("Rows" in ds or ds.get("SOPClassUID") in IMAGE_SOP_CLASSES):
+        _check_pixel_data(ds, path)
+    return ds
+
+
+def _check_pixel_data(ds: pydicom.Dataset, path: Path) -> None:
+    """pydicom reads a truncated file without complaint; an image without all of its pixel data is an error."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise InputError(f"{path}: image without pixel data (truncated file?)")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise InputError(f"{path}: image without Rows/Columns (truncated file?)")
+    if not ds.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in ds:
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        bits = int(getattr(ds, "BitsAllocated", 16))
+        expected = ds.Rows * ds.Columns * int(getattr(ds, "SamplesPerPixel", 1)) * frames * bits // 8
+        if len(ds.PixelData) < expected:
+            raise InputError(f"{path}: pixel data holds {len(ds.PixelData)} bytes, expected {expected} (truncated)")
 
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:

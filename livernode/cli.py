@@ -1,0 +1,126 @@
+"""Command line: argument parsing only; each subcommand calls one API function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from livernode import __version__
+from livernode.errors import LivernodeError
+
+log = logging.getLogger("livernode")
+
+
+def _synth(a: argparse.Namespace) -> int:
+    from livernode.imaging.synth import synthesize
+
+    paths = synthesize(a.out, cases=a.cases, slices=a.slices, size=a.size, seed=a.seed, layout=a.layout)
+    print(f"wrote {len(paths)} {a.layout} cases to {a.out}")
+    return 0
+
+
+def _train(a: argparse.Namespace) -> int:
+    from livernode.config import load_training_config
+    from livernode.training.train import train
+
+    cfg = load_training_config(a.config, {"preprocess.size": a.size, "train.epochs": a.epochs,
+                                          "train.steps_per_epoch": a.steps_per_epoch,
+                                          "model.backbone": a.backbone, "model.encoder_weights": a.encoder_weights,
+                                          "split.seed": a.seed})
+    r = train(a.data, a.format, a.out, cfg, resume=a.resume)
+    print(f"trained {r.epochs_run} epochs in {r.seconds:.0f} s; best epoch {r.best_epoch}; "
+          f"test Dice liver {r.test_dice_liver:.4f}, tumour {r.test_dice_tumour:.4f}; run folder {r.run}")
+    return 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    from livernode.export.onnx_export import export_run
+
+    r = export_run(a.run, a.out, fp16=a.fp16)
+    print(f"exported {r.path} ({r.path.stat().st_size / 1e6:.1f} MB); parity on {r.parity.slices} validation slices: "
+          f"max |keras - onnx| = {r.parity.max_abs_diff:.2e}, argmax agreement {100 * r.parity.agreement:.4f} %")
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from livernode.training.evaluate import evaluate, format_table
+
+    report = evaluate(a.model, a.data, a.format, a.out)
+    print(format_table(report))
+    print(f"metrics written to {a.out / 'metrics.json'} and {a.out / 'metrics.csv'}")
+    return 0
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from livernode.demo import run_demo
+
+    return run_demo(a.workdir, fresh=a.fresh)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livernode", description=__doc__)
+    p.add_argument("--version", action="version", version=f"livernode {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write synthetic abdominal CT phantoms with ground truth")
+    s.add_argument("out", type=Path)
+    s.add_argument("--cases", type=int, default=4)
+    s.add_argument("--slices", type=int, default=48)
+    s.add_argument("--size", type=int, default=512, help="matrix size in pixels (field of view stays realistic)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layout", choices=["dicom", "chaos", "lits"], default="dicom")
+    s.set_defaults(func=_synth)
+
+    t = sub.add_parser("train", help="train the U-Net on a data set")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--format", choices=["chaos", "lits", "dicom"], required=True)
+    t.add_argument("--out", type=Path, required=True, help="run folder")
+    t.add_argument("--config", type=Path, help="training TOML (config/training.toml documents every key)")
+    t.add_argument("--size", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--steps-per-epoch", type=int)
+    t.add_argument("--backbone")
+    t.add_argument("--encoder-weights", help="local .h5 file with ImageNet weights for the backbone")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's best checkpoint")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="export a run's best checkpoint to ONNX with an embedded manifest")
+    e.add_argument("run", type=Path)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--fp16", action="store_true", help="store weights in float16 (inputs and outputs stay float32)")
+    e.set_defaults(func=_export)
+
+    v = sub.add_parser("evaluate", help="score an ONNX model on a labelled data set")
+    v.add_argument("--model", type=Path, required=True)
+    v.add_argument("--data", type=Path, required=True)
+    v.add_argument("--format", choices=["chaos", "lits", "dicom"], required=True)
+    v.add_argument("--out", type=Path, required=True)
+    v.set_defaults(func=_evaluate)
+
+    d = sub.add_parser("demo", help="run the offline half end to end on phantoms (what `make demo` runs)")
+    d.add_argument("--workdir", type=Path, default=Path("demo"))
+    d.add_argument("--fresh", action="store_true", help="ignore the cached model and train again")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LivernodeError as exc:
+        print(f"livernode {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"livernode {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""`livernode export`: best checkpoint -> ONNX (opset 17, dynamic batch/height/width) + manifest + parity."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from livernode import __version__
+from livernode.errors import ExportError, MissingExtra
+from livernode.imaging.labels import LABELS
+from livernode.inference.manifest import METADATA_KEY, Manifest, Parity
+
+log = logging.getLogger(__name__)
+OPSET = 17
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+MIN_AGREEMENT = {"float32": 0.9999, "float16": 0.999}
+DIM_NAMES = ("batch", "height", "width")
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    slices: int
+    max_abs_diff: float
+    agreement: float
+    tolerance: float
+    min_agreement: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.agreement >= self.min_agreement
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest: Manifest
+    parity: ParityResult
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the initializers' names and raw bytes, in graph order (recomputable from the file)."""
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    for init in model.graph.initializer:
+        h.update(init.name.encode())
+        h.update(np.ascontiguousarray(numpy_helper.to_array(init)).tobytes())
+    return h.hexdigest()
+
+
+def _tidy_graph(model) -> None:
+    """Readable dynamic dimension names, and no deprecated Resize mode.
+
+    tf2onnx writes nearest-neighbour upsampling with coordinate mode `tf_half_pixel_for_nn`, which ONNX Runtime
+    warns is deprecated. For integer scale factors with floor rounding, floor((x + 0.5) / s) == floor(x / s), so
+    `asymmetric` gives the same pixels; the parity check confirms it on real slices.
+    """
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        for d, name in zip(dims[:3], DIM_NAMES):
+            if not d.HasField("dim_value"):
+                d.dim_param = name
+    for node in model.graph.node:
+        if node.op_type != "Resize":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs.get("coordinate_transformation_mode")
+        if mode is not None and mode.s == b"tf_half_pixel_for_nn":
+            if attrs.get("mode") is None or attrs["mode"].s != b"nearest":
+                raise ExportError(f"Resize node {node.name}: deprecated mode on a non-nearest resize")
+            mode.s = b"asymmetric"
+            if "nearest_mode" in attrs:
+                attrs["nearest_mode"].s = b"floor"
+
+
+def _convert(keras_model, channels: int, fp16: bool):
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, None, None, channels), tf.float32, name="image"),)
+    model, _ = tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=OPSET)
+    _tidy_graph(model)
+    if fp16:
+        try:
+            from onnxconverter_common import float16
+        except ImportError:
+            raise MissingExtra("--fp16 needs onnxconverter-common: install the 'train' extra") from None
+        model = float16.convert_float_to_float16(model, keep_io_types=True)
+    return model
+
+
+def parity(keras_model, onnx_bytes: bytes, x: np.ndarray, precision: str) -> ParityResult:
+    """Compare Keras and ONNX Runtime probabilities on the same slices."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    ref, got = [], []
+    for i in range(0, len(x), 16):
+        ref.append(keras_model.predict_on_batch(x[i : i + 16]))
+        got.append(sess.run(None, {name: x[i : i + 16]})[0])
+    ref_a, got_a = np.concatenate(ref), np.concatenate(got)
+    diff = float(np.abs(ref_a - got_a).max())
+    agree = float((ref_a.argmax(-1) == got_a.argmax(-1)).mean())
+    return ParityResult(len(x), diff, agree, TOLERANCE[precision], MIN_AGREEMENT[precision])
+
+
+def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
+    """Export `run`'s best checkpoint to `out`. ExportError (non-zero exit) when parity fails."""
+    from livernode.training.model import import_tf, load_model
+    from livernode.training.train import CHECKPOINT, PARITY_SAMPLE
+
+    import_tf()
+    try:
+        import onnx
+    except ImportError:
+        raise MissingExtra("export needs onnx and tf2onnx: install the 'train' extra") from None
+    run = Path(run)
+    for needed in (CHECKPOINT, "run.json", PARITY_SAMPLE):
+        if not (run / needed).exists():
+            raise ExportError(f"{run}: missing {needed}; is this a finished `livernode train` run folder?")
+    summary = json.loads((run / "run.json").read_text())
+    pre = summary["preprocess"]
+    keras_model = load_model(run / CHECKPOINT)
+    precision = "float16" if fp16 else "float32"
+    model = _convert(keras_model, pre["channels"], fp16)
+    x = np.load(run / PARITY_SAMPLE)["x"]
+    result = parity(keras_model, model.SerializeToString(), x, precision)
+    print(f"parity on {result.slices} validation slices: max |keras - onnx| = {result.max_abs_diff:.3e} "
+          f"(limit {result.tolerance:g}), argmax agreement {100 * result.agreement:.4f} % "
+          f"(limit {100 * result.min_agreement:g} %)")
+    if not result.ok:
+        raise ExportError(f"{run}: ONNX model disagrees with Keras (max diff {result.max_abs_diff:.3e}, "
+                          f"agreement {100 * result.agreement:.4f} %); not written")
+    import tf2onnx
+
+    manifest = Manifest(
+        input={"name": model.graph.input[0].name, "channels": pre["channels"], "size_multiple": pre["size_multiple"],
+               "preferred_size": pre["size"]},
+        output={"name": model.graph.output[0].name, "classes": 3},
+        preprocessing={"window": {"low": pre["window_low"], "high": pre["window_high"]}, "bilateral": pre["bilateral"]},
+        labels=[{"value": 0, "name": "Background"}] + [
+            {"value": li.value, "name": li.name, "category": li.category.__dict__,
+             "property_type": li.property_type.__dict__,
+             "anatomic_region": li.anatomic_region.__dict__ if li.anatomic_region else None} for li in LABELS],
+        architecture={"name": summary["architecture"], "backbone": summary["backbone"],
+                      "framework": f"segmentation-models 1.0.1, tf_keras, tf2onnx {tf2onnx.__version__}",
+                      "opset": OPSET, "precision": precision},
+        training={"data": summary["data"], "best_epoch": summary["best_epoch"],
+                  "epochs_run": summary["epochs_run"], "train_seconds": summary["train_seconds"]},
+        test_metrics=summary["test_metrics"],
+        parity=Parity(slices=result.slices, max_abs_diff=result.max_abs_diff, argmax_agreement=result.agreement,
+                      tolerance=result.tolerance),
+        livernode_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        weights_sha256=weights_sha256(model),
+    )
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, manifest.to_json()
+    model.producer_name, model.producer_version = "livernode", __version__
+    onnx.checker.check_model(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(out)
+    (run / "parity.json").write_text(json.dumps(result.__dict__, indent=1))
+    return ExportResult(out, manifest, result)

@@ -1,0 +1,1 @@
+"""The model contract shared by export, evaluation and the daemon: the manifest and the ONNX Runtime runner."""

@@ -1,0 +1,1 @@
+"""Offline half: datasets, the segmentation-models network, the training loop, evaluation and plots."""

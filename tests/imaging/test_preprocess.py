@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from livernode.imaging.dicomio import dicom_files, read_ct_series
+from livernode.imaging.preprocess import PreprocessSpec, prepare_labels, prepare_slices, restore_probabilities, window
+from livernode.training.data import load_split
+from livernode.training.datasets import list_cases
+
+
+def test_window_maps_hu_to_unit_range():
+    hu = np.array([-1000, -100, 150, 400, 2000], np.float32)
+    assert window(hu, -100, 400).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_prepare_pads_non_square_and_sizes_to_multiple_of_32():
+    hu = np.full((2, 40, 64), 400.0, np.float32)
+    spec = PreprocessSpec(size=96, channels=3)
+    x = prepare_slices(hu, spec)
+    assert x.shape == (2, 96, 96, 3) and x.dtype == np.float32
+    assert x[0, 48, 48, 0] == pytest.approx(1.0)
+    assert x[0, 2, 48, 0] == pytest.approx(0.0)  # padding is air
+    prob = np.random.default_rng(0).random((2, 96, 96, 3)).astype(np.float32)
+    back = restore_probabilities(prob, (40, 64))
+    assert back.shape == (2, 40, 64, 3)
+    assert prepare_labels(np.ones((1, 40, 64), np.uint8), 96).sum() > 0
+
+
+def test_spec_rejects_size_not_multiple_of_32():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        PreprocessSpec(size=100)
+
+
+def test_inference_path_and_training_path_give_identical_arrays(synth_dirs):
+    """The daemon reads a series with dicomio and calls prepare_slices; training goes through the dataset loader."""
+    spec = PreprocessSpec(size=64, bilateral=True)
+    ref = list_cases(synth_dirs["dicom"], "dicom")[0]
+    training = load_split("t", [ref], spec).x
+    files = [f for f in dicom_files(ref.files[0].parent.parent) if "ct" in f.parts[-2]]
+    inference = prepare_slices(read_ct_series(files).hu, spec)
+    assert training.shape == inference.shape
+    assert np.array_equal(training, inference)

@@ -1,0 +1,145 @@
+"""Training smoke test, ONNX export with parity, and evaluation, on tiny phantoms (minutes on 2 CPU cores)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from livernode.inference.manifest import METADATA_KEY
+from livernode.inference.runner import Segmenter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """4 epochs of 2 steps at 64 px on 4 dicom phantoms, through the real CLI."""
+    from livernode.imaging.synth import synthesize
+
+    root = tmp_path_factory.mktemp("train")
+    synthesize(root / "data", cases=4, slices=8, size=64, seed=11, layout="dicom")
+    run = root / "run"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
+                        "dicom", "--out", str(run), "--size", "64", "--epochs", "3", "--steps-per-epoch", "2"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 3/3" in r.stderr  # the progress bar
+    return root, run
+
+
+def test_run_folder_holds_checkpoint_history_plots_and_metrics(trained_run):
+    _, run = trained_run
+    for name in ("best.h5", "history.csv", "learning_curves.png", "metrics.csv", "metrics.png", "overlay.png",
+                 "run.json", "validation_sample.npz"):
+        assert (run / name).stat().st_size > 0, name
+    with (run / "history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3
+    assert {"loss", "iou_score", "f1_score", "val_loss", "val_dice_liver"} <= set(rows[0])
+    with (run / "metrics.csv").open() as fh:
+        metrics = list(csv.DictReader(fh))
+    assert {r["split"] for r in metrics} == {"train", "validation", "test"}
+    for r in metrics:
+        tp, fp, tn, fn = (int(r[k]) for k in ("tp", "fp", "tn", "fn"))
+        assert tp + fp + tn + fn > 0
+        assert float(r["dice"]) == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    summary = json.loads((run / "run.json").read_text())
+    cases = summary["data"]["cases"]
+    assert not set(cases["train"]) & set(cases["test"])  # split by patient
+
+
+def test_resume_continues_from_checkpoint(trained_run):
+    root, run = trained_run
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
+                        "dicom", "--out", str(run), "--size", "64", "--epochs", "4", "--steps-per-epoch", "1",
+                        "--resume"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    with (run / "history.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run):
+    root, run = trained_run
+    out = root / "model.onnx"
+    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:onnxruntime", "-m", "livernode.cli",
+                        "export", str(run), "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "argmax agreement" in r.stdout
+    return out
+
+
+def test_export_has_manifest_named_dims_and_parity(exported, trained_run):
+    _, run = trained_run
+    model = onnx.load(str(exported))
+    assert model.opset_import[0].version == 17
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "height", "width", 1]
+    assert all(n.op_type != "Resize" or all(a.s != b"tf_half_pixel_for_nn" for a in n.attribute)
+               for n in model.graph.node)
+    meta = {p.key: p.value for p in model.metadata_props}
+    manifest = json.loads(meta[METADATA_KEY])
+    assert manifest["schema_version"] == 1
+    assert manifest["input"]["preferred_size"] == 64 and manifest["input"]["size_multiple"] == 32
+    assert manifest["preprocessing"]["window"] == {"low": -100.0, "high": 400.0}
+    assert [lab["name"] for lab in manifest["labels"]] == ["Background", "Liver", "Liver tumour"]
+    assert manifest["labels"][2]["property_type"]["value"] == "108369006"
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["argmax_agreement"] >= 0.9999
+    from livernode.export.onnx_export import weights_sha256
+
+    assert manifest["weights_sha256"] == weights_sha256(model)
+    parity = json.loads((run / "parity.json").read_text())
+    assert parity["slices"] > 0
+
+
+def test_onnx_runtime_loads_without_warnings_and_matches_keras(exported, trained_run, capfd):
+    _, run = trained_run
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 1  # warnings and above
+    sess = ort.InferenceSession(str(exported), opts, providers=["CPUExecutionProvider"])
+    x = np.load(run / "validation_sample.npz")["x"][:4]
+    out = sess.run(None, {"image": x})[0]
+    assert out.shape == (4, 64, 64, 3)
+    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+    err = capfd.readouterr().err
+    assert "deprecated" not in err.lower(), err
+    # odd sizes work after padding to a multiple of 32 is done by the runner
+    seg = Segmenter(exported, providers="cpu")
+    assert seg.providers_used == ["CPUExecutionProvider"]
+    assert seg.segment(np.zeros((2, 50, 70), np.float32)).shape == (2, 50, 70)
+
+
+def test_evaluate_writes_tables(exported, trained_run):
+    root, _ = trained_run
+    out = root / "eval"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "evaluate", "--model", str(exported), "--data",
+                        str(root / "data"), "--format", "dicom", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "global Dice" in r.stdout
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["providers"] == ["CPUExecutionProvider"]
+    assert {c["structure"] for c in report["cases"]} == {"liver", "tumour"}
+    with (out / "metrics.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 8  # 4 cases x (liver, tumour)
+
+
+def test_one_channel_model_accepts_local_imagenet_style_weights(tmp_path):
+    """A local .h5 with backbone weights loads into a 1-channel model via the grey-to-RGB layer."""
+    from livernode.training.model import build_model, import_tf
+
+    sm, tf = import_tf()
+    backbone = sm.Backbones.get_backbone("resnet34", input_shape=(None, None, 3), weights=None, include_top=False)
+    weights = tmp_path / "resnet34_imagenet.h5"
+    backbone.save_weights(str(weights))
+    model = build_model("resnet34", channels=1, encoder_weights=str(weights))
+    assert model.input_shape == (None, None, None, 1)
+    conv0 = [w for w in model.weights if "conv0" in w.name and "kernel" in w.name][0]
+    ref = [w for w in backbone.weights if "conv0" in w.name and "kernel" in w.name][0]
+    np.testing.assert_array_equal(conv0.numpy(), ref.numpy())
