@@ -59,6 +59,9 @@ class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="cosine: decay from learning_rate to 5 % of it over all epochs"
+    )
     focal_weight: float = Field(1.0, ge=0)
     class_weights: tuple[float, float, float] = (0.2, 1.0, 3.0)
     steps_per_epoch: int | None = Field(None, ge=1, description="None: one pass over the training slices")

@@ -62,6 +62,9 @@ def make_phantom(rng: np.random.Generator, size: int = 512, slices: int = 64) ->
     lobe_shift = rng.uniform(20, 45)  # left lobe reaches towards the midline in the upper liver
     liver_hu = rng.uniform(55, 65)
 
+    # 8-14 HU of quantum noise at 512 px; a coarser matrix averages neighbouring detector samples, and since CT
+    # noise is spatially correlated the reduction is taken as the square root of the pixel-size ratio.
+    noise_sd = rng.uniform(8, 14) * np.sqrt(min(1.0, size / 512))
     span = slices * thickness
     z0 = -span / 2 + rng.uniform(-0.15, 0.15) * min(span, 2 * liver_r[2]) + thickness / 2
     zs = z0 + np.arange(slices) * thickness
@@ -104,7 +107,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, slices: int = 64) ->
         k, r, c = idx[rng.integers(len(idx))]
         centre = (coords[c], coords[r], zs[k])
         radius = rng.uniform(2.5, 20.0)
-        tumours.append((centre, radius * rng.uniform(0.8, 1.2, size=3), liver_hu - rng.uniform(20, 45)))
+        tumours.append((centre, radius * rng.uniform(0.8, 1.2, size=3), liver_hu - rng.uniform(25, 50)))
 
     hu = np.empty((slices, size, size), np.int16)
     labels = np.zeros((slices, size, size), np.uint8)
@@ -164,7 +167,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, slices: int = 64) ->
                 img[_ellipse(x, y, rx, ry, 6, 5)] = 650.0
         # structures that sit outside the liver even where the liver ellipsoid reaches them
         img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(0.5, 0.6 / px * 0.9))
-        img += rng.normal(0, rng.uniform(8, 14), img.shape).astype(np.float32)
+        img += rng.normal(0, noise_sd, img.shape).astype(np.float32)
         hu[k] = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
         labels[k] = lab
     origin = (float(coords[0]), float(coords[0]), float(zs[0]))

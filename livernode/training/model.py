@@ -70,6 +70,36 @@ def build_model(backbone: str = "resnet34", channels: int = 1, encoder_weights: 
     return keras.Model(inp, out, name=f"unet_{backbone}")
 
 
+def batchnorm_layers(model) -> list:
+    """Every BatchNormalization layer, including those inside nested models."""
+    _, tf = import_tf()
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            found.append(layer)
+        elif hasattr(layer, "layers"):
+            found += batchnorm_layers(layer)
+    return found
+
+
+def recalibrate_batchnorm(model, x) -> None:
+    """Set every batch-norm layer's moving statistics to those of the batch `x` under the current weights.
+
+    Moving averages lag behind weights that change quickly (early, high learning rate), and a network evaluated
+    with lagging statistics can collapse to "all background" although it trains well. Recalibrating before each
+    validation makes the validated (and checkpointed, and exported) network the one the weights describe.
+    """
+    layers = batchnorm_layers(model)
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        model(x, training=True)
+    finally:
+        for layer, m in zip(layers, saved):
+            layer.momentum = m
+
+
 def _effective(tf, y_true, y_pred):
     """(target, prediction, per-class validity) with unlabelled-tumour slices folded into liver-or-tumour."""
     known = y_true[..., 3:4]

@@ -19,7 +19,8 @@ from livernode.imaging import metrics as M
 from livernode.imaging.preprocess import PreprocessSpec
 from livernode.training import plots
 from livernode.training.data import BatchStream, SplitArrays, load_splits, targets
-from livernode.training.model import build_model, import_tf, load_model, make_loss, make_metrics
+from livernode.training.model import (build_model, import_tf, load_model, make_loss, make_metrics,
+                                      recalibrate_batchnorm)
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "best.h5"
@@ -27,6 +28,7 @@ STATE = "state.json"
 PARITY_SAMPLE = "validation_sample.npz"  # real validation slices for the export parity check
 PRED_BATCH = 32
 REPORT_TRAIN_SLICES = 128
+CALIBRATION_BATCHES = 4  # batch-norm statistics are re-estimated on this many training batches per epoch
 
 
 def spec_from_config(cfg: PreprocessConfig) -> PreprocessSpec:
@@ -74,7 +76,7 @@ class _Progress:
         self.callback = Callback()
 
 
-def _validation_callback(tf, val: SplitArrays, out: Path, start_best: float, loss_fn, metric_fns):
+def _validation_callback(tf, val: SplitArrays, out: Path, start_best: float, loss_fn, metric_fns, calibration):
     t_val = tf.constant(targets(val.y, val.known))
 
     class ValidationDice(tf.keras.callbacks.Callback):
@@ -85,6 +87,7 @@ def _validation_callback(tf, val: SplitArrays, out: Path, start_best: float, los
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
+            recalibrate_batchnorm(self.model, calibration())
             prob = predict(self.model, val.x)
             p = tf.constant(prob)
             logs["val_loss"] = float(loss_fn(t_val, p))
@@ -186,8 +189,17 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     stream = BatchStream(train_s, tc, seed=cfg.split.seed + initial_epoch)
     progress = _Progress(tf, steps, tc.epochs)
     metric_fns = make_metrics()
-    model.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate), loss=loss_fn, metrics=metric_fns)
-    cbs = [_validation_callback(tf, val_s, out, best, loss_fn, metric_fns), progress.callback]
+    lr = tc.learning_rate
+    if tc.lr_schedule == "cosine":
+        lr = tf.keras.optimizers.schedules.CosineDecay(tc.learning_rate, steps * max(1, tc.epochs - initial_epoch),
+                                                       alpha=0.05)
+    model.compile(optimizer=tf.keras.optimizers.Adam(lr), loss=loss_fn, metrics=metric_fns)
+    calib_stream = BatchStream(train_s, tc, seed=cfg.split.seed + 7919)
+
+    def calibration() -> np.ndarray:
+        return np.concatenate([calib_stream.batch()[0] for _ in range(CALIBRATION_BATCHES)])
+
+    cbs = [_validation_callback(tf, val_s, out, best, loss_fn, metric_fns, calibration), progress.callback]
     fit = model.fit(iter(stream), steps_per_epoch=steps, epochs=tc.epochs, initial_epoch=initial_epoch,
                     callbacks=cbs, verbose=0)
     for k, v in fit.history.items():
