@@ -75,7 +75,7 @@ class TrainConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    validation: float = Field(0.15, ge=0, lt=1)
+    validation: float = Field(0.15, gt=0, lt=1, description="checkpoints are chosen on validation Dice")
     test: float = Field(0.15, ge=0, lt=1)
     seed: int = 0
 

@@ -28,7 +28,7 @@ STATE = "state.json"
 PARITY_SAMPLE = "validation_sample.npz"  # real validation slices for the export parity check
 PRED_BATCH = 32
 REPORT_TRAIN_SLICES = 128
-CALIBRATION_BATCHES = 4  # batch-norm statistics are re-estimated on this many training batches per epoch
+CALIBRATION_BATCHES = 2  # batch-norm statistics are re-estimated on this many training batches per epoch
 
 
 def spec_from_config(cfg: PreprocessConfig) -> PreprocessSpec:
