@@ -1,0 +1,97 @@
+"""Post-processing of a label volume into findings: one liver, tumours inside it, lesions as 3-D components."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from livernode.imaging.volume import LIVER, TUMOUR
+
+FULL_3D = np.ones((3, 3, 3), bool)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One tumour: a 3-D connected component of the tumour mask."""
+
+    index: int
+    voxels: int
+    volume_ml: float
+    longest_axial_diameter_mm: float
+    bbox: tuple[int, int, int, int, int, int]  # slice0, row0, col0, slice1, row1, col1 (exclusive)
+
+
+@dataclass(frozen=True)
+class Findings:
+    labels: np.ndarray  # cleaned (slices, rows, cols) uint8
+    liver_volume_ml: float  # liver parenchyma + tumours, as the liver is reported clinically
+    tumour_volume_ml: float
+    lesions: tuple[Lesion, ...]
+    liver_touches_scan_edge: bool  # the first or last slice holds liver: the organ may be cut off
+
+    @property
+    def tumour_burden_percent(self) -> float:
+        return 100.0 * self.tumour_volume_ml / self.liver_volume_ml if self.liver_volume_ml else 0.0
+
+
+def _longest_axial_diameter(mask: np.ndarray, row_mm: float, col_mm: float) -> float:
+    """Largest in-plane distance between two voxels of the lesion on any one slice (voxel centres, mm)."""
+    best = 0.0
+    for sl in mask:
+        pts = np.argwhere(sl)
+        if len(pts) < 2:
+            best = max(best, min(row_mm, col_mm) if len(pts) else 0.0)
+            continue
+        if len(pts) > 400:  # the farthest pair lies on the convex hull; its boundary pixels are enough
+            edge = sl & ~ndimage.binary_erosion(sl)
+            pts = np.argwhere(edge)
+        xy = pts * np.array([row_mm, col_mm])
+        d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)).max()
+        best = max(best, float(d))
+    return best
+
+
+def postprocess(labels: np.ndarray, spacing: tuple[float, float, float], *, min_lesion_ml: float = 0.05,
+                liver_margin_mm: float = 5.0) -> Findings:
+    """Largest 3-D liver component with holes filled; tumour kept only inside the (dilated) liver; lesions below
+    `min_lesion_ml` dropped; remaining tumour split into 3-D connected components (26-connectivity)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    organ = labels > 0
+    comp, n = ndimage.label(organ, FULL_3D)
+    if n == 0:
+        return Findings(np.zeros_like(labels, np.uint8), 0.0, 0.0, (), False)
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    liver = comp == int(sizes.argmax())
+    liver = np.stack([ndimage.binary_fill_holes(s) for s in liver])
+    radius = [max(1, int(round(liver_margin_mm / s))) for s in spacing]
+    struct = np.zeros([2 * r + 1 for r in radius], bool)
+    zz, yy, xx = np.ogrid[[slice(-r, r + 1) for r in radius]]
+    struct[(zz / radius[0]) ** 2 + (yy / radius[1]) ** 2 + (xx / radius[2]) ** 2 <= 1] = True
+    near_liver = ndimage.binary_dilation(liver, struct)
+    tumour = (labels == TUMOUR) & near_liver
+    tcomp, tn = ndimage.label(tumour, FULL_3D)
+    out = np.where(liver, LIVER, 0).astype(np.uint8)
+    lesions = []
+    for i, sl in enumerate(ndimage.find_objects(tcomp), start=1):
+        if sl is None:
+            continue
+        m = tcomp[sl] == i
+        vox = int(m.sum())
+        if vox * voxel_ml < min_lesion_ml:
+            continue
+        out[sl][m] = TUMOUR
+        lesions.append(Lesion(
+            index=len(lesions) + 1, voxels=vox, volume_ml=vox * voxel_ml,
+            longest_axial_diameter_mm=_longest_axial_diameter(m, spacing[1], spacing[2]),
+            bbox=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop)))
+    organ_final = out > 0
+    return Findings(
+        labels=out,
+        liver_volume_ml=float(organ_final.sum()) * voxel_ml,
+        tumour_volume_ml=float((out == TUMOUR).sum()) * voxel_ml,
+        lesions=tuple(lesions),
+        liver_touches_scan_edge=bool(organ_final[0].any() or organ_final[-1].any()),
+    )
