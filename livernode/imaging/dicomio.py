@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,21 +74,30 @@ def _require(ds: pydicom.Dataset, source: str, *keywords: str) -> None:
         raise SeriesRejected(f"{source}: missing {', '.join(missing)}")
 
 
-def volume_from_datasets(items: Iterable[tuple[str, pydicom.Dataset]], *, series_label: str = "") -> CtVolume:
-    """Build a volume from (source, dataset) pairs of one series.
+@dataclass(frozen=True)
+class SliceOrder:
+    """Header-only result of ordering one series: which items to use, in order, and the slice step."""
+
+    kept: tuple[int, ...]
+    step: float
+    orientation: tuple[float, ...]
+    origin: tuple[float, float, float]
+
+
+def order_slices(items: Sequence[tuple[str, pydicom.Dataset]], label: str) -> SliceOrder:
+    """Order (source, dataset) pairs of one series along the slice normal and check the geometry.
 
     Slices are ordered by ImagePositionPatient projected on the slice normal, never by file name or instance
     number. Duplicate positions are dropped (first kept); mixed geometry, tilt and gaps are rejected with a reason.
+    Reads headers only.
     """
-    items = list(items)
     if not items:
-        raise SeriesRejected(f"series {series_label}: no images")
+        raise SeriesRejected(f"series {label}: no images")
     ref_src, ref = items[0]
     for src, ds in items:
         _require(ds, src, "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
     orientation = tuple(float(v) for v in ref.ImageOrientationPatient)
     normal = slice_normal(orientation)
-    label = series_label or str(getattr(ref, "SeriesInstanceUID", ref_src))
     for src, ds in items:
         if not np.allclose([float(v) for v in ds.ImageOrientationPatient], orientation, atol=1e-3):
             raise SeriesRejected(f"series {label}: {src} has a different image orientation")
@@ -121,14 +131,23 @@ def volume_from_datasets(items: Iterable[tuple[str, pydicom.Dataset]], *, series
             raise SeriesRejected(f"series {label}: gantry tilt {tilt:.1f} deg exceeds {MAX_TILT_DEG} deg")
     else:
         step = float(getattr(ref, "SliceThickness", 1.0) or 1.0)
-    hu = np.stack([hu_of(items[i][1], items[i][0]) for i in kept])
+    return SliceOrder(tuple(kept), step, orientation, tuple(float(v) for v in positions[kept[0]]))
+
+
+def volume_from_datasets(items: Iterable[tuple[str, pydicom.Dataset]], *, series_label: str = "") -> CtVolume:
+    """Build a volume from (source, dataset) pairs of one series, ordered and checked by `order_slices`."""
+    items = list(items)
+    label = series_label or (str(getattr(items[0][1], "SeriesInstanceUID", items[0][0])) if items else "?")
+    order = order_slices(items, label)
+    ref = items[0][1]
+    hu = np.stack([hu_of(items[i][1], items[i][0]) for i in order.kept])
     row_sp, col_sp = (float(v) for v in ref.PixelSpacing)
     return CtVolume(
         hu=hu,
-        spacing=(step, row_sp, col_sp),
-        origin=tuple(float(v) for v in positions[kept[0]]),
-        orientation=orientation,
-        sop_instance_uids=tuple(str(items[i][1].SOPInstanceUID) for i in kept),
+        spacing=(order.step, row_sp, col_sp),
+        origin=order.origin,
+        orientation=order.orientation,
+        sop_instance_uids=tuple(str(items[i][1].SOPInstanceUID) for i in order.kept),
         series_instance_uid=str(getattr(ref, "SeriesInstanceUID", "")),
         source=label,
     )
