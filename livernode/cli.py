@@ -53,6 +53,17 @@ def _evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _infer(a: argparse.Namespace) -> int:
+    from livernode.daemon.pipeline import infer_folder
+
+    r = infer_folder(a.study, a.model, a.out, providers=a.providers)
+    f = r.findings
+    print(f"liver {f.liver_volume_ml:.1f} mL{'' if not f.liver_touches_scan_edge else ' (cut off by the scan edge)'}, "
+          f"{len(f.lesions)} lesion(s), tumour {f.tumour_volume_ml:.1f} mL ({f.tumour_burden_percent:.2f} % of liver)")
+    print(f"wrote {r.seg_path}, {r.summary_path}, {r.preview_path}")
+    return 0
+
+
 def _demo(a: argparse.Namespace) -> int:
     from livernode.demo import run_demo
 
@@ -100,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=["chaos", "lits", "dicom"], required=True)
     v.add_argument("--out", type=Path, required=True)
     v.set_defaults(func=_evaluate)
+
+    i = sub.add_parser("infer", help="segment one study folder with the daemon's pipeline, no network")
+    i.add_argument("study", type=Path)
+    i.add_argument("--model", type=Path, required=True)
+    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto")
+    i.set_defaults(func=_infer)
 
     d = sub.add_parser("demo", help="run the offline half end to end on phantoms (what `make demo` runs)")
     d.add_argument("--workdir", type=Path, default=Path("demo"))

@@ -143,3 +143,39 @@ def test_one_channel_model_accepts_local_imagenet_style_weights(tmp_path):
     conv0 = [w for w in model.weights if "conv0" in w.name and "kernel" in w.name][0]
     ref = [w for w in backbone.weights if "conv0" in w.name and "kernel" in w.name][0]
     np.testing.assert_array_equal(conv0.numpy(), ref.numpy())
+
+
+def test_infer_writes_a_valid_seg_that_matches_the_model(exported, trained_run, tmp_path):
+    """`livernode infer` on a phantom study: the SEG passes dciodvfy, reads back in highdicom equal to the
+    post-processed model output, and summary.json agrees with it."""
+    import highdicom as hd
+    import pydicom
+
+    from livernode.daemon.postprocess import postprocess
+    from livernode.imaging.dicomio import read_ct_series
+
+    root, _ = trained_run
+    study = root / "data" / "case_001"
+    out = tmp_path / "result"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(study), "--model", str(exported),
+                        "--out", str(out), "--providers", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = subprocess.run(["/usr/bin/dciodvfy", str(out / "seg.dcm")], capture_output=True, text=True)
+    assert not [ln for ln in (report.stdout + report.stderr).splitlines() if ln.startswith("Error")]
+    seg = hd.seg.segread(out / "seg.dcm")
+    ct_files = sorted((study / "ct").glob("*.dcm"))
+    vol = read_ct_series(ct_files)
+    expected = postprocess(Segmenter(exported, providers="cpu").segment(vol.hu), vol.spacing).labels
+    back = seg.get_pixels_by_source_instance(list(vol.sop_instance_uids), segment_numbers=[1, 2],
+                                             assert_missing_frames_are_empty=True)
+    got = np.where(back[..., 1] > 0, 2, np.where(back[..., 0] > 0, 1, 0))
+    assert np.array_equal(got, expected)
+    ct = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
+    assert seg.StudyInstanceUID == ct.StudyInstanceUID
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    summary = json.loads((out / "summary.json").read_text())
+    voxel_ml = float(np.prod(vol.spacing)) / 1000
+    assert summary["liver_volume_ml"] == pytest.approx((expected > 0).sum() * voxel_ml, abs=0.01)
+    assert summary["series"]["chosen"] == ct.SeriesInstanceUID
+    assert summary["providers"] == ["CPUExecutionProvider"]
+    assert (out / "preview.png").stat().st_size > 0

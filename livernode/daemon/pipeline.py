@@ -1,0 +1,101 @@
+"""One study, start to finish, without a network: headers -> series selection -> volume -> model -> findings
+-> SEG (checked) + summary.json + preview.png. `livernode infer` and the daemon's worker both call `process_study`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from livernode import __version__
+from livernode.daemon.postprocess import Findings, postprocess
+from livernode.daemon.report import preview, summary_dict, write_json
+from livernode.daemon.select import select_series
+from livernode.daemon.seg import write_result_seg
+from livernode.errors import InputError, SeriesRejected
+from livernode.imaging.dicomio import dicom_files, read_dataset, volume_from_datasets
+from livernode.imaging.segwrite import Algorithm
+from livernode.inference.runner import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    out_dir: Path
+    seg_path: Path
+    summary_path: Path
+    preview_path: Path
+    findings: Findings
+    timings: dict[str, float]
+
+
+def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> StudyResult:
+    """Segment the best CT series found under `study_dir` and write the results into `out_dir`."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = round(now - t, 3)
+        t = now
+
+    headers, skipped = [], []
+    for path in dicom_files(study_dir):
+        try:
+            headers.append((str(path), read_dataset(path, pixels=False)))
+        except InputError as exc:
+            log.warning("skipping %s", exc)
+            skipped.append(str(exc))
+    if not headers:
+        raise SeriesRejected(f"{study_dir}: no readable DICOM files")
+    series_uid, decisions = select_series(headers)
+    lap("select")
+    chosen = [(src, read_dataset(Path(src))) for src, ds in headers if str(ds.SeriesInstanceUID) == series_uid]
+    volume = volume_from_datasets(chosen, series_label=series_uid)
+    by_uid = {str(ds.SOPInstanceUID): ds for _, ds in chosen}
+    source = [by_uid[uid] for uid in volume.sop_instance_uids]
+    lap("load")
+    labels = segmenter.segment(volume.hu)
+    lap("infer")
+    findings = postprocess(labels, volume.spacing)
+    lap("postprocess")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    m = segmenter.manifest
+    algorithm = Algorithm(name=f"livernode {m.architecture.name}-{m.architecture.backbone}",
+                          version=f"{m.livernode_version} ({m.weights_sha256[:12]})")
+    seg_path = out_dir / "seg.dcm"
+    write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
+                     sop_uid=generate_uid())
+    lap("seg")
+    preview_path = preview(volume.hu, findings, out_dir / "preview.png")
+    lap("preview")
+    summary = summary_dict(
+        findings,
+        livernode_version=__version__,
+        series={"chosen": series_uid, "decisions": [asdict(d) for d in decisions], "skipped_files": skipped},
+        volume={"slices": int(volume.hu.shape[0]), "rows": int(volume.hu.shape[1]), "columns": int(volume.hu.shape[2]),
+                "spacing_mm": list(volume.spacing)},
+        model={"file": segmenter.path.name, "architecture": m.architecture.name, "backbone": m.architecture.backbone,
+               "weights_sha256": m.weights_sha256, "created": m.created},
+        providers=segmenter.providers_used,
+        timings_s=timings,
+    )
+    summary_path = out_dir / "summary.json"
+    write_json(summary_path, summary)
+    log.info("study %s: liver %.1f mL, %d lesions, %.1f mL tumour; %s", volume.source, findings.liver_volume_ml,
+             len(findings.lesions), findings.tumour_volume_ml,
+             ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    return StudyResult(out_dir, seg_path, summary_path, preview_path, findings, timings)
+
+
+def infer_folder(study_dir: Path, model: Path, out_dir: Path, providers: str = "auto") -> StudyResult:
+    """`livernode infer`: the daemon's pipeline on a folder, no network."""
+    return process_study(Path(study_dir), Segmenter(model, providers=providers), Path(out_dir))
+
+

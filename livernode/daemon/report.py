@@ -1,0 +1,65 @@
+"""Per-study summary: summary.json (numbers, decisions, model, timings) and preview.png (axial montage)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from livernode.daemon.postprocess import Findings
+from livernode.imaging.preprocess import window
+
+LIVER_BGR = (60, 200, 40)
+TUMOUR_BGR = (40, 40, 230)
+BOX_BGR = (0, 230, 255)
+
+
+def summary_dict(findings: Findings, **extra) -> dict:
+    return {
+        "liver_volume_ml": round(findings.liver_volume_ml, 2),
+        "tumour_volume_ml": round(findings.tumour_volume_ml, 2),
+        "tumour_burden_percent": round(findings.tumour_burden_percent, 3),
+        "lesion_count": len(findings.lesions),
+        "liver_complete": not findings.liver_touches_scan_edge,
+        "lesions": [{k: v for k, v in asdict(lesion).items()} for lesion in findings.lesions],
+        **extra,
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def preview(hu: np.ndarray, findings: Findings, path: Path, *, tiles: int = 12, tile_px: int = 256) -> Path:
+    """Axial montage of the slices with most liver, liver and tumour outlined and filled, lesion boxes in yellow."""
+    labels = findings.labels
+    area = (labels > 0).reshape(len(labels), -1).sum(1)
+    idx = np.flatnonzero(area) if area.any() else np.arange(len(labels))
+    picks = idx[np.linspace(0, len(idx) - 1, min(tiles, len(idx))).round().astype(int)]
+    cols = min(4, len(picks))
+    rows = math.ceil(len(picks) / cols)
+    canvas = np.zeros((rows * tile_px, cols * tile_px, 3), np.uint8)
+    for n, k in enumerate(picks):
+        img = (window(hu[k], -160, 240) * 255).astype(np.uint8)
+        rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR).astype(np.float32)
+        for value, colour in ((1, LIVER_BGR), (2, TUMOUR_BGR)):
+            m = labels[k] == value
+            rgb[m] = 0.6 * rgb[m] + 0.4 * np.array(colour, np.float32)
+        rgb = rgb.astype(np.uint8)
+        comp, _ = ndimage.label(labels[k] == 2)  # boxes around each lesion's footprint on this slice
+        for sl in ndimage.find_objects(comp):
+            if sl is not None:
+                cv2.rectangle(rgb, (sl[1].start - 1, sl[0].start - 1), (sl[1].stop, sl[0].stop), BOX_BGR, 1)
+        tile = cv2.resize(rgb, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
+        cv2.putText(tile, f"slice {k + 1}/{len(labels)}", (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+        r, c = divmod(n, cols)
+        canvas[r * tile_px : (r + 1) * tile_px, c * tile_px : (c + 1) * tile_px] = tile
+    cv2.imwrite(str(path), canvas)
+    return path
