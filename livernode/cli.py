@@ -60,7 +60,7 @@ def _infer(a: argparse.Namespace) -> int:
     f = r.findings
     print(f"liver {f.liver_volume_ml:.1f} mL{'' if not f.liver_touches_scan_edge else ' (cut off by the scan edge)'}, "
           f"{len(f.lesions)} lesion(s), tumour {f.tumour_volume_ml:.1f} mL ({f.tumour_burden_percent:.2f} % of liver)")
-    print(f"wrote {r.seg_path}, {r.summary_path}, {r.preview_path}")
+    print(f"wrote {r.seg_path}, {r.sr_path}, {r.summary_path}, {r.preview_path}")
     return 0
 
 

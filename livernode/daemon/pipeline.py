@@ -16,6 +16,7 @@ from livernode.daemon.postprocess import Findings, postprocess
 from livernode.daemon.report import preview, summary_dict, write_json
 from livernode.daemon.select import select_series
 from livernode.daemon.seg import write_result_seg
+from livernode.daemon.sr import build_sr, write_sr
 from livernode.errors import InputError, SeriesRejected
 from livernode.imaging.dicomio import dicom_files, read_dataset, volume_from_datasets
 from livernode.imaging.segwrite import Algorithm
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 class StudyResult:
     out_dir: Path
     seg_path: Path
+    sr_path: Path
     summary_path: Path
     preview_path: Path
     findings: Findings
@@ -70,14 +72,18 @@ def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> Study
     algorithm = Algorithm(name=f"livernode {m.architecture.name}-{m.architecture.backbone}",
                           version=f"{m.livernode_version} ({m.weights_sha256[:12]})")
     seg_path = out_dir / "seg.dcm"
-    write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
-                     sop_uid=generate_uid())
+    seg = write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
+                           sop_uid=generate_uid())
     lap("seg")
+    sr_path = out_dir / "sr.dcm"
+    write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid()), sr_path)
+    lap("sr")
     preview_path = preview(volume.hu, findings, out_dir / "preview.png")
     lap("preview")
     summary = summary_dict(
         findings,
         livernode_version=__version__,
+        study_instance_uid=str(source[0].StudyInstanceUID),
         series={"chosen": series_uid, "decisions": [asdict(d) for d in decisions], "skipped_files": skipped},
         volume={"slices": int(volume.hu.shape[0]), "rows": int(volume.hu.shape[1]), "columns": int(volume.hu.shape[2]),
                 "spacing_mm": list(volume.spacing)},
@@ -91,7 +97,7 @@ def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> Study
     log.info("study %s: liver %.1f mL, %d lesions, %.1f mL tumour; %s", volume.source, findings.liver_volume_ml,
              len(findings.lesions), findings.tumour_volume_ml,
              ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-    return StudyResult(out_dir, seg_path, summary_path, preview_path, findings, timings)
+    return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, timings)
 
 
 def infer_folder(study_dir: Path, model: Path, out_dir: Path, providers: str = "auto") -> StudyResult:

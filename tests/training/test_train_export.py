@@ -160,8 +160,9 @@ def test_infer_writes_a_valid_seg_that_matches_the_model(exported, trained_run, 
     r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(study), "--model", str(exported),
                         "--out", str(out), "--providers", "cpu"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    report = subprocess.run(["/usr/bin/dciodvfy", str(out / "seg.dcm")], capture_output=True, text=True)
-    assert not [ln for ln in (report.stdout + report.stderr).splitlines() if ln.startswith("Error")]
+    for name in ("seg.dcm", "sr.dcm"):
+        report = subprocess.run(["/usr/bin/dciodvfy", str(out / name)], capture_output=True, text=True)
+        assert not [ln for ln in (report.stdout + report.stderr).splitlines() if ln.startswith("Error")], name
     seg = hd.seg.segread(out / "seg.dcm")
     ct_files = sorted((study / "ct").glob("*.dcm"))
     vol = read_ct_series(ct_files)
@@ -179,3 +180,11 @@ def test_infer_writes_a_valid_seg_that_matches_the_model(exported, trained_run, 
     assert summary["series"]["chosen"] == ct.SeriesInstanceUID
     assert summary["providers"] == ["CPUExecutionProvider"]
     assert (out / "preview.png").stat().st_size > 0
+    sr = hd.sr.srread(out / "sr.dcm")
+    assert sr.StudyInstanceUID == ct.StudyInstanceUID
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    liver = [g for g in groups if str(g.tracking_identifier) == "Liver"][0]
+    volume = [m for m in liver.get_measurements() if m.name.value == "118565006"][0]
+    assert volume.value == pytest.approx(summary["liver_volume_ml"], abs=0.01)
+    assert len(groups) == 2 + summary["lesion_count"]
+    assert liver.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID

@@ -1,0 +1,100 @@
+"""DICOM SR (Comprehensive 3D SR, TID 1500 measurement report, highdicom.sr) referencing the result SEG."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from livernode import __version__
+from livernode.daemon.postprocess import Findings
+from livernode.imaging.segwrite import Algorithm
+
+VOLUME = Code("118565006", "SCT", "Volume")
+LONG_AXIS = Code("103339001", "SCT", "Long axis")
+LIVER = Code("10200004", "SCT", "Liver")
+NEOPLASM = Code("108369006", "SCT", "Neoplasm")
+CT_PROCEDURE = Code("77477000", "SCT", "Computerized axial tomography")
+YES, NO = Code("373066001", "SCT", "Yes"), Code("373067005", "SCT", "No")
+# No standard concept exists for these; a private coding scheme keeps them machine-readable.
+TUMOUR_BURDEN = Code("TB", "99LIVERNODE", "Tumour burden (tumour volume / liver volume)")
+LESION_COUNT = Code("LC", "99LIVERNODE", "Lesion count")
+LIVER_COMPLETE = Code("LIVCOMPLETE", "99LIVERNODE", "Liver completely within the scan")
+ML = Code("mL", "UCUM", "milliliter")
+MM = Code("mm", "UCUM", "millimeter")
+PERCENT = Code("%", "UCUM", "percent")
+COUNT = Code("{lesions}", "UCUM", "lesions")
+
+
+def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algorithm: Algorithm, *,
+             series_uid: str, sop_uid: str, series_number: int = 9002) -> hd.sr.Comprehensive3DSR:
+    """Liver volume, total tumour volume, tumour burden, lesion count and completeness on the liver segment;
+    volume and longest axial diameter per lesion on the tumour segment."""
+    algo = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
+    source_series = hd.sr.SourceSeriesForSegmentation(str(source[0].SeriesInstanceUID))
+
+    def segment(number: int) -> hd.sr.ReferencedSegment:
+        return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                       segment_number=number, source_series=source_series)
+
+    def measure(name: Code, value: float, unit: Code) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=name, value=round(float(value), 3), unit=unit, algorithm_id=algo)
+
+    site = [hd.sr.FindingSite(anatomic_location=LIVER)]
+    groups = [hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Liver"),
+        referenced_segment=segment(1), finding_type=LIVER, algorithm_id=algo,
+        measurements=[measure(VOLUME, findings.liver_volume_ml, ML),
+                      measure(TUMOUR_BURDEN, findings.tumour_burden_percent, PERCENT),
+                      measure(LESION_COUNT, len(findings.lesions), COUNT)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            LIVER_COMPLETE, NO if findings.liver_touches_scan_edge else YES)],
+    )]
+    groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="All liver tumours"),
+        referenced_segment=segment(2), finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,
+        measurements=[measure(VOLUME, findings.tumour_volume_ml, ML)],
+    ))
+    for lesion in findings.lesions:
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"Lesion {lesion.index}"),
+            referenced_segment=segment(2), finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,
+            measurements=[measure(VOLUME, lesion.volume_ml, ML),
+                          measure(LONG_AXIS, lesion.longest_axial_diameter_mm, MM)],
+        ))
+    observer = hd.sr.ObserverContext(
+        observer_type=Code("121007", "DCM", "Device"),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(), name="livernode", manufacturer_name="livernode", model_name=algorithm.name),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=CT_PROCEDURE, imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg, *source], content=report, series_instance_uid=series_uid, series_number=series_number,
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer="livernode",
+        is_complete=True, is_final=False, is_verified=False,
+    )
+    sr.SeriesDescription = "livernode liver measurements"
+    sr.SoftwareVersions = __version__
+    sr.CodingSchemeIdentificationSequence = _private_scheme()
+    return sr
+
+
+def _private_scheme():
+    item = Dataset()
+    item.CodingSchemeDesignator = "99LIVERNODE"
+    item.CodingSchemeName = "livernode measurement concepts"
+    item.CodingSchemeResponsibleOrganization = "livernode"
+    return [item]
+
+
+def write_sr(sr: hd.sr.Comprehensive3DSR, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    sr.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
