@@ -1,0 +1,83 @@
+"""Durable instance storage. An instance is acknowledged only after it is here: temp file, fsync, rename,
+directory fsync. UIDs are validated and never used raw as paths (file names are digests of the UIDs)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from livernode.errors import InputError
+
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class InvalidUID(InputError):
+    """A UID that is not a valid DICOM UID (digits and dots, at most 64 characters)."""
+
+
+def check_uid(uid: str, what: str = "UID") -> str:
+    """Return `uid` if it is a valid DICOM UID; InvalidUID naming it otherwise."""
+    if not isinstance(uid, str) or not uid or len(uid) > 64 or not UID_RE.match(uid):
+        shown = repr(uid)[:80]
+        raise InvalidUID(f"{what} {shown} is not a valid DICOM UID (digits and dots, at most 64 characters)")
+    return uid
+
+
+def uid_key(uid: str) -> str:
+    """A fixed-length, path-safe name for a (validated) UID."""
+    return hashlib.sha256(check_uid(uid).encode()).hexdigest()[:32]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` so that after return it survives a crash, and a crash before never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class Spool:
+    """`root/instances/<study key>/<series key>/<sop key>.dcm`, plus `root/incoming` for partial writes."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.instances = self.root / "instances"
+        self.instances.mkdir(parents=True, exist_ok=True)
+        self.min_free_bytes = min_free_bytes
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.instances / uid_key(study_uid) / uid_key(series_uid) / f"{uid_key(sop_uid)}.dcm"
+
+    def has_room(self, incoming: int = 0) -> bool:
+        return shutil.disk_usage(self.root).free - incoming >= self.min_free_bytes
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> tuple[Path, bool]:
+        """Store one encoded instance durably; (path, False) when that SOP Instance UID is already stored."""
+        path = self.path_for(study_uid, series_uid, sop_uid)
+        if path.exists():
+            return path, False
+        atomic_write(path, data)
+        return path, True
+
+    def clean_partials(self) -> int:
+        """Remove temp files left by a crash mid-write (never acknowledged); returns how many."""
+        n = 0
+        for tmp in self.instances.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            n += 1
+        return n

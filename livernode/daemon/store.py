@@ -1,0 +1,144 @@
+"""The index: an embedded SQLite database (WAL) of instances, studies, jobs and the outbox.
+
+Every change is one transaction; the spool holds the bytes, this file holds what they are and what is owed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    instances INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'receiving',   -- receiving | processing | done | failed
+    processed_instances INTEGER NOT NULL DEFAULT 0,
+    generation INTEGER NOT NULL DEFAULT 0,     -- times processed; a reprocess supersedes the earlier results
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',     -- pending | sent | dead
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_instance_uid: str
+    first_received_at: float
+    last_received_at: float
+    instances: int
+    state: str
+    processed_instances: int
+    generation: int
+    reason: str
+
+
+class Store:
+    """One connection per thread that uses it; SQLite serialises writers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA synchronous=FULL")  # an acknowledged instance's row survives power loss too
+        return db
+
+    @contextmanager
+    def transaction(self):
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    def add_instance(self, sop: str, study: str, series: str, sop_class: str, path: str,
+                     now: float | None = None) -> bool:
+        """Index one stored instance; False when that SOP Instance UID was already indexed."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            cur = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                             (sop, study, series, sop_class, path, now))
+            if cur.rowcount == 0:
+                return False
+            db.execute(
+                "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at, instances) "
+                "VALUES (?, ?, ?, 1) ON CONFLICT(study_instance_uid) DO UPDATE SET "
+                "last_received_at = excluded.last_received_at, instances = instances + 1", (study, now, now))
+            return True
+
+    def study(self, study: str) -> StudyRow | None:
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM studies WHERE study_instance_uid = ?", (study,)).fetchone()
+        return StudyRow(*row) if row else None
+
+    def instance_paths(self, study: str) -> list[str]:
+        with self.transaction() as db:
+            return [r[0] for r in db.execute(
+                "SELECT path FROM instances WHERE study_instance_uid = ? ORDER BY path", (study,))]
+
+    def due_studies(self, quiet_s: float, max_wait_s: float, now: float | None = None) -> list[str]:
+        """Studies with instances not yet processed, quiet for `quiet_s` or waiting longer than `max_wait_s`.
+        Studies left in 'processing' by a crash are due again."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT study_instance_uid FROM studies WHERE "
+                "(state IN ('receiving', 'done', 'failed') AND instances > processed_instances AND "
+                " (last_received_at <= ? OR first_received_at <= ?)) OR state = 'processing' "
+                "ORDER BY last_received_at", (now - quiet_s, now - max_wait_s)).fetchall()
+        return [r[0] for r in rows]
+
+    def start_processing(self, study: str) -> StudyRow:
+        with self.transaction() as db:
+            db.execute("UPDATE studies SET state = 'processing' WHERE study_instance_uid = ?", (study,))
+            return StudyRow(*db.execute("SELECT * FROM studies WHERE study_instance_uid = ?", (study,)).fetchone())
+
+    def finish(self, study: str, instances_seen: int, *, failed_reason: str = "") -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE studies SET state = ?, processed_instances = ?, generation = generation + 1, "
+                       "reason = ? WHERE study_instance_uid = ?",
+                       ("failed" if failed_reason else "done", instances_seen, failed_reason, study))
+
+    def enqueue(self, study: str, destination: str, paths: list[str]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT INTO outbox (study_instance_uid, destination, path) VALUES (?, ?, ?)",
+                           [(study, destination, p) for p in paths])
+
+    def outbox(self, state: str | None = None) -> list[tuple]:
+        with self.transaction() as db:
+            q = "SELECT id, study_instance_uid, destination, path, state, attempts, next_attempt_at, last_error " \
+                "FROM outbox" + (" WHERE state = ?" if state else "") + " ORDER BY id"
+            return db.execute(q, (state,) if state else ()).fetchall()

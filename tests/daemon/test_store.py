@@ -1,0 +1,26 @@
+from livernode.daemon.store import Store
+
+
+def test_instances_are_indexed_once_and_studies_become_due_after_quiet(tmp_path):
+    s = Store(tmp_path / "index.sqlite")
+    assert s.add_instance("1.1", "9.9", "8.8", "1.2.840.10008.5.1.4.1.1.2", "a", now=100)
+    assert not s.add_instance("1.1", "9.9", "8.8", "1.2.840.10008.5.1.4.1.1.2", "a", now=101)
+    assert s.add_instance("1.2", "9.9", "8.8", "1.2.840.10008.5.1.4.1.1.2", "b", now=110)
+    assert s.study("9.9").instances == 2
+    assert s.due_studies(quiet_s=30, max_wait_s=600, now=120) == []
+    assert s.due_studies(quiet_s=30, max_wait_s=600, now=141) == ["9.9"]
+    assert s.due_studies(quiet_s=30, max_wait_s=15, now=120) == ["9.9"]  # maximum wait reached
+
+
+def test_crash_during_processing_makes_the_study_due_again_and_late_instances_reprocess(tmp_path):
+    s = Store(tmp_path / "index.sqlite")
+    s.add_instance("1.1", "9.9", "8.8", "c", "a", now=0)
+    s.start_processing("9.9")
+    s2 = Store(tmp_path / "index.sqlite")  # a restart opens the same file
+    assert s2.due_studies(30, 600, now=1) == ["9.9"]
+    s2.finish("9.9", instances_seen=1)
+    assert s2.due_studies(30, 600, now=1000) == []
+    s2.add_instance("1.2", "9.9", "8.8", "c", "b", now=1000)
+    assert s2.due_studies(30, 600, now=1031) == ["9.9"]
+    s2.finish("9.9", instances_seen=2)
+    assert s2.study("9.9").generation == 2
