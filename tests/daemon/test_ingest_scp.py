@@ -1,0 +1,69 @@
+"""A real dcmtk storescu talks to the livernode SCP on loopback."""
+
+import os
+import subprocess
+
+import pydicom
+import pytest
+
+from livernode.daemon.ingest_scp import StoreSCP
+from livernode.daemon.spool import Spool
+from livernode.daemon.store import Store
+
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+@pytest.fixture()
+def scp(tmp_path):
+    server = StoreSCP("LIVERNODE", "127.0.0.1", 0, Spool(tmp_path / "spool"), Store(tmp_path / "index.sqlite"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def _storescu(port, files, *extra):
+    return subprocess.run(["/usr/bin/storescu", "-v", "-aec", "LIVERNODE", *extra, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def test_storescu_study_is_stored_and_indexed_once(scp, synth_dirs):
+    files = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))
+    r = _storescu(scp.port, files)
+    assert r.returncode == 0, r.stderr
+    r = _storescu(scp.port, files[:3])  # a repeat is acknowledged, stored once
+    assert r.returncode == 0, r.stderr
+    ds0 = pydicom.dcmread(files[0])
+    row = scp.store.study(ds0.StudyInstanceUID)
+    assert row.instances == len(files)
+    stored = sorted(scp.spool.instances.rglob("*.dcm"))
+    assert len(stored) == len(files)
+    by_uid = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in stored}
+    for f in files:
+        src = pydicom.dcmread(f)
+        assert by_uid[src.SOPInstanceUID].PixelData == src.PixelData
+
+
+def test_echo_and_refused_sop_class(scp, synth_dirs, tmp_path):
+    r = subprocess.run(["/usr/bin/echoscu", "-aec", "LIVERNODE", "127.0.0.1", str(scp.port)], capture_output=True,
+                       text=True, env=ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+    ds = pydicom.dcmread(sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    mr = tmp_path / "mr.dcm"
+    ds.save_as(mr, enforce_file_format=True)
+    r = _storescu(scp.port, [mr])
+    assert "No presentation context" in r.stderr or "no acceptable presentation context" in r.stderr.lower(), r.stderr
+    assert not list(scp.spool.instances.rglob("*.dcm"))
+
+
+def test_out_of_space_answers_a700_and_writes_nothing(tmp_path, synth_dirs):
+    server = StoreSCP("LIVERNODE", "127.0.0.1", 0, Spool(tmp_path / "spool", min_free_bytes=1 << 62),
+                      Store(tmp_path / "index.sqlite"))
+    server.start()
+    try:
+        f = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0]
+        r = _storescu(server.port, [f])
+        assert "Refused: OutOfResources" in r.stderr, r.stderr
+        assert not [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
+    finally:
+        server.stop()
