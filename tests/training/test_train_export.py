@@ -135,7 +135,8 @@ def test_one_channel_model_accepts_local_imagenet_style_weights(tmp_path):
     from livernode.training.model import build_model, import_tf
 
     sm, tf = import_tf()
-    backbone = sm.Backbones.get_backbone("resnet34", input_shape=(None, None, 3), weights=None, include_top=False)
+    get_backbone = sm.inject_global_submodules(sm.Backbones.get_backbone)  # as sm.Unet calls it
+    backbone = get_backbone("resnet34", input_shape=(None, None, 3), weights=None, include_top=False)
     weights = tmp_path / "resnet34_imagenet.h5"
     backbone.save_weights(str(weights))
     model = build_model("resnet34", channels=1, encoder_weights=str(weights))
