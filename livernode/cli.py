@@ -64,6 +64,17 @@ def _infer(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from livernode.config import load_daemon_config
+    from livernode.daemon.service import serve
+
+    cfg = load_daemon_config(a.config, {
+        "inference.model": a.model, "inference.providers": a.providers, "node.ae_title": a.ae_title,
+        "node.bind": a.bind, "node.port": a.port, "paths.state": a.state, "paths.watch": a.watch,
+        "paths.output": a.output, "send.destinations": a.destination, "study.quiet_seconds": a.study_timeout})
+    return serve(cfg)
+
+
 def _demo(a: argparse.Namespace) -> int:
     from livernode.demo import run_demo
 
@@ -118,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", type=Path, required=True)
     i.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto")
     i.set_defaults(func=_infer)
+
+    sv = sub.add_parser("serve", help="run the DICOM node (C-STORE receiver and/or watched folder)")
+    sv.add_argument("--config", type=Path, help="daemon TOML (config/livernode.toml documents every key)")
+    sv.add_argument("--model", type=Path)
+    sv.add_argument("--providers", choices=["auto", "cpu", "cuda"])
+    sv.add_argument("--ae-title")
+    sv.add_argument("--bind")
+    sv.add_argument("--port", type=int)
+    sv.add_argument("--state", "--spool", dest="state", type=Path, help="folder for spool, index and results")
+    sv.add_argument("--watch", type=Path)
+    sv.add_argument("--output", type=Path)
+    sv.add_argument("--destination", action="append", help="AET@HOST:PORT, repeatable")
+    sv.add_argument("--study-timeout", type=float, help="quiet seconds after which a study is complete")
+    sv.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="run the offline half end to end on phantoms (what `make demo` runs)")
     d.add_argument("--workdir", type=Path, default=Path("demo"))

@@ -102,6 +102,10 @@ def load_training_config(path: Path | None, overrides: dict | None = None) -> Tr
 
     Raises ConfigError naming the file and the offending key's path.
     """
+    return _load(TrainingConfig, path, overrides)
+
+
+def _load(model: type[BaseModel], path: Path | None, overrides: dict | None):
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -121,6 +125,53 @@ def load_training_config(path: Path | None, overrides: dict | None = None) -> Tr
             node = node.setdefault(p, {})
         node[leaf] = value
     try:
-        return TrainingConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+
+
+# ------------------------------------------------------------------------------------------- daemon (serve)
+class NodeConfig(_Strict):
+    ae_title: str = Field("LIVERNODE", min_length=1, max_length=16)
+    bind: str = "0.0.0.0"
+    port: int | None = Field(11112, ge=0, le=65535, description="None: no C-STORE listener (folder mode only)")
+
+
+class PathsConfig(_Strict):
+    state: Path = Path("livernode-state")  # spool, index and results; /var/lib/livernode under systemd
+    watch: Path | None = None  # a folder to take DICOM files from (any depth)
+    output: Path | None = None  # results per study are written here as well as sent
+
+
+class InferenceConfig(_Strict):
+    model: Path | None = None
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class StudyConfig(_Strict):
+    quiet_seconds: float = Field(30.0, ge=0)
+    max_wait_seconds: float = Field(600.0, gt=0)
+    min_free_mb: float = Field(1024.0, ge=0)
+
+
+class SendConfig(_Strict):
+    destinations: tuple[str, ...] = ()  # "AET@HOST:PORT"
+    calling_ae_title: str = Field("LIVERNODE", min_length=1, max_length=16)
+    max_attempts: int = Field(8, ge=1)
+    backoff_seconds: float = Field(10.0, ge=0)
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
+class DaemonConfig(_Strict):
+    """`config/livernode.toml`."""
+
+    node: NodeConfig = NodeConfig()
+    paths: PathsConfig = PathsConfig()
+    inference: InferenceConfig = InferenceConfig()
+    study: StudyConfig = StudyConfig()
+    send: SendConfig = SendConfig()
+
+
+def load_daemon_config(path: Path | None, overrides: dict | None = None) -> DaemonConfig:
+    """Read and validate the daemon's TOML (defaults when None) with dotted-key overrides from the command line."""
+    return _load(DaemonConfig, path, overrides)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,30 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     return env
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """4 epochs of 2 steps at 64 px on 4 dicom phantoms, through the real CLI."""
+    from livernode.imaging.synth import synthesize
+
+    root = tmp_path_factory.mktemp("train")
+    synthesize(root / "data", cases=4, slices=8, size=64, seed=11, layout="dicom")
+    run = root / "run"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
+                        "dicom", "--out", str(run), "--size", "64", "--epochs", "3", "--steps-per-epoch", "2"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 3/3" in r.stderr  # the progress bar
+    return root, run
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run):
+    root, run = trained_run
+    out = root / "model.onnx"
+    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:onnxruntime", "-m", "livernode.cli",
+                        "export", str(run), "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "argmax agreement" in r.stdout
+    return out

@@ -38,6 +38,16 @@ class StudyResult:
 
 def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> StudyResult:
     """Segment the best CT series found under `study_dir` and write the results into `out_dir`."""
+    files = dicom_files(study_dir)
+    if not files:
+        raise SeriesRejected(f"{study_dir}: no DICOM files")
+    return process_files(files, segmenter, out_dir)
+
+
+def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
+                  series_number_offset: int = 0) -> StudyResult:
+    """Segment the best CT series among `files` (one study) and write the results into `out_dir`.
+    `series_number_offset` numbers a reprocess's SEG and SR series after the ones they supersede."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -48,14 +58,14 @@ def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> Study
         t = now
 
     headers, skipped = [], []
-    for path in dicom_files(study_dir):
+    for path in files:
         try:
             headers.append((str(path), read_dataset(path, pixels=False)))
         except InputError as exc:
             log.warning("skipping %s", exc)
             skipped.append(str(exc))
     if not headers:
-        raise SeriesRejected(f"{study_dir}: no readable DICOM files")
+        raise SeriesRejected(f"no readable DICOM files among {len(files)} ({'; '.join(skipped[:3])})")
     series_uid, decisions = select_series(headers)
     lap("select")
     chosen = [(src, read_dataset(Path(src))) for src, ds in headers if str(ds.SeriesInstanceUID) == series_uid]
@@ -73,10 +83,11 @@ def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> Study
                           version=f"{m.livernode_version} ({m.weights_sha256[:12]})")
     seg_path = out_dir / "seg.dcm"
     seg = write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
-                           sop_uid=generate_uid())
+                           sop_uid=generate_uid(), series_number=9001 + 2 * series_number_offset)
     lap("seg")
     sr_path = out_dir / "sr.dcm"
-    write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid()), sr_path)
+    write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid(),
+                      series_number=9002 + 2 * series_number_offset), sr_path)
     lap("sr")
     preview_path = preview(volume.hu, findings, out_dir / "preview.png")
     lap("preview")

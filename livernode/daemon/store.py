@@ -142,3 +142,30 @@ class Store:
             q = "SELECT id, study_instance_uid, destination, path, state, attempts, next_attempt_at, last_error " \
                 "FROM outbox" + (" WHERE state = ?" if state else "") + " ORDER BY id"
             return db.execute(q, (state,) if state else ()).fetchall()
+
+    def due_outbox(self, now: float | None = None) -> list[tuple[int, str, str, str, int]]:
+        """(id, study, destination, path, attempts) of pending items whose next attempt is due."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            return db.execute("SELECT id, study_instance_uid, destination, path, attempts FROM outbox "
+                              "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id", (now,)).fetchall()
+
+    def mark_sent(self, ids: list[int]) -> None:
+        with self.transaction() as db:
+            db.executemany("UPDATE outbox SET state = 'sent', attempts = attempts + 1 WHERE id = ?",
+                           [(i,) for i in ids])
+
+    def mark_failed(self, ids: list[int], error: str, *, backoff_s: float, max_attempts: int,
+                    now: float | None = None) -> bool:
+        """Count a failed attempt; exponential backoff; dead letter after `max_attempts`. True when now dead."""
+        now = time.time() if now is None else now
+        dead = False
+        with self.transaction() as db:
+            for i in ids:
+                (attempts,) = db.execute("SELECT attempts FROM outbox WHERE id = ?", (i,)).fetchone()
+                attempts += 1
+                state = "dead" if attempts >= max_attempts else "pending"
+                dead = dead or state == "dead"
+                db.execute("UPDATE outbox SET attempts = ?, state = ?, next_attempt_at = ?, last_error = ? "
+                           "WHERE id = ?", (attempts, state, now + backoff_s * 2 ** (attempts - 1), error[:500], i))
+        return dead

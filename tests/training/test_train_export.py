@@ -16,22 +16,6 @@ from livernode.inference.runner import Segmenter
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """4 epochs of 2 steps at 64 px on 4 dicom phantoms, through the real CLI."""
-    from livernode.imaging.synth import synthesize
-
-    root = tmp_path_factory.mktemp("train")
-    synthesize(root / "data", cases=4, slices=8, size=64, seed=11, layout="dicom")
-    run = root / "run"
-    r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
-                        "dicom", "--out", str(run), "--size", "64", "--epochs", "3", "--steps-per-epoch", "2"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "epoch 3/3" in r.stderr  # the progress bar
-    return root, run
-
-
 def test_run_folder_holds_checkpoint_history_plots_and_metrics(trained_run):
     _, run = trained_run
     for name in ("best.h5", "history.csv", "learning_curves.png", "metrics.csv", "metrics.png", "overlay.png",
@@ -62,17 +46,6 @@ def test_resume_continues_from_checkpoint(trained_run):
     assert "resuming from" in r.stderr
     with (run / "history.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 4
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run):
-    root, run = trained_run
-    out = root / "model.onnx"
-    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:onnxruntime", "-m", "livernode.cli",
-                        "export", str(run), "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "argmax agreement" in r.stdout
-    return out
 
 
 def test_export_has_manifest_named_dims_and_parity(exported, trained_run):

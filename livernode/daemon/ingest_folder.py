@@ -1,0 +1,89 @@
+"""Watched folder: DICOM files dropped in at any depth are taken once complete (size unchanged for a settle
+time) and moved into the spool; anything else goes to `rejected/` with a `.reason` file beside it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from livernode.daemon.ingest_scp import STORAGE_CLASSES
+from livernode.daemon.spool import Spool, atomic_write, check_uid
+from livernode.daemon.store import Store
+from livernode.errors import InputError
+from livernode.imaging.dicomio import read_dataset
+
+log = logging.getLogger(__name__)
+SETTLE_SECONDS = 1.0
+
+
+class FolderIngest:
+    def __init__(self, watch: Path, spool: Spool, store: Store, rejected: Path) -> None:
+        self.watch, self.spool, self.store, self.rejected = Path(watch), spool, store, Path(rejected)
+        self.watch.mkdir(parents=True, exist_ok=True)
+        self.rejected.mkdir(parents=True, exist_ok=True)
+        self.wake = threading.Event()
+        self._sizes: dict[Path, tuple[int, float]] = {}
+        self._observer = None
+
+    def start(self) -> None:
+        """watchdog wakes the scan early; the worker also scans on its own period, so no event is needed."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        wake = self.wake
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                wake.set()
+
+        self._observer = Observer()
+        self._observer.schedule(Handler(), str(self.watch), recursive=True)
+        self._observer.start()
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+
+    def scan(self, now: float | None = None) -> list[str]:
+        """Ingest every settled file; returns the StudyInstanceUIDs that received new instances."""
+        now = time.monotonic() if now is None else now
+        studies = []
+        for path in sorted(p for p in self.watch.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            size = path.stat().st_size
+            seen = self._sizes.get(path)
+            if seen is None or seen[0] != size:
+                self._sizes[path] = (size, now)
+                continue
+            if now - seen[1] < SETTLE_SECONDS:
+                continue
+            del self._sizes[path]
+            study = self._take(path)
+            if study:
+                studies.append(study)
+        return studies
+
+    def _take(self, path: Path) -> str | None:
+        try:
+            ds = read_dataset(path)
+            if str(ds.get("SOPClassUID", "")) not in STORAGE_CLASSES:
+                raise InputError(f"{path}: SOP class {ds.get('SOPClassUID', 'missing')} is not CT or Enhanced CT")
+            study, series, sop = (check_uid(str(ds.get(k, "")), k) for k in
+                                  ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        except InputError as exc:
+            self._reject(path, str(exc))
+            return None
+        stored, new = self.spool.store(study, series, sop, path.read_bytes())
+        self.store.add_instance(sop, study, series, str(ds.SOPClassUID), str(stored))
+        path.unlink()
+        return study if new else None
+
+    def _reject(self, path: Path, reason: str) -> None:
+        target = self.rejected / f"{int(time.time())}-{os.getpid()}-{path.name}"
+        shutil.move(str(path), target)
+        atomic_write(target.with_name(target.name + ".reason"), (reason + "\n").encode())
+        log.warning("rejected %s: %s", path.name, reason)

@@ -1,0 +1,141 @@
+"""The running node: listeners, the study worker and the sender, in one process, state on disk."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from livernode.config import DaemonConfig
+from livernode.daemon.ingest_folder import FolderIngest
+from livernode.daemon.ingest_scp import StoreSCP
+from livernode.daemon.pipeline import process_files
+from livernode.daemon.send import Destination, SendError, send_files
+from livernode.daemon.spool import Spool, fsync_dir, uid_key
+from livernode.daemon.store import Store
+from livernode.errors import ConfigError, LivernodeError
+from livernode.inference.runner import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, cfg: DaemonConfig) -> None:
+        if cfg.inference.model is None:
+            raise ConfigError("no model: set inference.model in the config or pass --model")
+        if cfg.node.port is None and cfg.paths.watch is None:
+            raise ConfigError("nothing to listen on: set node.port and/or paths.watch")
+        self.cfg = cfg
+        self.destinations = [Destination.parse(d) for d in cfg.send.destinations]
+        state = Path(cfg.paths.state)
+        self.spool = Spool(state / "spool", min_free_bytes=int(cfg.study.min_free_mb * 1e6))
+        self.store = Store(state / "index.sqlite")
+        self.results = state / "results"
+        self.segmenter = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
+        self.scp = None
+        if cfg.node.port is not None:
+            self.scp = StoreSCP(cfg.node.ae_title, cfg.node.bind, cfg.node.port, self.spool, self.store)
+        self.folder = None
+        if cfg.paths.watch is not None:
+            self.folder = FolderIngest(cfg.paths.watch, self.spool, self.store, state / "rejected")
+        self.stop_event = threading.Event()
+
+    def start(self) -> None:
+        cleaned = self.spool.clean_partials()
+        if cleaned:
+            log.info("removed %d partial files left by an earlier crash (never acknowledged)", cleaned)
+        if self.scp:
+            self.scp.start()
+        if self.folder:
+            self.folder.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.scp:
+            self.scp.stop()
+        if self.folder:
+            self.folder.stop()
+
+    def run_once(self) -> None:
+        """One pass of the worker: take settled folder files, process due studies, send what is owed."""
+        if self.folder:
+            self.folder.scan()
+        for study in self.store.due_studies(self.cfg.study.quiet_seconds, self.cfg.study.max_wait_seconds):
+            self.process(study)
+        self.send_due()
+
+    def run_forever(self, poll_s: float = 0.5) -> None:
+        while not self.stop_event.is_set():
+            self.run_once()
+            if self.folder:
+                self.folder.wake.wait(poll_s)
+                self.folder.wake.clear()
+            else:
+                self.stop_event.wait(poll_s)
+
+    def process(self, study: str) -> None:
+        row = self.store.start_processing(study)
+        key = uid_key(study)
+        out = self.results / key / f"gen-{row.generation + 1}"
+        if row.generation:
+            log.info("study %s: reprocessing (generation %d) because %d instance(s) arrived after the last result; "
+                     "the new SEG and SR supersede the earlier series", key, row.generation + 1,
+                     row.instances - row.processed_instances)
+        try:
+            shutil.rmtree(out, ignore_errors=True)  # a crash may have left a half-written attempt
+            result = process_files([Path(p) for p in self.store.instance_paths(study)], self.segmenter, out,
+                                   series_number_offset=row.generation)
+        except LivernodeError as exc:
+            log.error("study %s failed: %s", key, exc)
+            self.store.finish(study, row.instances, failed_reason=str(exc))
+            return
+        if self.cfg.paths.output is not None:
+            self._publish(out, Path(self.cfg.paths.output) / key / out.name)
+        for dest in self.destinations:
+            self.store.enqueue(study, str(dest), [str(result.seg_path), str(result.sr_path)])
+        self.store.finish(study, row.instances)
+
+    def _publish(self, src: Path, dst: Path) -> None:
+        """Copy a finished result folder into the output folder atomically (readers never see half of it)."""
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+        fsync_dir(dst.parent)
+
+    def send_due(self) -> None:
+        groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for item_id, study, dest, path, _ in self.store.due_outbox():
+            groups.setdefault((study, dest), []).append((item_id, path))
+        for (study, dest), items in groups.items():
+            ids = [i for i, _ in items]
+            try:
+                send_files([Path(p) for _, p in items], Destination.parse(dest), self.cfg.send.calling_ae_title,
+                           timeout=self.cfg.send.timeout_seconds)
+            except (SendError, OSError, RuntimeError) as exc:
+                dead = self.store.mark_failed(ids, str(exc), backoff_s=self.cfg.send.backoff_seconds,
+                                              max_attempts=self.cfg.send.max_attempts)
+                log.error("send of study %s to %s failed%s: %s", uid_key(study), dest,
+                          " (dead letter)" if dead else ", will retry", exc)
+                continue
+            self.store.mark_sent(ids)
+            log.info("study %s delivered to %s (%d instances)", uid_key(study), dest, len(ids))
+
+
+def serve(cfg: DaemonConfig) -> int:
+    """Run until SIGTERM/SIGINT."""
+    import signal
+
+    service = Service(cfg)
+    service.start()
+    signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
+    signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())
+    try:
+        service.run_forever()
+    finally:
+        service.stop()
+    return 0

@@ -1,0 +1,145 @@
+"""End to end with real peers on loopback: dcmtk storescu -> livernode serve -> dcmtk storescp as PACS,
+and the same through the watched folder."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+pytestmark = pytest.mark.slow
+ENV = dict(os.environ, TCP_NODELAY="1", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_port(port: int, proc, timeout: float = 60) -> None:
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+    wait_for(up, timeout, f"port {port}")
+
+
+@pytest.fixture()
+def pacs(tmp_path):
+    """dcmtk storescp accepting SEG and SR, writing what it receives to a folder."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    proc = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(out), str(port)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_port(port, proc)
+    yield port, out
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def start_node(tmp_path, model, *args):
+    proc = subprocess.Popen([sys.executable, "-m", "livernode.cli", "serve", "--model", str(model), "--providers",
+                             "cpu", "--state", str(tmp_path / "state"), "--study-timeout", "1", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc
+
+
+def stop_node(proc) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
+def received(out: Path):
+    files = [p for p in out.iterdir() if p.is_file()]
+    return files if len(files) >= 2 else None
+
+
+def check_results(files, study_dir: Path, model: Path, tmp_path: Path) -> None:
+    by_modality = {pydicom.dcmread(f, stop_before_pixels=True).Modality: f for f in files}
+    assert set(by_modality) == {"SEG", "SR"}
+    for f in files:
+        r = subprocess.run(["/usr/bin/dciodvfy", str(f)], capture_output=True, text=True)
+        assert not [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")], f
+    ct = pydicom.dcmread(next((study_dir / "ct").glob("*.dcm")), stop_before_pixels=True)
+    seg = hd.seg.segread(by_modality["SEG"])
+    assert seg.StudyInstanceUID == ct.StudyInstanceUID
+    # the same study through `livernode infer` gives the same masks
+    ref_out = tmp_path / "infer"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(study_dir / "ct"), "--model", str(model),
+                        "--out", str(ref_out), "--providers", "cpu"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = hd.seg.segread(ref_out / "seg.dcm")
+    uids = [str(u[2]) for u in ref.get_source_image_uids()]
+    a = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], assert_missing_frames_are_empty=True)
+    b = ref.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], assert_missing_frames_are_empty=True)
+    assert np.array_equal(a, b)
+
+
+def test_cstore_in_seg_and_sr_out(tmp_path, exported, trained_run, pacs):
+    root, _ = trained_run
+    pacs_port, pacs_out = pacs
+    port = free_port()
+    node = start_node(tmp_path, exported, "--port", str(port), "--destination", f"PACS@127.0.0.1:{pacs_port}")
+    try:
+        wait_port(port, node)
+        study = root / "data" / "case_002"
+        files = sorted((study / "ct").glob("*.dcm"))
+        r = subprocess.run(["/usr/bin/storescu", "-aec", "LIVERNODE", "127.0.0.1", str(port), *map(str, files)],
+                           capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.returncode == 0, r.stderr
+        got = wait_for(lambda: received(pacs_out), 180, "SEG and SR at the PACS")
+    finally:
+        err = stop_node(node)
+    check_results(got, study, exported, tmp_path)
+    assert "delivered to PACS" in err
+
+
+def test_watched_folder_in_results_out(tmp_path, exported, trained_run):
+    root, _ = trained_run
+    watch, output = tmp_path / "inbox", tmp_path / "results"
+    node = start_node(tmp_path, exported, "--watch", str(watch), "--output", str(output))
+    try:
+        study = root / "data" / "case_003"
+        deep = watch / "a" / "b"
+        deep.mkdir(parents=True)
+        for f in (study / "ct").glob("*.dcm"):
+            shutil.copy(f, deep / f.name)
+        (watch / "notes.txt").write_text("not DICOM")
+
+        def done():
+            return [p for p in output.rglob("seg.dcm")] if output.exists() else None
+        wait_for(done, 180, "results in the output folder")
+    finally:
+        err = stop_node(node)
+    result_dir = next(output.rglob("seg.dcm")).parent
+    assert {p.name for p in result_dir.iterdir()} >= {"seg.dcm", "sr.dcm", "summary.json", "preview.png"}
+    check_results([result_dir / "seg.dcm", result_dir / "sr.dcm"], study, exported, tmp_path)
+    rejected = tmp_path / "state" / "rejected"
+    reasons = list(rejected.glob("*.reason"))
+    assert len(reasons) == 1 and "notes.txt" in reasons[0].read_text(), err
+    assert not list(watch.rglob("*.dcm"))  # every instance was taken into the spool
