@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -67,3 +68,60 @@ def test_out_of_space_answers_a700_and_writes_nothing(tmp_path, synth_dirs):
         assert not [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
     finally:
         server.stop()
+
+
+def _send_raw(port, payload: bytes, sop_instance_uid: str) -> int:
+    """A C-STORE whose request UIDs and dataset bytes are chosen independently (what a broken peer can send)."""
+    from io import BytesIO
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LIVERNODE")
+    assert assoc.is_established
+    try:
+        req = C_STORE()
+        req.MessageID, req.Priority = 1, 2
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, sop_instance_uid
+        req.DataSet = BytesIO(payload)
+        assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+        for _ in range(50):  # the response arrives on the association's reader thread
+            _, rsp = assoc.dimse.get_msg(block=True)
+            if rsp is not None:
+                return rsp.Status
+            time.sleep(0.1)
+        raise AssertionError(f"no C-STORE response (aborted: {assoc.is_aborted})")
+    finally:
+        assoc.release()
+
+
+def _encoded(ds) -> bytes:
+    from pynetdicom.dsutils import encode
+
+    return encode(ds, False, True)
+
+
+def test_dataset_not_matching_the_request_gets_a900(scp, synth_dirs, tmp_path, caplog):
+    ds = pydicom.dcmread(sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0])
+    assert _send_raw(scp.port, _encoded(ds), "1.2.3.4.5.6.7") == 0xA900
+    assert "do not match the C-STORE request" in caplog.text and "1.2.3.4.5.6.7" in caplog.text
+    assert not list(scp.spool.instances.rglob("*.dcm"))
+
+
+def test_unparseable_dataset_and_invalid_uid_get_c000(scp, synth_dirs, tmp_path, caplog):
+    src = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = "1.2.3/../../etc"
+    assert _send_raw(scp.port, _encoded(ds), str(ds.SOPInstanceUID)) == 0xC000
+    assert "not a valid DICOM UID" in caplog.text
+    garbage = b"\x08\x00\x16\x00UI\xff\xff" + b"\xff" * 64  # an element whose length runs past the end
+    assert _send_raw(scp.port, garbage, "1.2.3.4.5.6.8") == 0xC000
+    assert "cannot parse the dataset" in caplog.text
+    assert not list(scp.spool.instances.rglob("*.dcm"))
+    # and the node keeps serving
+    r = _storescu(scp.port, [src])
+    assert r.returncode == 0 and len(list(scp.spool.instances.rglob("*.dcm"))) == 1

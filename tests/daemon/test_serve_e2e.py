@@ -143,3 +143,40 @@ def test_watched_folder_in_results_out(tmp_path, exported, trained_run):
     reasons = list(rejected.glob("*.reason"))
     assert len(reasons) == 1 and "notes.txt" in reasons[0].read_text(), err
     assert not list(watch.rglob("*.dcm"))  # every instance was taken into the spool
+
+
+def test_sigkill_while_half_received_then_processed_exactly_once(tmp_path, exported, trained_run, pacs):
+    root, _ = trained_run
+    pacs_port, pacs_out = pacs
+    port = free_port()
+    args = ("--port", str(port), "--destination", f"PACS@127.0.0.1:{pacs_port}")
+    study = root / "data" / "case_001"
+    files = sorted((study / "ct").glob("*.dcm"))
+    half = len(files) // 2
+
+    def storescu(batch):
+        r = subprocess.run(["/usr/bin/storescu", "-aec", "LIVERNODE", "127.0.0.1", str(port), *map(str, batch)],
+                           capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.returncode == 0, r.stderr
+
+    node = start_node(tmp_path, exported, *args[:2], *args[2:], "--study-timeout", "6")
+    wait_port(port, node)
+    storescu(files[:half])  # acknowledged ...
+    node.send_signal(signal.SIGKILL)  # ... then the node dies without any chance to clean up
+    node.wait(timeout=10)
+    node = start_node(tmp_path, exported, *args, "--study-timeout", "6")
+    try:
+        wait_port(port, node)
+        storescu(files[half:])
+        got = wait_for(lambda: received(pacs_out), 180, "SEG and SR at the PACS")
+        time.sleep(8)  # longer than the quiet period: a second processing would deliver again
+    finally:
+        stop_node(node)
+    assert len([p for p in pacs_out.iterdir() if p.is_file()]) == 2  # processed and delivered exactly once
+    seg = hd.seg.segread(next(f for f in got if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SEG"))
+    referenced = {str(u[2]) for u in seg.get_source_image_uids()}
+    assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    stored = list((tmp_path / "state" / "spool" / "instances").rglob("*.dcm"))
+    assert len(stored) == len(files)  # every acknowledged instance is on disk, byte-identical
+    originals = sorted(pydicom.dcmread(f).PixelData for f in files)
+    assert sorted(pydicom.dcmread(p).PixelData for p in stored) == originals

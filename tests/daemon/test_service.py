@@ -1,0 +1,71 @@
+"""The worker in-process: failed jobs carry a reason and do not stop the node; late instances reprocess."""
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from livernode.config import load_daemon_config
+from livernode.daemon.service import Service
+
+pytestmark = pytest.mark.slow
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+@pytest.fixture()
+def service(tmp_path, exported):
+    cfg = load_daemon_config(None, {"inference.model": exported, "inference.providers": "cpu", "node.port": 0,
+                                    "node.bind": "127.0.0.1", "paths.state": tmp_path / "state",
+                                    "paths.output": tmp_path / "out", "study.quiet_seconds": 0})
+    s = Service(cfg)
+    s.start()
+    yield s
+    s.stop()
+
+
+def _send(port, files):
+    r = subprocess.run(["/usr/bin/storescu", "-aec", "LIVERNODE", "127.0.0.1", str(port), *map(str, files)],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def _study_uid(files):
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_unprocessable_study_fails_with_reason_and_node_keeps_serving(service, trained_run, tmp_path):
+    root, _ = trained_run
+    short = sorted((root / "data" / "case_000" / "ct").glob("*.dcm"))[:3]
+    _send(service.scp.port, short)
+    service.run_once()
+    row = service.store.study(_study_uid(short))
+    assert row.state == "failed" and "3 slices, fewer than 8" in row.reason
+    good = sorted((root / "data" / "case_001" / "ct").glob("*.dcm"))
+    _send(service.scp.port, good)
+    service.run_once()
+    assert service.store.study(_study_uid(good)).state == "done"
+
+
+def test_late_instances_reprocess_into_superseding_series(service, synth_dirs, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    files = sorted((synth_dirs["dicom"] / "case_002" / "ct").glob("*.dcm"))  # 12 slices
+    _send(service.scp.port, files[:-1])
+    service.run_once()
+    _send(service.scp.port, files[-1:])
+    service.run_once()
+    row = service.store.study(_study_uid(files))
+    assert row.generation == 2 and row.processed_instances == len(files)
+    assert "reprocessing (generation 2) because 1 instance(s) arrived after the last result" in caplog.text
+    gens = sorted(p.name for p in (tmp_path / "out").glob("*/gen-*"))
+    assert gens == ["gen-1", "gen-2"]
+    second = next((tmp_path / "out").glob("*/gen-2"))
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["volume"]["slices"] == len(files)
+    first_seg = pydicom.dcmread(next((tmp_path / "out").glob("*/gen-1")) / "seg.dcm", stop_before_pixels=True)
+    second_seg = pydicom.dcmread(second / "seg.dcm", stop_before_pixels=True)
+    assert second_seg.SeriesNumber > first_seg.SeriesNumber
+    assert second_seg.SeriesInstanceUID != first_seg.SeriesInstanceUID
