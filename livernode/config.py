@@ -154,8 +154,23 @@ class StudyConfig(_Strict):
     min_free_mb: float = Field(1024.0, ge=0)
 
 
+class TlsConfig(_Strict):
+    """TLS 1.2+ for one destination: the CA that signed the peer's certificate, and our client certificate."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class DestinationConfig(_Strict):
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TlsConfig | None = None
+
+
 class SendConfig(_Strict):
-    destinations: tuple[str, ...] = ()  # "AET@HOST:PORT"
+    destinations: tuple[str | DestinationConfig, ...] = ()  # "AET@HOST:PORT" or a table with optional tls
     calling_ae_title: str = Field("LIVERNODE", min_length=1, max_length=16)
     max_attempts: int = Field(8, ge=1)
     backoff_seconds: float = Field(10.0, ge=0)

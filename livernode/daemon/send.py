@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
 
+from livernode.config import DestinationConfig, TlsConfig
 from livernode.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: TlsConfig | None = None
 
     @classmethod
     def parse(cls, text: str) -> "Destination":
@@ -28,6 +31,21 @@ class Destination:
         if not m:
             raise ConfigError(f"destination {text!r}: expected AET@HOST:PORT, e.g. PACS@127.0.0.1:4242")
         return cls(m["aet"], m["host"], int(m["port"]))
+
+    @classmethod
+    def from_config(cls, item: str | DestinationConfig) -> "Destination":
+        if isinstance(item, str):
+            return cls.parse(item)
+        return cls(item.ae_title, item.host, item.port, item.tls)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.tls.ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.tls.cert_file:
+            ctx.load_cert_chain(str(self.tls.cert_file), str(self.tls.key_file) if self.tls.key_file else None)
+        return ctx
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -47,7 +65,9 @@ def send_files(paths: list[Path], dest: Destination, calling_ae: str = "LIVERNOD
     contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
     for sop_class, ts in contexts:
         ae.add_requested_context(sop_class, ts)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    ctx = dest.ssl_context()
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         tls_args=(ctx, dest.host) if ctx is not None else None)
     if not assoc.is_established:
         raise SendError(f"{dest}: association {'rejected' if assoc.is_rejected else 'failed'}")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ class Service:
         if cfg.node.port is None and cfg.paths.watch is None:
             raise ConfigError("nothing to listen on: set node.port and/or paths.watch")
         self.cfg = cfg
-        self.destinations = [Destination.parse(d) for d in cfg.send.destinations]
+        self.destinations = {str(d): d for d in map(Destination.from_config, cfg.send.destinations)}
         state = Path(cfg.paths.state)
         self.spool = Spool(state / "spool", min_free_bytes=int(cfg.study.min_free_mb * 1e6))
         self.store = Store(state / "index.sqlite")
@@ -93,7 +94,7 @@ class Service:
             return
         if self.cfg.paths.output is not None:
             self._publish(out, Path(self.cfg.paths.output) / key / out.name)
-        for dest in self.destinations:
+        for dest in self.destinations.values():
             self.store.enqueue(study, str(dest), [str(result.seg_path), str(result.sr_path)])
         self.store.finish(study, row.instances)
 
@@ -114,9 +115,11 @@ class Service:
         for (study, dest), items in groups.items():
             ids = [i for i, _ in items]
             try:
-                send_files([Path(p) for _, p in items], Destination.parse(dest), self.cfg.send.calling_ae_title,
+                if dest not in self.destinations:
+                    raise SendError(f"{dest} is no longer a configured destination")
+                send_files([Path(p) for _, p in items], self.destinations[dest], self.cfg.send.calling_ae_title,
                            timeout=self.cfg.send.timeout_seconds)
-            except (SendError, OSError, RuntimeError) as exc:
+            except (SendError, OSError, RuntimeError, ssl.SSLError) as exc:
                 dead = self.store.mark_failed(ids, str(exc), backoff_s=self.cfg.send.backoff_seconds,
                                               max_attempts=self.cfg.send.max_attempts)
                 log.error("send of study %s to %s failed%s: %s", uid_key(study), dest,

@@ -69,3 +69,17 @@ def test_late_instances_reprocess_into_superseding_series(service, synth_dirs, t
     second_seg = pydicom.dcmread(second / "seg.dcm", stop_before_pixels=True)
     assert second_seg.SeriesNumber > first_seg.SeriesNumber
     assert second_seg.SeriesInstanceUID != first_seg.SeriesInstanceUID
+
+
+def test_cuda_requested_without_cuda_fails_loudly(exported, synth_dirs, tmp_path):
+    import sys
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA; the loud failure is for machines without it")
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(synth_dirs["dicom"] / "case_000"),
+                        "--model", str(exported), "--out", str(tmp_path / "o"), "--providers", "cuda"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "providers = 'cuda'" in r.stderr
