@@ -31,6 +31,21 @@ CREATE TABLE IF NOT EXISTS studies (
     generation INTEGER NOT NULL DEFAULT 0,     -- times processed; a reprocess supersedes the earlier results
     reason TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    instances INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,                       -- running | done | failed | interrupted
+    instances INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    reason TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_instance_uid TEXT NOT NULL,
@@ -97,6 +112,8 @@ class Store:
                 "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at, instances) "
                 "VALUES (?, ?, ?, 1) ON CONFLICT(study_instance_uid) DO UPDATE SET "
                 "last_received_at = excluded.last_received_at, instances = instances + 1", (study, now, now))
+            db.execute("INSERT INTO series VALUES (?, ?, 1) ON CONFLICT(series_instance_uid) DO UPDATE SET "
+                       "instances = instances + 1", (series, study))
             return True
 
     def study(self, study: str) -> StudyRow | None:
@@ -122,15 +139,30 @@ class Store:
         return [r[0] for r in rows]
 
     def start_processing(self, study: str) -> StudyRow:
+        """Mark the study processing and open a job; a job left running by a crash is closed as interrupted."""
+        now = time.time()
         with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'interrupted', finished_at = ? WHERE study_instance_uid = ? "
+                       "AND state = 'running'", (now, study))
             db.execute("UPDATE studies SET state = 'processing' WHERE study_instance_uid = ?", (study,))
-            return StudyRow(*db.execute("SELECT * FROM studies WHERE study_instance_uid = ?", (study,)).fetchone())
+            row = StudyRow(*db.execute("SELECT * FROM studies WHERE study_instance_uid = ?", (study,)).fetchone())
+            db.execute("INSERT INTO jobs (study_instance_uid, generation, state, instances, started_at) "
+                       "VALUES (?, ?, 'running', ?, ?)", (study, row.generation + 1, row.instances, now))
+            return row
 
     def finish(self, study: str, instances_seen: int, *, failed_reason: str = "") -> None:
+        state = "failed" if failed_reason else "done"
         with self.transaction() as db:
             db.execute("UPDATE studies SET state = ?, processed_instances = ?, generation = generation + 1, "
-                       "reason = ? WHERE study_instance_uid = ?",
-                       ("failed" if failed_reason else "done", instances_seen, failed_reason, study))
+                       "reason = ? WHERE study_instance_uid = ?", (state, instances_seen, failed_reason, study))
+            db.execute("UPDATE jobs SET state = ?, finished_at = ?, reason = ? WHERE study_instance_uid = ? "
+                       "AND state = 'running'", (state, time.time(), failed_reason, study))
+
+    def jobs(self, study: str) -> list[tuple]:
+        """(generation, state, instances, reason) of every job of a study, oldest first."""
+        with self.transaction() as db:
+            return db.execute("SELECT generation, state, instances, reason FROM jobs WHERE study_instance_uid = ? "
+                              "ORDER BY id", (study,)).fetchall()
 
     def enqueue(self, study: str, destination: str, paths: list[str]) -> None:
         with self.transaction() as db:

@@ -18,9 +18,12 @@ def test_crash_during_processing_makes_the_study_due_again_and_late_instances_re
     s.start_processing("9.9")
     s2 = Store(tmp_path / "index.sqlite")  # a restart opens the same file
     assert s2.due_studies(30, 600, now=1) == ["9.9"]
+    s2.start_processing("9.9")
     s2.finish("9.9", instances_seen=1)
     assert s2.due_studies(30, 600, now=1000) == []
     s2.add_instance("1.2", "9.9", "8.8", "c", "b", now=1000)
     assert s2.due_studies(30, 600, now=1031) == ["9.9"]
+    s2.start_processing("9.9")
     s2.finish("9.9", instances_seen=2)
     assert s2.study("9.9").generation == 2
+    assert s2.jobs("9.9") == [(1, "interrupted", 1, ""), (1, "done", 1, ""), (2, "done", 2, "")]
