@@ -75,6 +75,43 @@ def _serve(a: argparse.Namespace) -> int:
     return serve(cfg)
 
 
+def _status(a: argparse.Namespace) -> int:
+    from livernode.daemon.operator import status_text
+
+    print(status_text(_state(a)))
+    return 0
+
+
+def _retry(a: argparse.Namespace) -> int:
+    from livernode.daemon.operator import retry
+
+    print(retry(_state(a), a.study_uid))
+    return 0
+
+
+def _echo(a: argparse.Namespace) -> int:
+    from livernode.daemon.operator import echo
+
+    ok, text = echo(a.target, a.calling_ae)
+    print(text)
+    return 0 if ok else 1
+
+
+def _version(a: argparse.Namespace) -> int:
+    from livernode.daemon.operator import version_text
+
+    print(version_text())
+    return 0
+
+
+def _state(a: argparse.Namespace) -> Path:
+    if a.state is not None:
+        return a.state
+    from livernode.config import load_daemon_config
+
+    return load_daemon_config(a.config).paths.state
+
+
 def _demo(a: argparse.Namespace) -> int:
     from livernode.demo import run_demo
 
@@ -143,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--destination", action="append", help="AET@HOST:PORT, repeatable")
     sv.add_argument("--study-timeout", type=float, help="quiet seconds after which a study is complete")
     sv.set_defaults(func=_serve)
+
+    for name, helptext, func in (("status", "studies, jobs and outbox of a node as tables", _status),
+                                 ("retry", "reprocess a study or re-send its results (dead letters included)", _retry)):
+        op = sub.add_parser(name, help=helptext)
+        if name == "retry":
+            op.add_argument("study_uid")
+        op.add_argument("--state", type=Path, help="the node's state folder (default: from --config)")
+        op.add_argument("--config", type=Path)
+        op.set_defaults(func=func)
+    ec = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    ec.add_argument("target", help="AET@HOST:PORT")
+    ec.add_argument("--calling-ae", default="LIVERNODE")
+    ec.set_defaults(func=_echo)
+    sub.add_parser("version", help="versions and ONNX Runtime providers").set_defaults(func=_version)
 
     d = sub.add_parser("demo", help="run the offline half end to end on phantoms (what `make demo` runs)")
     d.add_argument("--workdir", type=Path, default=Path("demo"))

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+from livernode.daemon.ingest_scp import StoreSCP
+from livernode.daemon.spool import Spool
+from livernode.daemon.store import Store
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "livernode.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_status_and_retry_of_dead_letters_and_failed_studies(tmp_path):
+    store = Store(tmp_path / "index.sqlite")
+    store.add_instance("1.1", "9.9", "8.8", "c", "a", now=0)
+    store.start_processing("9.9")
+    store.finish("9.9", 1, failed_reason="no usable CT series")
+    store.add_instance("1.2", "7.7", "6.6", "c", "b", now=0)
+    store.start_processing("7.7")
+    store.finish("7.7", 1)
+    store.enqueue("7.7", "PACS@127.0.0.1:4242", ["seg", "sr"])
+    ids = [row[0] for row in store.outbox()]
+    store.mark_failed(ids, "association failed", backoff_s=1, max_attempts=1)
+    r = _cli("status", "--state", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "failed" in r.stdout and "no usable CT series" in r.stdout and "dead" in r.stdout
+    r = _cli("retry", "7.7", "--state", str(tmp_path))
+    assert "2 outbox item(s) queued for sending again" in r.stdout
+    assert {row[4] for row in store.outbox()} == {"pending"}
+    r = _cli("retry", "9.9", "--state", str(tmp_path))
+    assert "queued for reprocessing" in r.stdout
+    assert store.due_studies(30, 600) == ["9.9"]
+    r = _cli("retry", "1.2.3", "--state", str(tmp_path))
+    assert r.returncode != 0 and "not known to this node" in r.stderr
+
+
+def test_echo(tmp_path):
+    scp = StoreSCP("LIVERNODE", "127.0.0.1", 0, Spool(tmp_path / "s"), Store(tmp_path / "i.sqlite"))
+    scp.start()
+    try:
+        r = _cli("echo", f"LIVERNODE@127.0.0.1:{scp.port}")
+        assert r.returncode == 0 and "C-ECHO succeeded" in r.stdout
+    finally:
+        scp.stop()
+    r = _cli("echo", f"LIVERNODE@127.0.0.1:{scp.port}")
+    assert r.returncode == 1 and "association failed" in r.stdout
+    r = _cli("version")
+    assert r.returncode == 0 and "onnxruntime" in r.stdout and "CPUExecutionProvider" in r.stdout
