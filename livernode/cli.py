@@ -68,11 +68,11 @@ def _serve(a: argparse.Namespace) -> int:
     from livernode.config import load_daemon_config
     from livernode.daemon.service import serve
 
-    cfg = load_daemon_config(a.config, {
+    overrides = {
         "inference.model": a.model, "inference.providers": a.providers, "node.ae_title": a.ae_title,
         "node.bind": a.bind, "node.port": a.port, "paths.state": a.state, "paths.watch": a.watch,
-        "paths.output": a.output, "send.destinations": a.destination, "study.quiet_seconds": a.study_timeout})
-    return serve(cfg)
+        "paths.output": a.output, "send.destinations": a.destination, "study.quiet_seconds": a.study_timeout}
+    return serve(load_daemon_config(a.config, overrides), lambda: load_daemon_config(a.config, overrides))
 
 
 def _status(a: argparse.Namespace) -> int:

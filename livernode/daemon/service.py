@@ -13,6 +13,7 @@ from livernode.config import DaemonConfig
 from livernode.daemon.ingest_folder import FolderIngest
 from livernode.daemon.ingest_scp import StoreSCP
 from livernode.daemon.pipeline import process_files
+from livernode.daemon.sdnotify import Notifier
 from livernode.daemon.send import Destination, SendError, send_files
 from livernode.daemon.spool import Spool, fsync_dir, uid_key
 from livernode.daemon.store import Store
@@ -67,14 +68,29 @@ class Service:
             self.process(study)
         self.send_due()
 
-    def run_forever(self, poll_s: float = 0.5) -> None:
+    def run_forever(self, poll_s: float = 0.5, notifier: Notifier | None = None) -> None:
+        notifier = notifier or Notifier("")
         while not self.stop_event.is_set():
             self.run_once()
+            notifier.watchdog()  # from the worker loop: a hung worker stops these and systemd restarts us
+            pending = len(self.store.due_outbox())
+            notifier.status(f"{self.queue_depth()} studies waiting, {pending} results to send")
             if self.folder:
                 self.folder.wake.wait(poll_s)
                 self.folder.wake.clear()
             else:
                 self.stop_event.wait(poll_s)
+
+    def queue_depth(self) -> int:
+        with self.store.transaction() as db:
+            return db.execute("SELECT count(*) FROM studies WHERE instances > processed_instances").fetchone()[0]
+
+    def reload(self, cfg: DaemonConfig) -> None:
+        """SIGHUP: take new destinations, study timing and send settings; listeners and model stay as they are."""
+        self.destinations = {str(d): d for d in map(Destination.from_config, cfg.send.destinations)}
+        self.cfg = self.cfg.model_copy(update={"study": cfg.study, "send": cfg.send})
+        log.info("configuration reloaded: %d destination(s), quiet period %.0f s", len(self.destinations),
+                 cfg.study.quiet_seconds)
 
     def process(self, study: str) -> None:
         row = self.store.start_processing(study)
@@ -129,16 +145,36 @@ class Service:
             log.info("study %s delivered to %s (%d instances)", uid_key(study), dest, len(ids))
 
 
-def serve(cfg: DaemonConfig) -> int:
-    """Run until SIGTERM/SIGINT."""
+def serve(cfg: DaemonConfig, reload_config=None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration through `reload_config()`.
+
+    Signal handlers only set flags; the worker loop acts on them between studies, so a running job finishes."""
     import signal
 
-    service = Service(cfg)
-    service.start()
+    notifier = Notifier()
+    service = Service(cfg)  # loads the model
+    service.start()  # binds the listeners
+    notifier.ready(f"listening on port {service.scp.port if service.scp else '-'}, model {cfg.inference.model}")
+    hup = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
+
+    def reloader() -> None:
+        while not service.stop_event.is_set():
+            if hup.wait(0.5):
+                hup.clear()
+                if reload_config is not None:
+                    try:
+                        service.reload(reload_config())
+                    except LivernodeError as exc:
+                        log.error("reload refused, keeping the running configuration: %s", exc)
+
+    threading.Thread(target=reloader, name="reload", daemon=True).start()
     try:
-        service.run_forever()
+        service.run_forever(notifier=notifier)
     finally:
+        notifier.stopping()
         service.stop()
+    log.info("stopped cleanly")
     return 0
