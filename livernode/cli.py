@@ -71,7 +71,8 @@ def _serve(a: argparse.Namespace) -> int:
     overrides = {
         "inference.model": a.model, "inference.providers": a.providers, "node.ae_title": a.ae_title,
         "node.bind": a.bind, "node.port": a.port, "paths.state": a.state, "paths.watch": a.watch,
-        "paths.output": a.output, "send.destinations": a.destination, "study.quiet_seconds": a.study_timeout}
+        "paths.output": a.output, "send.destinations": a.destination, "study.quiet_seconds": a.study_timeout,
+        "observability.metrics_port": a.metrics_port}
     return serve(load_daemon_config(a.config, overrides), lambda: load_daemon_config(a.config, overrides))
 
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livernode", description=__doc__)
     p.add_argument("--version", action="version", version=f"livernode {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write synthetic abdominal CT phantoms with ground truth")
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--output", type=Path)
     sv.add_argument("--destination", action="append", help="AET@HOST:PORT, repeatable")
     sv.add_argument("--study-timeout", type=float, help="quiet seconds after which a study is complete")
+    sv.add_argument("--metrics-port", type=int, help="port of /metrics and /healthz on 127.0.0.1 (default 9464)")
     sv.set_defaults(func=_serve)
 
     for name, helptext, func in (("status", "studies, jobs and outbox of a node as tables", _status),
@@ -202,10 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        for key in ("study", "job"):
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
         return int(args.func(args) or 0)
     except LivernodeError as exc:

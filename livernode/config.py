@@ -177,6 +177,12 @@ class SendConfig(_Strict):
     timeout_seconds: float = Field(30.0, gt=0)
 
 
+class ObservabilityConfig(_Strict):
+    metrics_bind: str = "127.0.0.1"
+    metrics_port: int | None = Field(9464, ge=0, le=65535, description="None: no /metrics and /healthz")
+    audit_log: Path | None = Path("audit.jsonl")  # relative paths are inside the state folder
+
+
 class DaemonConfig(_Strict):
     """`config/livernode.toml`."""
 
@@ -185,6 +191,7 @@ class DaemonConfig(_Strict):
     inference: InferenceConfig = InferenceConfig()
     study: StudyConfig = StudyConfig()
     send: SendConfig = SendConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
 
 
 def load_daemon_config(path: Path | None, overrides: dict | None = None) -> DaemonConfig:

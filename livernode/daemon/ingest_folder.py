@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from livernode.daemon.ingest_scp import STORAGE_CLASSES
+from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.spool import Spool, atomic_write, check_uid
 from livernode.daemon.store import Store
 from livernode.errors import InputError
@@ -21,7 +22,9 @@ SETTLE_SECONDS = 1.0
 
 
 class FolderIngest:
-    def __init__(self, watch: Path, spool: Spool, store: Store, rejected: Path) -> None:
+    def __init__(self, watch: Path, spool: Spool, store: Store, rejected: Path, metrics: Metrics | None = None,
+                 audit: AuditLog | None = None) -> None:
+        self.metrics, self.audit = metrics or Metrics(), audit or AuditLog(None)
         self.watch, self.spool, self.store, self.rejected = Path(watch), spool, store, Path(rejected)
         self.watch.mkdir(parents=True, exist_ok=True)
         self.rejected.mkdir(parents=True, exist_ok=True)
@@ -80,6 +83,9 @@ class FolderIngest:
         stored, new = self.spool.store(study, series, sop, path.read_bytes())
         self.store.add_instance(sop, study, series, str(ds.SOPClassUID), str(stored))
         path.unlink()
+        if new:
+            self.metrics.instances_received.labels("folder").inc()
+            self.audit.write("instance_received", sop_instance_uid=sop, study_instance_uid=study, source="folder")
         return study if new else None
 
     def _reject(self, path: Path, reason: str) -> None:
@@ -87,3 +93,5 @@ class FolderIngest:
         shutil.move(str(path), target)
         atomic_write(target.with_name(target.name + ".reason"), (reason + "\n").encode())
         log.warning("rejected %s: %s", path.name, reason)
+        self.metrics.instances_rejected.labels("folder file").inc()
+        self.audit.write("file_rejected", file=path.name, reason=reason)

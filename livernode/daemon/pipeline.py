@@ -34,6 +34,7 @@ class StudyResult:
     preview_path: Path
     findings: Findings
     timings: dict[str, float]
+    slices: int
 
 
 def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> StudyResult:
@@ -108,7 +109,8 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
     log.info("study %s: liver %.1f mL, %d lesions, %.1f mL tumour; %s", volume.source, findings.liver_volume_ml,
              len(findings.lesions), findings.tumour_volume_ml,
              ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-    return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, timings)
+    return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, timings,
+                       int(volume.hu.shape[0]))
 
 
 def infer_folder(study_dir: Path, model: Path, out_dir: Path, providers: str = "auto") -> StudyResult:

@@ -12,6 +12,7 @@ from pathlib import Path
 from livernode.config import DaemonConfig
 from livernode.daemon.ingest_folder import FolderIngest
 from livernode.daemon.ingest_scp import StoreSCP
+from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.pipeline import process_files
 from livernode.daemon.sdnotify import Notifier
 from livernode.daemon.send import Destination, SendError, send_files
@@ -36,18 +37,29 @@ class Service:
         self.store = Store(state / "index.sqlite")
         self.results = state / "results"
         self.segmenter = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
+        self.metrics = Metrics()
+        obs = cfg.observability
+        self.audit = AuditLog(state / obs.audit_log if obs.audit_log is not None else None)
+        m = self.segmenter.manifest
+        self.metrics.info.labels(m.weights_sha256[:16], m.livernode_version,
+                                 ",".join(self.segmenter.providers_used)).set(1)
+        self.http = None
         self.scp = None
         if cfg.node.port is not None:
-            self.scp = StoreSCP(cfg.node.ae_title, cfg.node.bind, cfg.node.port, self.spool, self.store)
+            self.scp = StoreSCP(cfg.node.ae_title, cfg.node.bind, cfg.node.port, self.spool, self.store,
+                                metrics=self.metrics, audit=self.audit)
         self.folder = None
         if cfg.paths.watch is not None:
-            self.folder = FolderIngest(cfg.paths.watch, self.spool, self.store, state / "rejected")
+            self.folder = FolderIngest(cfg.paths.watch, self.spool, self.store, state / "rejected",
+                                       metrics=self.metrics, audit=self.audit)
         self.stop_event = threading.Event()
 
     def start(self) -> None:
         cleaned = self.spool.clean_partials()
         if cleaned:
             log.info("removed %d partial files left by an earlier crash (never acknowledged)", cleaned)
+        if self.cfg.observability.metrics_port is not None:
+            self.http = self.metrics.serve(self.cfg.observability.metrics_bind, self.cfg.observability.metrics_port)
         if self.scp:
             self.scp.start()
         if self.folder:
@@ -55,6 +67,9 @@ class Service:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
         if self.scp:
             self.scp.stop()
         if self.folder:
@@ -67,6 +82,16 @@ class Service:
         for study in self.store.due_studies(self.cfg.study.quiet_seconds, self.cfg.study.max_wait_seconds):
             self.process(study)
         self.send_due()
+        self.update_gauges()
+
+    def update_gauges(self) -> None:
+        with self.store.transaction() as db:
+            states = dict(db.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
+            outbox = dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+        for st in ("receiving", "processing", "done", "failed"):
+            self.metrics.studies.labels(st).set(states.get(st, 0))
+        self.metrics.outbox_depth.set(outbox.get("pending", 0))
+        self.metrics.dead_letters.set(outbox.get("dead", 0))
 
     def run_forever(self, poll_s: float = 0.5, notifier: Notifier | None = None) -> None:
         notifier = notifier or Notifier("")
@@ -108,6 +133,10 @@ class Service:
             log.error("study %s failed: %s", key, exc)
             self.store.finish(study, row.instances, failed_reason=str(exc))
             return
+        for stage, seconds in result.timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        if result.timings.get("infer"):
+            self.metrics.slices_per_second.set(result.slices / result.timings["infer"])
         if self.cfg.paths.output is not None:
             self._publish(out, Path(self.cfg.paths.output) / key / out.name)
         for dest in self.destinations.values():
@@ -130,6 +159,7 @@ class Service:
             groups.setdefault((study, dest), []).append((item_id, path))
         for (study, dest), items in groups.items():
             ids = [i for i, _ in items]
+            self.metrics.send_attempts.labels(dest).inc()
             try:
                 if dest not in self.destinations:
                     raise SendError(f"{dest} is no longer a configured destination")
@@ -140,8 +170,12 @@ class Service:
                                               max_attempts=self.cfg.send.max_attempts)
                 log.error("send of study %s to %s failed%s: %s", uid_key(study), dest,
                           " (dead letter)" if dead else ", will retry", exc)
+                self.metrics.send_failures.labels(dest).inc()
+                self.audit.write("send_failed", study_instance_uid=study, destination=dest, error=str(exc),
+                                 dead_letter=dead)
                 continue
             self.store.mark_sent(ids)
+            self.audit.write("result_sent", study_instance_uid=study, destination=dest, instances=len(ids))
             log.info("study %s delivered to %s (%d instances)", uid_key(study), dest, len(ids))
 
 

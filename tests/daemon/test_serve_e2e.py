@@ -1,6 +1,7 @@
 """End to end with real peers on loopback: dcmtk storescu -> livernode serve -> dcmtk storescp as PACS,
 and the same through the watched folder."""
 
+import json
 import os
 import shutil
 import signal
@@ -59,7 +60,8 @@ def pacs(tmp_path):
 
 def start_node(tmp_path, model, *args):
     proc = subprocess.Popen([sys.executable, "-m", "livernode.cli", "serve", "--model", str(model), "--providers",
-                             "cpu", "--state", str(tmp_path / "state"), "--study-timeout", "1", *args], env=ENV,
+                             "cpu", "--state", str(tmp_path / "state"), "--study-timeout", "1", "--metrics-port", "0", *args],
+                            env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc
 
@@ -103,8 +105,9 @@ def check_results(files, study_dir: Path, model: Path, tmp_path: Path) -> None:
 def test_cstore_in_seg_and_sr_out(tmp_path, exported, trained_run, pacs):
     root, _ = trained_run
     pacs_port, pacs_out = pacs
-    port = free_port()
-    node = start_node(tmp_path, exported, "--port", str(port), "--destination", f"PACS@127.0.0.1:{pacs_port}")
+    port, metrics_port = free_port(), free_port()
+    node = start_node(tmp_path, exported, "--port", str(port), "--destination", f"PACS@127.0.0.1:{pacs_port}",
+                      "--metrics-port", str(metrics_port))
     try:
         wait_port(port, node)
         study = root / "data" / "case_002"
@@ -113,10 +116,25 @@ def test_cstore_in_seg_and_sr_out(tmp_path, exported, trained_run, pacs):
                            capture_output=True, text=True, env=ENV, timeout=120)
         assert r.returncode == 0, r.stderr
         got = wait_for(lambda: received(pacs_out), 180, "SEG and SR at the PACS")
+        import urllib.request
+
+        def scrape():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            return text if 'livernode_send_attempts_total{destination=' in text else None
+        metrics = wait_for(scrape, 30, "send metrics")
+        health = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5).read()
     finally:
         err = stop_node(node)
     check_results(got, study, exported, tmp_path)
     assert "delivered to PACS" in err
+    assert f'livernode_instances_received_total{{source="c-store"}} {float(len(files))}' in metrics
+    assert 'livernode_stage_seconds_count{stage="infer"} 1.0' in metrics
+    assert 'livernode_studies{state="done"} 1.0' in metrics
+    assert "livernode_model_info{" in metrics and health == b"ok\n"
+    audit = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    events = [a["event"] for a in audit]
+    assert events.count("instance_received") == len(files)
+    assert "association_accepted" in events and "result_sent" in events
 
 
 def test_watched_folder_in_results_out(tmp_path, exported, trained_run):

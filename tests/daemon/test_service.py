@@ -20,7 +20,8 @@ ENV = dict(os.environ, TCP_NODELAY="1")
 def service(tmp_path, exported):
     cfg = load_daemon_config(None, {"inference.model": exported, "inference.providers": "cpu", "node.port": 0,
                                     "node.bind": "127.0.0.1", "paths.state": tmp_path / "state",
-                                    "paths.output": tmp_path / "out", "study.quiet_seconds": 0})
+                                    "paths.output": tmp_path / "out", "study.quiet_seconds": 0,
+                                    "observability.metrics_port": None})
     s = Service(cfg)
     s.start()
     yield s

@@ -37,7 +37,8 @@ def test_ready_watchdog_status_reload_and_stopping(tmp_path, exported):
         port = s.getsockname()[1]
     env = dict(os.environ, NOTIFY_SOCKET=str(sock_path))
     proc = subprocess.Popen([sys.executable, "-m", "livernode.cli", "serve", "--model", str(exported), "--providers",
-                             "cpu", "--port", str(port), "--bind", "127.0.0.1", "--state", str(tmp_path / "st")],
+                             "cpu", "--port", str(port), "--bind", "127.0.0.1", "--state", str(tmp_path / "st"),
+                             "--metrics-port", "0"],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         first = sock.recv(4096).decode()

@@ -1,0 +1,82 @@
+"""Prometheus metrics and /healthz on a local HTTP port, plus the append-only audit log (JSON lines)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """One registry per node (no globals), so tests and several nodes in one process do not collide."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.instances_received = Counter("livernode_instances_received", "Instances stored and acknowledged",
+                                          ["source"], registry=r)
+        self.instances_rejected = Counter("livernode_instances_rejected", "Instances refused or rejected",
+                                          ["reason"], registry=r)
+        self.studies = Gauge("livernode_studies", "Studies by state", ["state"], registry=r)
+        self.stage_seconds = Histogram("livernode_stage_seconds", "Pipeline stage duration", ["stage"],
+                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        self.slices_per_second = Gauge("livernode_inference_slices_per_second", "Slices per second, last study",
+                                       registry=r)
+        self.send_attempts = Counter("livernode_send_attempts", "Send attempts", ["destination"], registry=r)
+        self.send_failures = Counter("livernode_send_failures", "Failed send attempts", ["destination"], registry=r)
+        self.outbox_depth = Gauge("livernode_outbox_pending", "Outbox items waiting to be sent", registry=r)
+        self.dead_letters = Gauge("livernode_outbox_dead", "Outbox items given up after max attempts", registry=r)
+        self.info = Gauge("livernode_model_info", "Model and providers in use (value 1)",
+                          ["model_sha256", "livernode_version", "providers"], registry=r)
+        self.healthy = True
+
+    def serve(self, host: str, port: int) -> ThreadingHTTPServer:
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/metrics":
+                    body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
+                elif self.path == "/healthz":
+                    ok = metrics.healthy
+                    body, ctype, code = (b"ok\n" if ok else b"unhealthy\n"), "text/plain", 200 if ok else 503
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # scrapes every few seconds would flood the log
+                pass
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+        return server
+
+
+class AuditLog:
+    """Append-only JSON lines: associations accepted and rejected, instances received, results sent, security
+    rejections. UIDs and AE titles only; no patient names or IDs."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, **fields) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}, default=str)
+        with self._lock, open(self.path, "a") as fh:
+            fh.write(line + "\n")
