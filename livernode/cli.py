@@ -98,6 +98,14 @@ def _echo(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _check(a: argparse.Namespace) -> int:
+    from livernode.daemon.operator import check
+
+    ok, table = check(a.config, {"inference.model": a.model})
+    print(table)
+    return 0 if ok else 1
+
+
 def _version(a: argparse.Namespace) -> int:
     from livernode.daemon.operator import version_text
 
@@ -197,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--calling-ae", default="LIVERNODE")
     ec.set_defaults(func=_echo)
     sub.add_parser("version", help="versions and ONNX Runtime providers").set_defaults(func=_version)
+    ck = sub.add_parser("check", help="validate config, model, providers, ports and destinations; pass/fail table")
+    ck.add_argument("--config", type=Path)
+    ck.add_argument("--model", type=Path)
+    ck.set_defaults(func=_check)
 
     d = sub.add_parser("demo", help="run the offline half end to end on phantoms (what `make demo` runs)")
     d.add_argument("--workdir", type=Path, default=Path("demo"))

@@ -94,3 +94,54 @@ def version_text() -> str:
     return (f"livernode {__version__}\n  onnxruntime {onnxruntime.__version__} "
             f"(providers: {', '.join(onnxruntime.get_available_providers())})\n"
             f"  pydicom {pydicom.__version__}, pynetdicom {pynetdicom.__version__}, numpy {numpy.__version__}")
+
+
+def check(cfg_path: Path | None, overrides: dict | None = None) -> tuple[bool, str]:
+    """Validate the config, load the model, list providers, check the ports, C-ECHO every destination."""
+    import socket
+
+    from livernode.config import load_daemon_config
+    from livernode.errors import LivernodeError
+    from livernode.inference.runner import Segmenter
+
+    rows: list[tuple[str, str, str]] = []
+
+    def add(what: str, ok: bool, detail: str) -> bool:
+        rows.append((what, "pass" if ok else "FAIL", detail))
+        return ok
+
+    try:
+        cfg = load_daemon_config(cfg_path, overrides)
+        add("config", True, str(cfg_path or "defaults"))
+    except LivernodeError as exc:
+        add("config", False, str(exc))
+        return False, _table(["check", "result", "detail"], rows)
+    if cfg.inference.model is None:
+        add("model", False, "inference.model is not set")
+    else:
+        try:
+            seg = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
+            m = seg.manifest
+            add("model", True, f"{cfg.inference.model.name}: {m.architecture.name} {m.architecture.backbone}, "
+                f"{m.input.preferred_size} px, sha256 {m.weights_sha256[:12]}")
+            add("providers", True, ", ".join(seg.providers_used))
+        except LivernodeError as exc:
+            add("model", False, str(exc))
+    for what, host, port in (("dicom port", cfg.node.bind, cfg.node.port),
+                             ("metrics port", cfg.observability.metrics_bind, cfg.observability.metrics_port)):
+        if port is None:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+                add(what, True, f"{host}:{port} is free")
+            except OSError as exc:
+                add(what, False, f"{host}:{port}: {exc.strerror}")
+    state = Path(cfg.paths.state)
+    add("state folder", state.exists() or state.parent.exists(), str(state.resolve()))
+    for d in cfg.send.destinations:
+        dest = Destination.from_config(d)
+        ok, text = echo(str(dest)) if dest.tls is None else (True, f"{dest}: TLS destination, not echoed")
+        add(f"destination {dest}", ok, text)
+    ok = all(r[1] == "pass" for r in rows)
+    return ok, _table(["check", "result", "detail"], rows)

@@ -46,3 +46,26 @@ def test_echo(tmp_path):
     assert r.returncode == 1 and "association failed" in r.stdout
     r = _cli("version")
     assert r.returncode == 0 and "onnxruntime" in r.stdout and "CPUExecutionProvider" in r.stdout
+
+
+def test_check_reports_each_item(tmp_path):
+    scp = StoreSCP("PACS", "127.0.0.1", 0, Spool(tmp_path / "s"), Store(tmp_path / "i.sqlite"))
+    scp.start()
+    try:
+        cfg = tmp_path / "node.toml"
+        cfg.write_text(f'[send]\ndestinations = ["PACS@127.0.0.1:{scp.port}", "GONE@127.0.0.1:1"]\n'
+                       f'[node]\nport = {scp.port}\n')  # the port is taken by the stand-in PACS
+        r = _cli("check", "--config", str(cfg))
+    finally:
+        scp.stop()
+    assert r.returncode == 1
+    assert any(ln.startswith("config") and "pass" in ln for ln in r.stdout.splitlines())
+    assert any(ln.startswith("model") and "FAIL" in ln and "inference.model is not set" in ln
+               for ln in r.stdout.splitlines())
+    assert any(ln.startswith("dicom port") and "FAIL" in ln for ln in r.stdout.splitlines())
+    assert any(f"PACS@127.0.0.1:{scp.port}" in ln and "pass" in ln for ln in r.stdout.splitlines())
+    assert any("GONE@127.0.0.1:1" in ln and "FAIL" in ln for ln in r.stdout.splitlines())
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[nodes]\nport = 1\n")
+    r = _cli("check", "--config", str(bad))
+    assert r.returncode == 1 and "unknown key 'nodes'" in r.stdout
