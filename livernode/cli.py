@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    if not args.verbose:  # per-association and per-module chatter from the libraries
+        for name in ("pynetdicom", "highdicom", "tf2onnx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except LivernodeError as exc:

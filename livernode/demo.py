@@ -1,7 +1,8 @@
-"""`livernode demo` (what `make demo` runs): the offline half end to end on phantoms.
+"""`livernode demo` (what `make demo` runs): everything end to end on phantoms.
 
-synth (training and held-out cases) -> train -> export -> evaluate, printing the metrics table. The trained model is
-cached in the work folder, so a second run only evaluates.
+synth (training and held-out cases) -> train -> export -> evaluate (metrics table) -> the node on loopback receives a
+held-out study by C-STORE and returns SEG and SR to a PACS stand-in, which are validated; the study summary is
+printed. The trained model is cached in the work folder, so a second run skips training.
 """
 
 from __future__ import annotations
@@ -46,5 +47,8 @@ def run_demo(workdir: Path, *, fresh: bool = False) -> int:
     report = evaluate(model, held_dir, "dicom", workdir / "evaluation")
     print(format_table(report))
     print(f"\nplots: {run / 'learning_curves.png'}, {run / 'overlay.png'}, {run / 'metrics.png'}")
+    from livernode.demo_node import run_node_demo
+
+    run_node_demo(workdir, model, held_dir / "case_000")
     print(f"demo finished in {time.monotonic() - t0:.0f} s; work folder {workdir}")
     return 0
