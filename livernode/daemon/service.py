@@ -80,6 +80,8 @@ class Service:
         if self.folder:
             self.folder.scan()
         for study in self.store.due_studies(self.cfg.study.quiet_seconds, self.cfg.study.max_wait_seconds):
+            if self.stop_event.is_set():  # shutting down: what is left stays due for the next start
+                break
             self.process(study)
         self.send_due()
         self.update_gauges()
@@ -204,7 +206,14 @@ def serve(cfg: DaemonConfig, reload_config=None) -> int:
                     except LivernodeError as exc:
                         log.error("reload refused, keeping the running configuration: %s", exc)
 
+    def stop_listeners() -> None:
+        service.stop_event.wait()
+        if service.scp:  # no new associations from the moment SIGTERM arrives; the running study finishes
+            service.scp.stop()
+            service.scp = None
+
     threading.Thread(target=reloader, name="reload", daemon=True).start()
+    threading.Thread(target=stop_listeners, name="stop-listeners", daemon=True).start()
     try:
         service.run_forever(notifier=notifier)
     finally:
