@@ -126,13 +126,13 @@ class Service:
         if row.generation:
             log.info("study %s: reprocessing (generation %d) because %d instance(s) arrived after the last result; "
                      "the new SEG and SR supersede the earlier series", key, row.generation + 1,
-                     row.instances - row.processed_instances)
+                     row.instances - row.processed_instances, extra={"study": key, "job": row.generation + 1})
         try:
             shutil.rmtree(out, ignore_errors=True)  # a crash may have left a half-written attempt
             result = process_files([Path(p) for p in self.store.instance_paths(study)], self.segmenter, out,
                                    series_number_offset=row.generation)
         except LivernodeError as exc:
-            log.error("study %s failed: %s", key, exc)
+            log.error("study %s failed: %s", key, exc, extra={"study": key, "job": row.generation + 1})
             self.store.finish(study, row.instances, failed_reason=str(exc))
             return
         for stage, seconds in result.timings.items():
@@ -171,14 +171,15 @@ class Service:
                 dead = self.store.mark_failed(ids, str(exc), backoff_s=self.cfg.send.backoff_seconds,
                                               max_attempts=self.cfg.send.max_attempts)
                 log.error("send of study %s to %s failed%s: %s", uid_key(study), dest,
-                          " (dead letter)" if dead else ", will retry", exc)
+                          " (dead letter)" if dead else ", will retry", exc, extra={"study": uid_key(study)})
                 self.metrics.send_failures.labels(dest).inc()
                 self.audit.write("send_failed", study_instance_uid=study, destination=dest, error=str(exc),
                                  dead_letter=dead)
                 continue
             self.store.mark_sent(ids)
             self.audit.write("result_sent", study_instance_uid=study, destination=dest, instances=len(ids))
-            log.info("study %s delivered to %s (%d instances)", uid_key(study), dest, len(ids))
+            log.info("study %s delivered to %s (%d instances)", uid_key(study), dest, len(ids),
+                     extra={"study": uid_key(study)})
 
 
 def serve(cfg: DaemonConfig, reload_config=None) -> int:

@@ -80,22 +80,26 @@ def _send_raw(port, payload: bytes, sop_instance_uid: str) -> int:
     from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title="TESTSCU")
+    ae.dimse_timeout = 20
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="LIVERNODE")
     assert assoc.is_established
+    # Pause the association's reactor as pynetdicom's own send_c_store() does; otherwise the reactor can take
+    # the response off the queue first and this client waits for nothing.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
     try:
         req = C_STORE()
         req.MessageID, req.Priority = 1, 2
         req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, sop_instance_uid
         req.DataSet = BytesIO(payload)
         assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
-        for _ in range(50):  # the response arrives on the association's reader thread
-            _, rsp = assoc.dimse.get_msg(block=True)
-            if rsp is not None:
-                return rsp.Status
-            time.sleep(0.1)
-        raise AssertionError(f"no C-STORE response (aborted: {assoc.is_aborted})")
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assert rsp is not None, f"no C-STORE response (aborted: {assoc.is_aborted})"
+        return rsp.Status
     finally:
+        assoc._reactor_checkpoint.set()
         assoc.release()
 
 
