@@ -55,7 +55,6 @@ def conv_flops(model_path: Path, size: int) -> float:
 
 
 def matmul_ceiling(threads: int) -> float:
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

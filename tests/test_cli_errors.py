@@ -6,7 +6,6 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 
 def _run(args, env, **kw):

@@ -55,9 +55,11 @@ class StoreSCP:
         log.info("C-STORE SCP %s listening on %s:%d", self.ae.ae_title, self.host, self.port)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        """Stop accepting associations; safe to call from several threads and more than once."""
+        with self._lock:
+            server, self.server = self.server, None
+        if server is not None:
+            server.shutdown()
 
     def _on_accepted(self, event) -> None:
         r = event.assoc.requestor

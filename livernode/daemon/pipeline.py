@@ -8,7 +8,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from pydicom.uid import generate_uid
 
 from livernode import __version__

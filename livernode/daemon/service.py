@@ -6,7 +6,6 @@ import logging
 import shutil
 import ssl
 import threading
-import time
 from pathlib import Path
 
 from livernode.config import DaemonConfig
@@ -211,7 +210,6 @@ def serve(cfg: DaemonConfig, reload_config=None) -> int:
         service.stop_event.wait()
         if service.scp:  # no new associations from the moment SIGTERM arrives; the running study finishes
             service.scp.stop()
-            service.scp = None
 
     threading.Thread(target=reloader, name="reload", daemon=True).start()
     threading.Thread(target=stop_listeners, name="stop-listeners", daemon=True).start()

@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

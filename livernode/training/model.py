@@ -140,7 +140,7 @@ def _hard_scores(tf, y_true, y_pred, kind: str):
     t, hard, valid = _effective(tf, y_true, tf.one_hot(tf.argmax(y_pred, -1), N_CLASSES))
     scores = []
     for c in (1, 2):
-        tc, pc, vc = t[..., c] * valid[..., c], hard[..., c] * valid[..., c], valid[..., c]
+        tc, pc = t[..., c] * valid[..., c], hard[..., c] * valid[..., c]
         inter = tf.reduce_sum(tc * pc)
         union = tf.reduce_sum(tc) + tf.reduce_sum(pc)
         if kind == "iou":

@@ -3,7 +3,6 @@ and SR come back into the same study in Orthanc."""
 
 import json
 import subprocess
-import time
 import urllib.request
 
 import pytest

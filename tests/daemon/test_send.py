@@ -3,7 +3,6 @@
 import ssl
 import subprocess
 
-import pydicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage

@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import subprocess
-from pathlib import Path
 
 import pydicom
 import pytest

@@ -61,9 +61,10 @@ def test_ready_watchdog_status_reload_and_stopping(tmp_path, exported):
         while msg != "STOPPING=1" and time.monotonic() < end:
             msg = sock.recv(4096).decode()
         assert msg == "STOPPING=1"
-        assert proc.wait(timeout=30) == 0
+        code = proc.wait(timeout=30)
         err = proc.stderr.read()
-        assert "configuration reloaded" in err and "stopped cleanly" in err
+        assert code == 0, err[-3000:]
+        assert "configuration reloaded" in err and "stopped cleanly" in err, err[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

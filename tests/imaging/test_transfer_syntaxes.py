@@ -2,7 +2,6 @@
 
 Inputs are made by dcmtk (dcmcjpeg +e1, dcmcjpls, dcmcrle, dcmconv) and, for JPEG 2000, pydicom's encoder."""
 
-import shutil
 import subprocess
 
 import numpy as np
