@@ -66,7 +66,7 @@ def _load_chaos(ref: CaseRef) -> Case:
         masks[str(ds.SOPInstanceUID)] = np.where(m > 0, LIVER, 0).astype(np.uint8)
     vol = volume_from_datasets(datasets, series_label=str(case_dir))
     labels = np.stack([masks[uid] for uid in vol.sop_instance_uids])
-    return Case(ref.case_id, vol, labels, tumour_labelled=False, meta={"source": str(case_dir)})
+    return Case(ref.case_id, vol, labels, tumour_labelled=False)
 
 
 # ---------------------------------------------------------------- LiTS: volume-N.nii.gz + segmentation-N.nii.gz
@@ -121,7 +121,7 @@ def _load_lits(ref: CaseRef) -> Case:
     if bad.size:
         raise DatasetError(f"{seg_path}: unexpected label values {bad.tolist()} (LiTS uses 0, 1, 2)")
     volume = CtVolume(hu=hu.astype(np.float32), spacing=spacing, origin=origin, source=str(vol_path))
-    return Case(ref.case_id, volume, lab.astype(np.uint8), tumour_labelled=True, meta={"source": str(vol_path)})
+    return Case(ref.case_id, volume, lab.astype(np.uint8), tumour_labelled=True)
 
 
 # ---------------------------------------------------------------- DICOM CT + DICOM SEG, grouped by study
@@ -179,7 +179,7 @@ def _load_dicom(ref: CaseRef) -> Case:
         if m.shape != labels.shape:
             raise DatasetError(f"{seg_path}: segment {seg_no} has shape {m.shape}, CT has {labels.shape}")
         labels[(m > 0) & (labels == 0) | ((m > 0) & (value > LIVER))] = value
-    return Case(ref.case_id, vol, labels, tumour_labelled=len(numbers) > 1, meta={"source": str(seg_path)})
+    return Case(ref.case_id, vol, labels, tumour_labelled=len(numbers) > 1)
 
 
 _LISTERS = {"chaos": _list_chaos, "lits": _list_lits, "dicom": _list_dicom}

@@ -163,7 +163,7 @@ def split_report(model, loss_fn, split: SplitArrays) -> tuple[list[dict], np.nda
 def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool = False) -> TrainResult:
     """Train on the cases under `data` and write the run folder `out` (see README: Training)."""
     t0 = time.monotonic()
-    sm, tf = import_tf()
+    _, tf = import_tf()
     tf.keras.utils.set_random_seed(cfg.split.seed)
     out.mkdir(parents=True, exist_ok=True)
     spec = spec_from_config(cfg.preprocess)
