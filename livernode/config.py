@@ -131,10 +131,30 @@ def _load(model: type[BaseModel], path: Path | None, overrides: dict | None):
 
 
 # ------------------------------------------------------------------------------------------- daemon (serve)
+class ServerTlsConfig(_Strict):
+    """TLS 1.2+ on the C-STORE listener: our certificate and key, and the CA that signs the peers' certificates.
+    With `ca_file` set, a peer without a certificate signed by that CA is refused (mutual authentication)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+
 class NodeConfig(_Strict):
     ae_title: str = Field("LIVERNODE", min_length=1, max_length=16)
     bind: str = "0.0.0.0"
     port: int | None = Field(11112, ge=0, le=65535, description="None: no C-STORE listener (folder mode only)")
+    allowed_calling_ae_titles: tuple[str, ...] = Field(
+        (), description="empty: any calling AE title; otherwise only these may associate")
+    require_called_ae_title: bool = Field(True, description="refuse associations not addressed to ae_title")
+    tls: ServerTlsConfig | None = None
+
+    @model_validator(mode="after")
+    def _titles(self) -> "NodeConfig":
+        for t in self.allowed_calling_ae_titles:
+            if not 0 < len(t.strip()) <= 16:
+                raise ValueError(f"allowed calling AE title {t!r} must have 1 to 16 characters")
+        return self
 
 
 class PathsConfig(_Strict):

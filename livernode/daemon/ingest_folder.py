@@ -80,13 +80,25 @@ class FolderIngest:
         except InputError as exc:
             self._reject(path, str(exc))
             return None
-        stored, new = self.spool.store(study, series, sop, path.read_bytes())
+        data = path.read_bytes()
+        if not self.spool.has_room(len(data)):
+            self._waiting(path, "free space below the threshold")
+            return None
+        try:
+            stored, new = self.spool.store(study, series, sop, data)
+        except OSError as exc:  # the file stays where it is and is taken once the disk has room again
+            self._waiting(path, f"cannot store it ({exc})")
+            return None
         self.store.add_instance(sop, study, series, str(ds.SOPClassUID), str(stored))
         path.unlink()
         if new:
             self.metrics.instances_received.labels("folder").inc()
             self.audit.write("instance_received", sop_instance_uid=sop, study_instance_uid=study, source="folder")
         return study if new else None
+
+    def _waiting(self, path: Path, reason: str) -> None:
+        log.error("leaving %s in the watched folder for now: %s", path.name, reason)
+        self._sizes[path] = (path.stat().st_size, time.monotonic())  # looked at again after the settle time
 
     def _reject(self, path: Path, reason: str) -> None:
         target = self.rejected / f"{int(time.time())}-{os.getpid()}-{path.name}"

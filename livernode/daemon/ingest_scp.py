@@ -4,8 +4,9 @@ later, from the spool. Only what is on disk and in the index is ever acknowledge
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless,
@@ -13,6 +14,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.spool import InvalidUID, Spool, check_uid
@@ -26,6 +28,39 @@ TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExp
                      RLELossless]
 STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 SUCCESS, OUT_OF_RESOURCES, DATA_SET_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, except that the TLS handshake happens in the connection's own thread, with a
+    time limit, and a failed handshake is reported. (pynetdicom shakes hands in the accept loop, where one peer
+    that connects and stays silent would hold every other peer off.)"""
+
+    tls: ssl.SSLContext | None = None
+    on_tls_failure: Callable[[tuple, Exception], None] = staticmethod(lambda address, exc: None)
+
+    def process_request_thread(self, request, client_address) -> None:
+        if self.tls is not None:
+            try:
+                request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+                request = self.tls.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except OSError as exc:  # ssl.SSLError, a timeout, or the peer hanging up
+                self.on_tls_failure(client_address, exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+def server_tls_context(cert_file, key_file, ca_file=None) -> ssl.SSLContext:
+    """TLS 1.2+ for the listener; with `ca_file`, peers must present a certificate signed by that CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    if ca_file is not None:
+        ctx.load_verify_locations(cafile=str(ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 class StoreSCP:
@@ -33,13 +68,17 @@ class StoreSCP:
 
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, store: Store,
                  on_stored: Callable[[str], None] | None = None, metrics: Metrics | None = None,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, *, allowed_calling: Sequence[str] = (),
+                 require_called: bool = True, tls: ssl.SSLContext | None = None) -> None:
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = 0  # no limit: fewer PDUs per instance
+        self.ae.require_calling_aet = [t.strip() for t in allowed_calling]
+        self.ae.require_called_aet = require_called
         self.ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self.host, self.port = host, port
+        self.tls = tls
         self.spool, self.store = spool, store
         self.on_stored = on_stored
         self.server = None
@@ -50,24 +89,57 @@ class StoreSCP:
     def start(self) -> None:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected)]
-        self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
-        self.port = self.server.server_address[1]
-        log.info("C-STORE SCP %s listening on %s:%d", self.ae.ae_title, self.host, self.port)
+        server = self.ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=_Server)
+        server.tls, server.on_tls_failure = self.tls, self._on_tls_failure
+        self.ae._servers.append(server)  # as pynetdicom's start_server does: its shutdown() removes it again
+        threading.Thread(target=server.serve_forever, name=f"scp-{self.ae.ae_title}", daemon=True).start()
+        self.server = server
+        self.port = server.server_address[1]
+        log.info("C-STORE SCP %s listening on %s:%d%s", self.ae.ae_title, self.host, self.port,
+                 " (TLS)" if self.tls else "")
 
     def stop(self) -> None:
         """Stop accepting associations; safe to call from several threads and more than once."""
         with self._lock:
             server, self.server = self.server, None
         if server is not None:
-            server.shutdown()
+            server.shutdown()  # also closes the listening socket
 
     def _on_accepted(self, event) -> None:
         r = event.assoc.requestor
-        self.audit.write("association_accepted", calling_ae=r.ae_title, address=r.address)
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        subject = ""
+        if isinstance(sock, ssl.SSLSocket):
+            cert = sock.getpeercert() or {}
+            subject = ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+        self.audit.write("association_accepted", calling_ae=r.ae_title, called_ae=self._called(event),
+                         address=r.address, tls=bool(sock is not None and isinstance(sock, ssl.SSLSocket)),
+                         peer_certificate=subject)
+
+    @staticmethod
+    def _called(event) -> str:
+        primitive = event.assoc.requestor.primitive
+        return str(getattr(primitive, "called_ae_title", "") or "").strip()
 
     def _on_rejected(self, event) -> None:
         r = event.assoc.requestor
-        self.audit.write("association_rejected", calling_ae=r.ae_title, address=r.address)
+        called, calling = self._called(event), str(r.ae_title).strip()
+        if self.ae.require_calling_aet and calling not in self.ae.require_calling_aet:
+            kind, reason = "calling AE title", f"calling AE title {calling!r} is not on the allow-list"
+        elif self.ae.require_called_aet and called != self.ae.ae_title.strip():
+            kind, reason = "called AE title", f"called AE title {called!r} is not ours ({self.ae.ae_title})"
+        else:
+            kind, reason = "association limit", "too many associations"
+        log.warning("association from %s (%s) refused: %s", r.address, calling, reason)
+        self.metrics.associations_rejected.labels(kind).inc()
+        self.audit.write("association_rejected", calling_ae=calling, called_ae=called, address=r.address,
+                         reason=reason)
+
+    def _on_tls_failure(self, address: tuple, exc: Exception) -> None:
+        reason = f"TLS handshake failed: {type(exc).__name__}: {exc}"
+        log.warning("connection from %s refused: %s", address[0], reason)
+        self.metrics.associations_rejected.labels("tls").inc()
+        self.audit.write("connection_refused", address=address[0], port=address[1], reason=reason)
 
     def _refuse(self, status: int, reason: str, sop_uid: str, peer: str) -> int:
         self.metrics.instances_rejected.labels(reason).inc()
@@ -100,9 +172,13 @@ class StoreSCP:
             log.error("refusing %s from %s: dataset UIDs do not match the C-STORE request", sop_uid, peer)
             return self._refuse(DATA_SET_MISMATCH, "dataset does not match request", sop_uid, peer)
         data = event.encoded_dataset(include_meta=True)
-        with self._lock:  # one writer at a time keeps "store once" exact across associations
-            path, new = self.spool.store(study, series, sop_uid, data)
-            self.store.add_instance(sop_uid, study, series, str(req.AffectedSOPClassUID), str(path))
+        try:
+            with self._lock:  # one writer at a time keeps "store once" exact across associations
+                path, new = self.spool.store(study, series, sop_uid, data)
+                self.store.add_instance(sop_uid, study, series, str(req.AffectedSOPClassUID), str(path))
+        except OSError as exc:  # disk full or failing: nothing partial is left, and the peer may retry
+            log.error("refusing %s from %s: cannot store it (%s)", sop_uid, peer, exc)
+            return self._refuse(OUT_OF_RESOURCES, "write failed", sop_uid, peer)
         if new:
             log.debug("stored %s", sop_uid)
             self.metrics.instances_received.labels("c-store").inc()

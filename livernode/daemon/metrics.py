@@ -24,6 +24,8 @@ class Metrics:
                                           ["source"], registry=r)
         self.instances_rejected = Counter("livernode_instances_rejected", "Instances refused or rejected",
                                           ["reason"], registry=r)
+        self.associations_rejected = Counter("livernode_associations_rejected",
+                                             "Associations or connections refused", ["reason"], registry=r)
         self.studies = Gauge("livernode_studies", "Studies by state", ["state"], registry=r)
         self.stage_seconds = Histogram("livernode_stage_seconds", "Pipeline stage duration", ["stage"],
                                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)

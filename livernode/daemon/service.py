@@ -10,7 +10,7 @@ from pathlib import Path
 
 from livernode.config import DaemonConfig
 from livernode.daemon.ingest_folder import FolderIngest
-from livernode.daemon.ingest_scp import StoreSCP
+from livernode.daemon.ingest_scp import StoreSCP, server_tls_context
 from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.pipeline import process_files
 from livernode.daemon.sdnotify import Notifier
@@ -45,8 +45,11 @@ class Service:
         self.http = None
         self.scp = None
         if cfg.node.port is not None:
-            self.scp = StoreSCP(cfg.node.ae_title, cfg.node.bind, cfg.node.port, self.spool, self.store,
-                                metrics=self.metrics, audit=self.audit)
+            node = cfg.node
+            tls = server_tls_context(node.tls.cert_file, node.tls.key_file, node.tls.ca_file) if node.tls else None
+            self.scp = StoreSCP(node.ae_title, node.bind, node.port, self.spool, self.store, metrics=self.metrics,
+                                audit=self.audit, allowed_calling=node.allowed_calling_ae_titles,
+                                require_called=node.require_called_ae_title, tls=tls)
         self.folder = None
         if cfg.paths.watch is not None:
             self.folder = FolderIngest(cfg.paths.watch, self.spool, self.store, state / "rejected",
