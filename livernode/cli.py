@@ -240,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # per-association and per-module chatter from the libraries
         for name in ("pynetdicom", "highdicom", "tf2onnx"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # pydicom warns about every non-conforming value and quotes it in full: unbounded log lines that can
+        # carry patient data. Our own checks name the file and the reason instead.
+        import warnings
+
+        import pydicom.config
+
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="pydicom")
     try:
         return int(args.func(args) or 0)
     except LivernodeError as exc:

@@ -72,3 +72,14 @@ def exported(trained_run):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "argmax agreement" in r.stdout
     return out
+
+
+@pytest.fixture()
+def pacs(tmp_path):
+    """dcmtk storescp as the PACS stand-in on a free port: (port, folder it writes to)."""
+    from tests.peers import free_port, start_storescp, stop_process
+
+    port, out = free_port(), tmp_path / "pacs"
+    proc = start_storescp(port, out)
+    yield port, out
+    stop_process(proc)

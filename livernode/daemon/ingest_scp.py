@@ -17,8 +17,10 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 from pynetdicom.transport import ThreadedAssociationServer
 
 from livernode.daemon.metrics import AuditLog, Metrics
-from livernode.daemon.spool import InvalidUID, Spool, check_uid
+from livernode.daemon.spool import UID_RE, InvalidUID, Spool, check_uid
 from livernode.daemon.store import Store
+from livernode.errors import InputError
+from livernode.imaging.dicomio import check_dataset
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,8 @@ class StoreSCP:
 
     def start(self) -> None:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
-                    (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected)]
+                    (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_ABORTED, self._on_aborted)]
         server = self.ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=_Server)
         server.tls, server.on_tls_failure = self.tls, self._on_tls_failure
         self.ae._servers.append(server)  # as pynetdicom's start_server does: its shutdown() removes it again
@@ -135,6 +138,13 @@ class StoreSCP:
         self.audit.write("association_rejected", calling_ae=calling, called_ae=called, address=r.address,
                          reason=reason)
 
+    def _on_aborted(self, event) -> None:
+        """A-ABORT either way: the peer gave up, or pynetdicom refused an invalid message. An instance whose
+        dataset had not fully arrived was never acknowledged and nothing of it is written."""
+        r = event.assoc.requestor
+        log.warning("association with %s (%s) aborted", r.address, r.ae_title)
+        self.audit.write("association_aborted", calling_ae=r.ae_title, address=r.address)
+
     def _on_tls_failure(self, address: tuple, exc: Exception) -> None:
         reason = f"TLS handshake failed: {type(exc).__name__}: {exc}"
         log.warning("connection from %s refused: %s", address[0], reason)
@@ -150,19 +160,24 @@ class StoreSCP:
     def _on_store(self, event) -> int:
         req = event.request
         sop_uid = str(req.AffectedSOPInstanceUID)
+        if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
+            sop_uid = repr(sop_uid)[:80]  # shown quoted and cut short: a peer's bytes never go raw into a log
         peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
         if not self.spool.has_room(len(event.request.DataSet.getvalue()) if event.request.DataSet else 0):
             log.error("refusing %s from %s: free space below the threshold", sop_uid, peer)
             return self._refuse(OUT_OF_RESOURCES, "out of space", sop_uid, peer)
         try:
-            ds = event.dataset
-            study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
             check_uid(sop_uid, "SOP Instance UID")
+            ds = check_dataset(event.dataset, f"instance {sop_uid}", transfer_syntax=event.context.transfer_syntax)
+            study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
             check_uid(study, "Study Instance UID")
             check_uid(series, "Series Instance UID")
         except InvalidUID as exc:
             log.error("refusing an instance from %s: %s", peer, exc)
             return self._refuse(CANNOT_UNDERSTAND, "invalid UID", sop_uid, peer)
+        except InputError as exc:
+            log.error("refusing it from %s: %s", peer, exc)
+            return self._refuse(CANNOT_UNDERSTAND, "malformed", sop_uid, peer)
         except Exception as exc:  # the peer's bytes do not decode as a dataset
             log.error("refusing %s from %s: cannot parse the dataset (%s: %s)", sop_uid, peer,
                       type(exc).__name__, exc)

@@ -21,7 +21,9 @@ class InvalidUID(InputError):
 
 def check_uid(uid: str, what: str = "UID") -> str:
     """Return `uid` if it is a valid DICOM UID; InvalidUID naming it otherwise."""
-    if not isinstance(uid, str) or not uid or len(uid) > 64 or not UID_RE.match(uid):
+    if isinstance(uid, str) and not uid:
+        raise InvalidUID(f"{what} is missing")
+    if not isinstance(uid, str) or len(uid) > 64 or not UID_RE.match(uid):
         shown = repr(uid)[:80]
         raise InvalidUID(f"{what} {shown} is not a valid DICOM UID (digits and dots, at most 64 characters)")
     return uid

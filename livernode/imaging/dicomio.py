@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from livernode.errors import InputError, SeriesRejected
 from livernode.imaging.preprocess import to_hu
@@ -26,23 +25,51 @@ SPACING_TOLERANCE = 0.1  # relative deviation of one slice step from the median 
 
 
 def read_dataset(path: Path, *, pixels: bool = True) -> pydicom.Dataset:
-    """Read one DICOM file; InputError naming the file if it is not readable DICOM."""
+    """Read one DICOM file; InputError naming the file if it is not readable DICOM (see `check_dataset`)."""
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as exc:
+    except Exception as exc:  # pydicom raises many types for broken input; all mean the same to the caller
         raise InputError(f"{path}: not readable DICOM ({type(exc).__name__}: {exc})") from None
-    if pixels and ("Rows" in ds or ds.get("SOPClassUID") in IMAGE_SOP_CLASSES):
-        _check_pixel_data(ds, path)
+    return check_dataset(ds, str(path), pixels=pixels)
+
+
+def check_dataset(ds: pydicom.Dataset, source: str, *, pixels: bool = True,
+                  transfer_syntax: str | None = None) -> pydicom.Dataset:
+    """Decode every top-level element now, so a malformed value (a length that runs past the end, an Integer
+    String '1A') fails here with `source` named rather than later, deep in the pipeline; and refuse an image
+    whose pixel data is shorter than its header says. `transfer_syntax` for a dataset received over the network
+    (no file meta). Returns `ds`; InputError otherwise."""
+    try:
+        for tag in list(ds.keys()):
+            _check_declared_length(ds.get_item(tag), source)
+            ds[tag]  # noqa: B018 - converts the raw element now
+        if pixels and ("Rows" in ds or ds.get("SOPClassUID") in IMAGE_SOP_CLASSES):
+            ts = pydicom.uid.UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
+            _check_pixel_data(ds, source, ts)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{source}: not readable DICOM ({type(exc).__name__}: {exc})") from None
     return ds
 
 
-def _check_pixel_data(ds: pydicom.Dataset, path: Path) -> None:
+def _check_declared_length(raw, path: str) -> None:
+    """pydicom stops quietly at the end of the file; an element holding fewer bytes than it declares is an error."""
+    length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+    if length is None or length == 0xFFFFFFFF or not isinstance(value, bytes | bytearray):
+        return
+    if len(value) < length:
+        raise InputError(f"{path}: element {raw.tag} declares {length} bytes but the file ends after {len(value)} "
+                         "(truncated or a wrong length)")
+
+
+def _check_pixel_data(ds: pydicom.Dataset, path: str, transfer_syntax: pydicom.uid.UID) -> None:
     """pydicom reads a truncated file without complaint; an image without all of its pixel data is an error."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise InputError(f"{path}: image without pixel data (truncated file?)")
     if "Rows" not in ds or "Columns" not in ds:
         raise InputError(f"{path}: image without Rows/Columns (truncated file?)")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in ds:
+    if not transfer_syntax.is_compressed and "PixelData" in ds:
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         bits = int(getattr(ds, "BitsAllocated", 16))
         expected = ds.Rows * ds.Columns * int(getattr(ds, "SamplesPerPixel", 1)) * frames * bits // 8

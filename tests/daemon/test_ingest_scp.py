@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import time
 
 import pydicom
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from livernode.daemon.ingest_scp import StoreSCP
 from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
+from tests.peers import RawClient, encoded
 
 ENV = dict(os.environ, TCP_NODELAY="1")
 
@@ -70,48 +70,17 @@ def test_out_of_space_answers_a700_and_writes_nothing(tmp_path, synth_dirs):
         server.stop()
 
 
-def _send_raw(port, payload: bytes, sop_instance_uid: str) -> int:
-    """A C-STORE whose request UIDs and dataset bytes are chosen independently (what a broken peer can send)."""
-    from io import BytesIO
-
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.sop_class import CTImageStorage
-
-    ae = AE(ae_title="TESTSCU")
-    ae.dimse_timeout = 20
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="LIVERNODE")
-    assert assoc.is_established
-    # Pause the association's reactor as pynetdicom's own send_c_store() does; otherwise the reactor can take
-    # the response off the queue first and this client waits for nothing.
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+def _send_raw(port, payload: bytes, sop_instance_uid: str) -> int | None:
+    client = RawClient(port)
     try:
-        req = C_STORE()
-        req.MessageID, req.Priority = 1, 2
-        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, sop_instance_uid
-        req.DataSet = BytesIO(payload)
-        assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
-        assert rsp is not None, f"no C-STORE response (aborted: {assoc.is_aborted})"
-        return rsp.Status
+        return client.store(payload, sop_instance_uid)
     finally:
-        assoc._reactor_checkpoint.set()
-        assoc.release()
-
-
-def _encoded(ds) -> bytes:
-    from pynetdicom.dsutils import encode
-
-    return encode(ds, False, True)
+        client.close()
 
 
 def test_dataset_not_matching_the_request_gets_a900(scp, synth_dirs, tmp_path, caplog):
     ds = pydicom.dcmread(sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0])
-    assert _send_raw(scp.port, _encoded(ds), "1.2.3.4.5.6.7") == 0xA900
+    assert _send_raw(scp.port, encoded(ds), "1.2.3.4.5.6.7") == 0xA900
     assert "do not match the C-STORE request" in caplog.text and "1.2.3.4.5.6.7" in caplog.text
     assert not list(scp.spool.instances.rglob("*.dcm"))
 
@@ -120,7 +89,7 @@ def test_unparseable_dataset_and_invalid_uid_get_c000(scp, synth_dirs, tmp_path,
     src = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0]
     ds = pydicom.dcmread(src)
     ds.StudyInstanceUID = "1.2.3/../../etc"
-    assert _send_raw(scp.port, _encoded(ds), str(ds.SOPInstanceUID)) == 0xC000
+    assert _send_raw(scp.port, encoded(ds), str(ds.SOPInstanceUID)) == 0xC000
     assert "not a valid DICOM UID" in caplog.text
     garbage = b"\x08\x00\x16\x00UI\xff\xff" + b"\xff" * 64  # an element whose length runs past the end
     assert _send_raw(scp.port, garbage, "1.2.3.4.5.6.8") == 0xC000

@@ -2,13 +2,9 @@
 and the same through the watched folder."""
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import highdicom as hd
@@ -16,64 +12,14 @@ import numpy as np
 import pydicom
 import pytest
 
+from tests import peers
+from tests.peers import ENV, free_port, stop_node, wait_for, wait_port
+
 pytestmark = pytest.mark.slow
-ENV = dict(os.environ, TCP_NODELAY="1", TF_CPP_MIN_LOG_LEVEL="3")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def wait_port(port: int, proc, timeout: float = 60) -> None:
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-    wait_for(up, timeout, f"port {port}")
-
-
-@pytest.fixture()
-def pacs(tmp_path):
-    """dcmtk storescp accepting SEG and SR, writing what it receives to a folder."""
-    port, out = free_port(), tmp_path / "pacs"
-    out.mkdir()
-    proc = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(out), str(port)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_port(port, proc)
-    yield port, out
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def start_node(tmp_path, model, *args):
-    proc = subprocess.Popen([sys.executable, "-m", "livernode.cli", "serve", "--model", str(model), "--providers",
-                             "cpu", "--state", str(tmp_path / "state"), "--study-timeout", "1", "--metrics-port", "0", *args],
-                            env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc
-
-
-def stop_node(proc) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return err
+    return peers.start_node(tmp_path / "state", model, *args)
 
 
 def received(out: Path):
@@ -161,40 +107,3 @@ def test_watched_folder_in_results_out(tmp_path, exported, trained_run):
     reasons = list(rejected.glob("*.reason"))
     assert len(reasons) == 1 and "notes.txt" in reasons[0].read_text(), err
     assert not list(watch.rglob("*.dcm"))  # every instance was taken into the spool
-
-
-def test_sigkill_while_half_received_then_processed_exactly_once(tmp_path, exported, trained_run, pacs):
-    root, _ = trained_run
-    pacs_port, pacs_out = pacs
-    port = free_port()
-    args = ("--port", str(port), "--destination", f"PACS@127.0.0.1:{pacs_port}")
-    study = root / "data" / "case_001"
-    files = sorted((study / "ct").glob("*.dcm"))
-    half = len(files) // 2
-
-    def storescu(batch):
-        r = subprocess.run(["/usr/bin/storescu", "-aec", "LIVERNODE", "127.0.0.1", str(port), *map(str, batch)],
-                           capture_output=True, text=True, env=ENV, timeout=120)
-        assert r.returncode == 0, r.stderr
-
-    node = start_node(tmp_path, exported, *args[:2], *args[2:], "--study-timeout", "6")
-    wait_port(port, node)
-    storescu(files[:half])  # acknowledged ...
-    node.send_signal(signal.SIGKILL)  # ... then the node dies without any chance to clean up
-    node.wait(timeout=10)
-    node = start_node(tmp_path, exported, *args, "--study-timeout", "6")
-    try:
-        wait_port(port, node)
-        storescu(files[half:])
-        got = wait_for(lambda: received(pacs_out), 180, "SEG and SR at the PACS")
-        time.sleep(8)  # longer than the quiet period: a second processing would deliver again
-    finally:
-        stop_node(node)
-    assert len([p for p in pacs_out.iterdir() if p.is_file()]) == 2  # processed and delivered exactly once
-    seg = hd.seg.segread(next(f for f in got if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SEG"))
-    referenced = {str(u[2]) for u in seg.get_source_image_uids()}
-    assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
-    stored = list((tmp_path / "state" / "spool" / "instances").rglob("*.dcm"))
-    assert len(stored) == len(files)  # every acknowledged instance is on disk, byte-identical
-    originals = sorted(pydicom.dcmread(f).PixelData for f in files)
-    assert sorted(pydicom.dcmread(p).PixelData for p in stored) == originals
