@@ -97,8 +97,8 @@ class FolderIngest:
         return study if new else None
 
     def _waiting(self, path: Path, reason: str) -> None:
+        """Leave the file in place; the next scans see it as new and take it once it has settled again."""
         log.error("leaving %s in the watched folder for now: %s", path.name, reason)
-        self._sizes[path] = (path.stat().st_size, time.monotonic())  # looked at again after the settle time
 
     def _reject(self, path: Path, reason: str) -> None:
         target = self.rejected / f"{int(time.time())}-{os.getpid()}-{path.name}"
