@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 
 from livernode.errors import SeriesRejected
-from livernode.imaging.dicomio import CT_IMAGE_STORAGE, order_slices, slice_normal
+from livernode.imaging.dicomio import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, order_slices, slice_normal
 
 log = logging.getLogger(__name__)
 AXIAL_TOLERANCE_DEG = 10.0
@@ -49,6 +49,10 @@ def _judge(uid: str, items: Sequence[tuple[str, pydicom.Dataset]]) -> SeriesDeci
     if modality != "CT":
         return SeriesDecision(**base, accepted=False, reason=f"modality {modality or 'missing'}, not CT")
     classes = {str(ds.SOPClassUID) for _, ds in items}
+    if ENHANCED_CT_IMAGE_STORAGE in classes:
+        return SeriesDecision(**base, accepted=False,
+                              reason="multi-frame Enhanced CT is not supported yet: have the modality or PACS send "
+                                     "this series as CT Image Storage (one instance per slice)")
     if classes != {CT_IMAGE_STORAGE}:
         return SeriesDecision(**base, accepted=False, reason=f"SOP classes {sorted(classes)}: not CT Image Storage")
     iop = getattr(ref, "ImageOrientationPatient", None)
