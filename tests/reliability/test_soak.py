@@ -1,0 +1,98 @@
+"""Soak: studies and associations back to back for a few minutes against `livernode serve` (configured from a
+TOML file with an AE allow-list). Resident memory and open file descriptors of the node must stay flat.
+
+LIVERNODE_SOAK_S sets the duration (default 150 s)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from livernode.imaging.synth import synthesize
+from tests.peers import ENV, free_port, start_node, stop_node, storescu, wait_for, wait_port
+
+pytestmark = pytest.mark.slow
+SOAK_S = float(os.environ.get("LIVERNODE_SOAK_S", "150"))
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _restamp(files: list[Path], out: Path) -> list[Path]:
+    """The same slices as a new study: new Study, Series and SOP Instance UIDs."""
+    out.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / f"{i}.dcm", enforce_file_format=True)
+        paths.append(out / f"{i}.dcm")
+    return paths
+
+
+def _window(samples: list[tuple[float, int, int]], start: float, end: float, index: int, how=statistics.median):
+    chosen = [s[index] for s in samples if start <= s[0] <= end]
+    assert len(chosen) >= 3, f"too few samples between {start:.0%} and {end:.0%}"
+    return how(chosen)
+
+
+def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure):
+    pacs_port, pacs_out = pacs
+    port = free_port()
+    config = tmp_path / "livernode.toml"
+    config.write_text(f'[node]\nallowed_calling_ae_titles = ["STORESCU", "ECHOSCU"]\n'
+                      f'[study]\nquiet_seconds = 0.3\n[send]\ndestinations = ["PACS@127.0.0.1:{pacs_port}"]\n')
+    synthesize(tmp_path / "src", cases=1, slices=10, size=64, seed=5, layout="dicom")
+    template = sorted((tmp_path / "src" / "case_000" / "ct").glob("*.dcm"))
+    node = start_node(tmp_path / "state", exported, "--config", str(config), "--port", str(port),
+                      "--study-timeout", "0.3")
+    samples: list[tuple[float, int, int]] = []
+    studies = associations = 0
+    try:
+        wait_port(port, node)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < SOAK_S:
+            files = _restamp(template, tmp_path / "studies" / str(studies))
+            storescu(port, files)
+            r = subprocess.run(["/usr/bin/echoscu", "-aec", "LIVERNODE", "127.0.0.1", str(port)], env=ENV,
+                               capture_output=True, timeout=30)
+            assert r.returncode == 0
+            studies += 1
+            associations += 2
+            wait_for(lambda: len(list(pacs_out.iterdir())) >= 2 * studies, 60, f"study {studies} delivered", 0.05)
+            samples.append(((time.monotonic() - t0) / SOAK_S, _rss_kib(node.pid), _fds(node.pid)))
+        err = ""
+    finally:
+        err = stop_node(node)
+    assert "Traceback" not in err, err[-3000:]
+    rss_start, rss_end = _window(samples, 0.25, 0.40, 1), _window(samples, 0.85, 1.0, 1)
+    # Descriptors: the floor of each window. A leak raises the floor; an association still closing does not.
+    fd_start, fd_end = _window(samples, 0.25, 0.40, 2, min), _window(samples, 0.85, 1.0, 2, min)
+    rss_growth, fd_growth = rss_end / rss_start - 1, fd_end / fd_start - 1
+    figure("duration_s", SOAK_S)
+    figure("studies", studies)
+    figure("associations", associations)
+    figure("rss_mib_after_warmup_and_at_end", [round(rss_start / 1024, 1), round(rss_end / 1024, 1)])
+    figure("rss_growth_percent", round(100 * rss_growth, 2))
+    figure("open_fds_floor_after_warmup_and_at_end", [fd_start, fd_end])
+    figure("open_fds_max", max(s[2] for s in samples))
+    assert studies >= 20
+    assert rss_growth < 0.05, f"RSS grew {100 * rss_growth:.1f} % ({rss_start} -> {rss_end} KiB)"
+    assert fd_growth < 0.05, f"open descriptors grew {fd_start} -> {fd_end}"
