@@ -21,27 +21,31 @@ ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 IMAGE_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE})
 MAX_TILT_DEG = 0.5
+DEFER_BYTES = 1 << 20  # values larger than this are read from the file only once their length is checked
 SPACING_TOLERANCE = 0.1  # relative deviation of one slice step from the median step
 
 
 def read_dataset(path: Path, *, pixels: bool = True) -> pydicom.Dataset:
     """Read one DICOM file; InputError naming the file if it is not readable DICOM (see `check_dataset`)."""
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
+        size = Path(path).stat().st_size
+        # Large values are read only after their declared length has been checked against the file's size:
+        # otherwise a header claiming 2 GiB of pixel data makes the reader allocate 2 GiB.
+        ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, defer_size=DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types for broken input; all mean the same to the caller
         raise InputError(f"{path}: not readable DICOM ({type(exc).__name__}: {exc})") from None
-    return check_dataset(ds, str(path), pixels=pixels)
+    return check_dataset(ds, str(path), pixels=pixels, file_size=size)
 
 
 def check_dataset(ds: pydicom.Dataset, source: str, *, pixels: bool = True,
-                  transfer_syntax: str | None = None) -> pydicom.Dataset:
+                  transfer_syntax: str | None = None, file_size: int | None = None) -> pydicom.Dataset:
     """Decode every top-level element now, so a malformed value (a length that runs past the end, an Integer
     String '1A') fails here with `source` named rather than later, deep in the pipeline; and refuse an image
     whose pixel data is shorter than its header says. `transfer_syntax` for a dataset received over the network
     (no file meta). Returns `ds`; InputError otherwise."""
     try:
         for tag in list(ds.keys()):
-            _check_declared_length(ds.get_item(tag), source)
+            _check_declared_length(ds.get_item(tag, keep_deferred=True), source, file_size)
             ds[tag]  # noqa: B018 - converts the raw element now
         if pixels and ("Rows" in ds or ds.get("SOPClassUID") in IMAGE_SOP_CLASSES):
             ts = pydicom.uid.UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
@@ -53,12 +57,18 @@ def check_dataset(ds: pydicom.Dataset, source: str, *, pixels: bool = True,
     return ds
 
 
-def _check_declared_length(raw, path: str) -> None:
-    """pydicom stops quietly at the end of the file; an element holding fewer bytes than it declares is an error."""
+def _check_declared_length(raw, path: str, file_size: int | None = None) -> None:
+    """pydicom stops quietly at the end of the data; an element holding fewer bytes than it declares is an error.
+    A value left unread (deferred) is checked against the file's size before anything reads it."""
     length, value = getattr(raw, "length", None), getattr(raw, "value", None)
-    if length is None or length == 0xFFFFFFFF or not isinstance(value, bytes | bytearray):
+    if length is None or length == 0xFFFFFFFF:
         return
-    if len(value) < length:
+    if value is None and file_size is not None and getattr(raw, "value_tell", None) is not None:
+        available = file_size - raw.value_tell
+        if length > available:
+            raise InputError(f"{path}: element {raw.tag} declares {length} bytes but the file ends after "
+                             f"{max(available, 0)} (truncated or a wrong length)")
+    elif isinstance(value, bytes | bytearray) and len(value) < length:
         raise InputError(f"{path}: element {raw.tag} declares {length} bytes but the file ends after {len(value)} "
                          "(truncated or a wrong length)")
 
