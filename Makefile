@@ -7,7 +7,7 @@ ORT_GPU  := onnxruntime-gpu==1.32.0
 DEB_PKGS := dcmtk dicom3tools orthanc
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu deb-deps demo test test-fast bench lock clean
+.PHONY: setup setup-gpu deb-deps demo test test-fast bench gpu-wheels lock clean
 
 setup: $(STAMP)
 
@@ -46,8 +46,20 @@ test: setup deb-deps
 test-fast: setup deb-deps
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
+bench: setup deb-deps
 	$(BIN)/python bench/run.py
+
+# Everything bench/gpu.sh installs on a GPU machine without internet (run this where there is internet):
+# the CUDA build of ONNX Runtime, the CUDA and cuDNN runtime wheels, and livernode's base dependencies at the
+# locked versions except the CPU build of ONNX Runtime (the two must never share an environment).
+GPU_WHEELS := $(ORT_GPU) nvidia-cudnn-cu12 nvidia-cublas-cu12 nvidia-cuda-runtime-cu12 nvidia-cufft-cu12 \
+              nvidia-curand-cu12 nvidia-cuda-nvrtc-cu12
+gpu-wheels: setup
+	$(BIN)/pip download --quiet -d bench/wheels $(GPU_WHEELS)
+	grep -v '^onnxruntime==' constraints.txt > bench/wheels/constraints-gpu.txt
+	$(BIN)/pip download --quiet -d bench/wheels -c bench/wheels/constraints-gpu.txt \
+	  numpy scipy pydicom pynetdicom highdicom watchdog opencv-python-headless pydantic tqdm prometheus-client \
+	  python-gdcm pylibjpeg pylibjpeg-openjpeg pyjpegls onnx setuptools wheel
 
 # Refresh the lock from the current environment after a deliberate upgrade.
 lock: setup

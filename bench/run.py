@@ -1,119 +1,116 @@
-"""`make bench`: model speed, ONNX Runtime against the same network in Keras (tf.function), in one run.
-
-Prints a table and writes bench/results.json. Figures are ratios against a peer measured in the same run:
-- ms per slice at 256 and 512 px, batch 1 and 8: ONNX Runtime vs Keras (speed-up = Keras / ORT);
-- achieved GFLOP/s of ORT against a ceiling measured now (a 2048x2048 float32 matmul in ORT);
-- the model's FLOPs counted from the ONNX graph (Conv and matmul-like nodes; 2 FLOPs per multiply-add).
-The benchmark model is built untrained (speed does not depend on the weights) and exported by the real exporter.
-"""
+"""`make bench`: one table of livernode against a peer measured in the same run, also written as
+bench/results.json. Parts: model speed (bench/model_speed.py), ingest (bench/ingest.py), end to end, memory and
+scaling (bench/pipeline.py), and the GPU script (bench/gpu.py) exercised on the CPU when there is no GPU."""
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-REPEATS = {1: 6, 8: 3}
-SIZES = (256, 512)
+from bench import ingest, model_speed, pipeline  # noqa: E402
+from bench.common import ENV, PY, REPO, log, stacked_study  # noqa: E402
 
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (graph tracing, allocation)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+WORK = REPO / "bench" / "work"
 
 
-def conv_flops(model_path: Path, size: int) -> float:
-    """Multiply-adds x 2 of every Conv in the graph for one size x size slice, from shape inference."""
-    import onnx
-    from onnx import shape_inference
-
-    m = onnx.load(str(model_path))
-    inp = m.graph.input[0].type.tensor_type.shape.dim
-    inp[0].dim_value, inp[1].dim_value, inp[2].dim_value = 1, size, size
-    m = shape_inference.infer_shapes(m)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.value_info}
-    shapes.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.output})
-    inits = {i.name: list(i.dims) for i in m.graph.initializer}
-    total = 0.0
-    for node in m.graph.node:
-        if node.op_type == "Conv" and node.input[1] in inits and node.output[0] in shapes:
-            w = inits[node.input[1]]  # (out, in/groups, kh, kw)
-            out = shapes[node.output[0]]  # NCHW inside the converted graph
-            if len(out) == 4 and all(out):
-                total += 2.0 * out[0] * out[1] * out[2] * out[3] * w[1] * w[2] * w[3]
-    return total
+def _row(item, ours, peer, ratio, target, met) -> dict:
+    return {"item": item, "livernode": ours, "peer": peer, "ratio": ratio, "target": target, "met": met}
 
 
-def matmul_ceiling(threads: int) -> float:
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+def table(r: dict) -> list[dict]:
+    rows = []
+    m = r["model"]
+    for x in m["rows"]:
+        rows.append(_row(f"model {x['size']}px batch {x['batch']}: ms/slice, ORT vs Keras tf.function",
+                         f"{x['ort_ms_per_slice']:.0f}", f"{x['keras_ms_per_slice']:.0f}",
+                         f"{x['speedup_vs_keras']:.2f}x", ">= 1.25x", x["speedup_vs_keras"] >= 1.25))
+    for x in m["rows"]:
+        rows.append(_row(f"model {x['size']}px batch {x['batch']}: GFLOP/s vs ORT matmul ceiling "
+                         f"({x['model_gflop_per_slice']:.1f} GFLOP/slice)", f"{x['ort_gflops']:.1f}",
+                         f"{m['matmul_ceiling_gflops']:.1f}", f"{100 * x['fraction_of_matmul_ceiling']:.0f} %",
+                         ">= 80 %", x["fraction_of_matmul_ceiling"] >= 0.8))
+    for x in r["ingest"]:
+        rows.append(_row(f"ingest {x['instances']} x 512^2, {x['associations']} assoc.: instances/s vs storescp",
+                         f"{x['livernode_per_s']:.0f}", f"{x['storescp_per_s']:.0f}",
+                         f"{x['ratio_vs_storescp']:.2f}x", ">= 0.5x", x["ratio_vs_storescp"] >= 0.5))
+    e = r["end_to_end"]
+    rows.append(_row(f"end to end {e['slices']} x 512^2: last ack -> SEG+SR at PACS, s vs pure model",
+                     f"{e['last_ack_to_pacs_s']:.1f}", f"{e['pure_model_s']:.1f}", f"{e['overhead']:.2f}x",
+                     "<= 1.25x", e["overhead"] <= 1.25))
+    mem = r["memory"]
+    rows.append(_row(f"memory {mem['slices']} x 512^2: peak RSS MiB vs int16 volume (+ model)",
+                     f"{mem['peak_rss_bytes'] / 2**20:.0f}",
+                     f"{mem['int16_volume_bytes'] / 2**20:.0f} (+{mem['model_bytes'] / 2**20:.0f})",
+                     f"{mem['ratio_to_volume_plus_model']:.2f}x", "<= 4x", mem["ratio_to_volume_plus_model"] <= 4))
+    sc = r["scaling"]
+    worst = max(x["per_slice_vs_smallest"] for x in sc)
+    rows.append(_row("scaling: ms/slice at " + "/".join(str(x["slices"]) for x in sc) + " slices",
+                     "/".join(f"{x['ms_per_slice']:.0f}" for x in sc), f"{sc[0]['ms_per_slice']:.0f} (100 slices)",
+                     f"{worst:.2f}x", "<= 1.15x (linear)", worst <= 1.15))
+    g = r["gpu_script"]
+    rows.append(_row(f"GPU script on {','.join(g['providers'])} ({g['size']}px): slices/s",
+                     f"{g['slices_per_s']:.1f}", "-", f"{100 * g['fraction_of_ceiling']:.0f} % of matmul",
+                     "runs (GPU: report)", True))
+    return rows
 
-    n = 2048
-    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
-                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    a = np.random.default_rng(0).random((n, n), np.float32)
-    t = _time(lambda: sess.run(None, {"a": a, "b": a}), 5)
-    return 2 * n**3 / t / 1e9
+
+def print_table(rows: list[dict]) -> None:
+    widths = [max(len(str(r[k])) for r in rows + [dict(zip(rows[0], rows[0]))]) for k in rows[0]]
+    heads = ["", "livernode", "peer", "ratio", "target", "met"]
+    widths = [max(w, len(h)) for w, h in zip(widths, heads)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        cells = [r["item"], r["livernode"], r["peer"], r["ratio"], r["target"], "yes" if r["met"] else "NO"]
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
 
 
 def main() -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from livernode.export.onnx_export import _convert
-    from livernode.training.model import build_model, import_tf
+    t0 = time.perf_counter()
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    results: dict = {}
+    log("model speed (builds the untrained benchmark network, ~2 min) ...")
+    results["model"] = model_speed.run(WORK)
+    model = Path(results["model"]["model_256"])
+    from livernode.imaging.synth import synthesize
 
-    _, tf = import_tf()
-    import onnx
-    import onnxruntime as ort
-
-    threads = os.cpu_count() or 1
-    keras_model = build_model("resnet34", 1)
-    path = Path(tempfile.mkdtemp()) / "bench.onnx"
-    onnx.save(_convert(keras_model, 1, fp16=False), str(path))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    keras_fn = tf.function(lambda x: keras_model(x, training=False))
-    ceiling = matmul_ceiling(threads)
-    rows = []
-    for size in SIZES:
-        flops = conv_flops(path, size)
-        for batch in (1, 8):
-            x = np.random.default_rng(1).random((batch, size, size, 1), np.float32)
-            t_ort = _time(lambda: sess.run(None, {"image": x}), REPEATS[batch])
-            t_keras = _time(lambda: keras_fn(tf.constant(x)).numpy(), REPEATS[batch])
-            gflops = flops * batch / t_ort / 1e9
-            rows.append({"size": size, "batch": batch, "ort_ms_per_slice": 1000 * t_ort / batch,
-                         "keras_ms_per_slice": 1000 * t_keras / batch, "speedup_vs_keras": t_keras / t_ort,
-                         "model_gflop_per_slice": flops / 1e9, "ort_gflops": gflops,
-                         "fraction_of_matmul_ceiling": gflops / ceiling})
-            print(f"  measured {size}px batch {batch}", file=sys.stderr, flush=True)
-    head = f"{'size':>5} {'batch':>5} {'ORT ms/slice':>13} {'Keras ms/slice':>15} {'ORT vs Keras':>13} " \
-           f"{'GFLOP/slice':>12} {'ORT GFLOP/s':>12} {'of ceiling':>11}"
-    print(f"\nModel speed (CPU, {threads} threads; matmul ceiling {ceiling:.1f} GFLOP/s, measured now)")
-    print(head)
-    for r in rows:
-        print(f"{r['size']:>5} {r['batch']:>5} {r['ort_ms_per_slice']:>13.1f} {r['keras_ms_per_slice']:>15.1f} "
-              f"{r['speedup_vs_keras']:>12.2f}x {r['model_gflop_per_slice']:>12.2f} {r['ort_gflops']:>12.1f} "
-              f"{100 * r['fraction_of_matmul_ceiling']:>10.0f}%")
-    out = Path(__file__).resolve().parent / "results.json"
-    out.write_text(json.dumps({"threads": threads, "matmul_ceiling_gflops": ceiling, "model": rows}, indent=1))
-    print(f"\nwritten to {out}")
+    synthesize(WORK / "template", cases=1, slices=20, size=512, seed=3, layout="dicom")
+    template = sorted((WORK / "template" / "case_000" / "ct").glob("*.dcm"))
+    study = stacked_study(template, 200, WORK / "study-200")
+    log("ingest ...")
+    results["ingest"] = ingest.run(study, model, WORK)
+    log("end to end ...")
+    results["end_to_end"] = pipeline.end_to_end(study, model, WORK)
+    log("memory ...")
+    results["memory"] = pipeline.memory(template, model, WORK)
+    log("scaling ...")
+    results["scaling"] = pipeline.scaling(template, model, WORK)
+    log("GPU script, exercised on the CPU ...")
+    gpu_out = WORK / "gpu-on-cpu.json"
+    subprocess.run([PY, str(REPO / "bench" / "gpu.py"), "--model", results["model"]["model_512_fp16"],
+                    "--providers", "cpu", "--batch", "2", "--batches", "2", "--study-slices", "20", "--out",
+                    str(gpu_out)], env=ENV, check=True, stdout=subprocess.DEVNULL)
+    results["gpu_script"] = json.loads(gpu_out.read_text())
+    results["table"] = table(results)
+    results["seconds"] = time.perf_counter() - t0
+    threads = results["model"]["threads"]
+    print(f"\nlivernode benchmark ({threads} CPU threads; every peer measured in this run; "
+          f"{results['seconds'] / 60:.1f} min)\n")
+    print_table(results["table"])
+    e = results["end_to_end"]
+    print("\nend-to-end stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in e["stages_s"].items())
+          + f"; quiet period {e['quiet_period_s']} s; sending took {e['send_s']:.1f} s")
+    out = REPO / "bench" / "results.json"
+    out.write_text(json.dumps(results, indent=1, default=str))
+    print(f"written to {out}")
     return 0
 
 

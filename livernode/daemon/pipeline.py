@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from livernode import __version__
@@ -17,7 +19,8 @@ from livernode.daemon.select import select_series
 from livernode.daemon.seg import write_result_seg
 from livernode.daemon.sr import build_sr, write_sr
 from livernode.errors import InputError, SeriesRejected
-from livernode.imaging.dicomio import dicom_files, read_dataset, volume_from_datasets
+from livernode.imaging.dicomio import SliceOrder, dicom_files, hu_of, order_slices, read_dataset
+from livernode.imaging.volume import CtVolume
 from livernode.imaging.segwrite import Algorithm
 from livernode.inference.runner import Segmenter
 
@@ -68,12 +71,12 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
         raise SeriesRejected(f"no readable DICOM files among {len(files)} ({'; '.join(skipped[:3])})")
     series_uid, decisions = select_series(headers)
     lap("select")
-    chosen = [(src, read_dataset(Path(src))) for src, ds in headers if str(ds.SeriesInstanceUID) == series_uid]
-    volume = volume_from_datasets(chosen, series_label=series_uid)
-    by_uid = {str(ds.SOPInstanceUID): ds for _, ds in chosen}
-    source = [by_uid[uid] for uid in volume.sop_instance_uids]
+    chosen = [(src, ds) for src, ds in headers if str(ds.SeriesInstanceUID) == series_uid]
+    order = order_slices(chosen, series_uid)
+    kept = [chosen[i] for i in order.kept]
+    source = [ds for _, ds in kept]  # headers only: the pixels live in the volume below, once
     lap("load")
-    labels = segmenter.segment(volume.hu)
+    volume, labels = _segment(kept, order, segmenter, series_uid)
     lap("infer")
     findings = postprocess(labels, volume.spacing)
     lap("postprocess")
@@ -110,6 +113,28 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
              ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, timings,
                        int(volume.hu.shape[0]))
+
+
+def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segmenter,
+             series_uid: str) -> tuple[CtVolume, np.ndarray]:
+    """Decode the ordered slices into a volume while the network runs on the ones already decoded. Integer HU
+    (slope 1, integer intercept: every CT scanner we know of) are held as int16, otherwise as float32."""
+    ref = kept[0][1]
+    exact = all(float(getattr(ds, "RescaleSlope", 1) or 1) == 1.0 and
+                float(getattr(ds, "RescaleIntercept", 0) or 0).is_integer() for _, ds in kept)
+    dtype = np.int16 if exact else np.float32
+
+    def decode(i: int) -> np.ndarray:
+        src = kept[i][0]
+        hu = hu_of(read_dataset(Path(src)), src)
+        return np.clip(hu, -32768, 32767) if exact else hu
+
+    hu, labels = segmenter.segment_streamed(len(kept), (int(ref.Rows), int(ref.Columns)), decode, dtype)
+    row_sp, col_sp = (float(v) for v in ref.PixelSpacing)
+    volume = CtVolume(hu=hu, spacing=(order.step, row_sp, col_sp), origin=order.origin,
+                      orientation=order.orientation, sop_instance_uids=tuple(str(ds.SOPInstanceUID) for _, ds in kept),
+                      series_instance_uid=series_uid, source=series_uid)
+    return volume, labels
 
 
 def infer_folder(study_dir: Path, model: Path, out_dir: Path, providers: str = "auto") -> StudyResult:

@@ -123,7 +123,7 @@ def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
 
     import_tf()
     try:
-        import onnx
+        import onnx  # noqa: F401 - checked here for a clear message
     except ImportError:
         raise MissingExtra("export needs onnx and tf2onnx: install the 'train' extra") from None
     run = Path(run)
@@ -143,9 +143,17 @@ def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
     if not result.ok:
         raise ExportError(f"{run}: ONNX model disagrees with Keras (max diff {result.max_abs_diff:.3e}, "
                           f"agreement {100 * result.agreement:.4f} %); not written")
+    manifest = make_manifest(model, pre, summary, result, precision)
+    save_with_manifest(model, manifest, Path(out))
+    (run / "parity.json").write_text(json.dumps(result.__dict__, indent=1))
+    return ExportResult(Path(out), manifest, result)
+
+
+def make_manifest(model, pre: dict, summary: dict, result: ParityResult, precision: str) -> Manifest:
+    """Everything inference needs, from the run's preprocessing settings and summary and the parity check."""
     import tf2onnx
 
-    manifest = Manifest(
+    return Manifest(
         input={"name": model.graph.input[0].name, "channels": pre["channels"], "size_multiple": pre["size_multiple"],
                "preferred_size": pre["size"]},
         output={"name": model.graph.output[0].name, "classes": 3},
@@ -166,14 +174,18 @@ def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         weights_sha256=weights_sha256(model),
     )
+
+
+def save_with_manifest(model, manifest: Manifest, out: Path) -> None:
+    """Embed the manifest, check the graph and write `out` atomically."""
+    import onnx
+
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, manifest.to_json()
     model.producer_name, model.producer_version = "livernode", __version__
     onnx.checker.check_model(model)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     onnx.save(model, str(tmp))
     tmp.replace(out)
-    (run / "parity.json").write_text(json.dumps(result.__dict__, indent=1))
-    return ExportResult(out, manifest, result)
+

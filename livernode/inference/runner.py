@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -69,3 +72,53 @@ class Segmenter:
     def segment(self, hu: np.ndarray) -> np.ndarray:
         """(n, rows, cols) HU -> (n, rows, cols) uint8 labels (argmax)."""
         return self.probabilities(hu).argmax(-1).astype(np.uint8)
+
+    def segment_streamed(self, n: int, shape: tuple[int, int], decode: Callable[[int], np.ndarray],
+                         dtype=np.int16) -> tuple[np.ndarray, np.ndarray]:
+        """Decode, infer and restore `n` slices in overlapping stages; returns (HU volume, uint8 labels).
+
+        A reader thread fills the HU volume slice by slice with `decode(i)`; this thread runs the network on each
+        batch as soon as its slices are decoded (ONNX Runtime releases the GIL); a third thread resizes the
+        probabilities back to `shape` and keeps only the argmax. So decoding and restoring overlap inference, and
+        the float probabilities of the whole study are never held at once. `dtype` int16 holds integer HU exactly
+        in half the memory of float32."""
+        hu = np.empty((n, *shape), dtype)
+        labels = np.empty((n, *shape), np.uint8)
+        bs, errors = self.batch_size, []
+        decoded: queue.Queue = queue.Queue()
+        probs: queue.Queue = queue.Queue(maxsize=2)
+
+        def reader() -> None:
+            try:
+                for start in range(0, n, bs):
+                    for i in range(start, min(n, start + bs)):
+                        hu[i] = decode(i)
+                    decoded.put(start)
+            except BaseException as exc:  # handed to the caller below
+                errors.append(exc)
+            finally:
+                decoded.put(None)
+
+        def restorer() -> None:
+            while (item := probs.get()) is not None:
+                start, prob = item
+                try:
+                    labels[start:start + len(prob)] = restore_probabilities(prob, shape).argmax(-1)
+                except BaseException as exc:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=reader, name="decode", daemon=True),
+                   threading.Thread(target=restorer, name="restore", daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            while (start := decoded.get()) is not None:
+                x = prepare_slices(hu[start:start + bs].astype(np.float32), self.spec)
+                probs.put((start, self.session.run(None, {self.input_name: x})[0]))
+        finally:
+            probs.put(None)
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+        return hu, labels

@@ -1,0 +1,94 @@
+"""Helpers shared by the benchmark parts: timing, study fixtures, subprocess peers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+ENV = dict(os.environ, TCP_NODELAY="1", TF_CPP_MIN_LOG_LEVEL="3")
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def best_of(fn, repeats: int, warmup: bool = True) -> float:
+    """The fastest of `repeats` runs of fn() in seconds (after one warm-up run)."""
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def log(msg: str) -> None:
+    print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+def stacked_study(template: list[Path], slices: int, out: Path) -> list[Path]:
+    """A study of `slices` slices built by repeating the template's slices along z (new UIDs, contiguous
+    positions). Speed and memory depend on the slice count and size, not on the anatomy."""
+    out.mkdir(parents=True, exist_ok=True)
+    headers = [pydicom.dcmread(p) for p in template]
+    step = float(headers[1].ImagePositionPatient[2]) - float(headers[0].ImagePositionPatient[2])
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i in range(slices):
+        ds = headers[i % len(headers)]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, float(headers[0].ImagePositionPatient[2]) + i * step]
+        ds.InstanceNumber = i + 1
+        path = out / f"CT{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def storescu(port: int, files: list[Path], parallel: int = 1, called: str = "LIVERNODE") -> float:
+    """Send `files` with dcmtk storescu over `parallel` simultaneous associations; seconds until all are done."""
+    chunks = [files[i::parallel] for i in range(parallel)]
+    t = time.perf_counter()
+    procs = [subprocess.Popen(["/usr/bin/storescu", "-aec", called, "127.0.0.1", str(port), *map(str, chunk)],
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for chunk in chunks]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        if p.returncode:
+            raise RuntimeError(f"storescu failed: {err.decode()[-2000:]}")
+    return time.perf_counter() - t

@@ -1,0 +1,140 @@
+"""Benchmark part 6, GPU: the fp16 model on CUDA (and TensorRT when present) with I/O binding.
+
+Slices per second at 512x512, the end-to-end pipeline on a 500-slice study, and achieved TFLOP/s against the
+card's own matmul ceiling measured in the same run. Runs anywhere: with `--providers cpu` it exercises the same
+code on the CPU (small counts), which is how `make bench` keeps it working on machines without a GPU.
+
+    python bench/gpu.py --model bench/work/bench-512-fp16.onnx --out bench/gpu-results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import stacked_study  # noqa: E402
+from bench.model_speed import conv_flops  # noqa: E402
+
+PROVIDERS = {"auto": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider"], "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+             "cpu": ["CPUExecutionProvider"]}
+
+
+def session(model: Path, choice: str):
+    import onnxruntime as ort
+
+    wanted = [p for p in PROVIDERS[choice] if p in ort.get_available_providers()]
+    if not wanted:
+        raise SystemExit(f"none of {PROVIDERS[choice]} is available (have {ort.get_available_providers()})")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    provider_options = [{"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                         "trt_engine_cache_path": tempfile.gettempdir()} if p == "TensorrtExecutionProvider" else {}
+                        for p in wanted]
+    sess = ort.InferenceSession(str(model), opts, providers=wanted, provider_options=provider_options)
+    return sess, sess.get_providers()
+
+
+def throughput(sess, size: int, batch: int, batches: int) -> float:
+    """Slices per second with the input and output bound on the device (no host copies inside the loop)."""
+    import onnxruntime as ort
+
+    device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+    x = np.random.default_rng(0).random((batch, size, size, 1), np.float32)
+    io = sess.io_binding()
+    io.bind_ortvalue_input(sess.get_inputs()[0].name, ort.OrtValue.ortvalue_from_numpy(x, device, 0))
+    io.bind_output(sess.get_outputs()[0].name, device, 0)
+    for _ in range(3):  # warm-up: kernel selection, TensorRT engine build
+        sess.run_with_iobinding(io)
+    io.synchronize_outputs()
+    t = time.perf_counter()
+    for _ in range(batches):
+        sess.run_with_iobinding(io)
+    io.synchronize_outputs()
+    return batch * batches / (time.perf_counter() - t)
+
+
+def matmul_ceiling(device: str) -> float:
+    """FLOP/s of a large fp16 (GPU) or fp32 (CPU) matmul in ONNX Runtime on the same device."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n, dtype, np_dtype = (8192, TensorProto.FLOAT16, np.float16) if device == "cuda" else \
+        (2048, TensorProto.FLOAT, np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                          [helper.make_tensor_value_info("a", dtype, [n, n]),
+                           helper.make_tensor_value_info("b", dtype, [n, n])],
+                          [helper.make_tensor_value_info("c", dtype, [n, n])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=providers)
+    a = ort.OrtValue.ortvalue_from_numpy(np.random.default_rng(0).random((n, n)).astype(np_dtype), device, 0)
+    io = sess.io_binding()
+    io.bind_ortvalue_input("a", a)
+    io.bind_ortvalue_input("b", a)
+    io.bind_output("c", device, 0)
+    sess.run_with_iobinding(io)
+    reps = 20 if device == "cuda" else 3
+    io.synchronize_outputs()
+    t = time.perf_counter()
+    for _ in range(reps):
+        sess.run_with_iobinding(io)
+    io.synchronize_outputs()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def end_to_end(model: Path, providers: str, slices: int, work: Path) -> dict:
+    from livernode.daemon.pipeline import process_files
+    from livernode.imaging.synth import synthesize
+    from livernode.inference.runner import Segmenter
+
+    synthesize(work / "template", cases=1, slices=20, size=512, seed=3, layout="dicom")
+    template = sorted((work / "template" / "case_000" / "ct").glob("*.dcm"))
+    files = stacked_study(template, slices, work / f"study-{slices}")
+    seg = Segmenter(model, providers="cpu" if providers == "cpu" else "cuda")
+    t = time.perf_counter()
+    result = process_files(files, seg, work / "result")
+    return {"slices": slices, "seconds": time.perf_counter() - t, "stages_s": result.timings,
+            "providers": seg.providers_used}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="the fp16 benchmark model (bench-512-fp16.onnx)")
+    ap.add_argument("--providers", choices=sorted(PROVIDERS), default="auto")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--study-slices", type=int, default=500)
+    ap.add_argument("--out", type=Path, default=Path("bench/gpu-results.json"))
+    a = ap.parse_args(argv)
+    sess, used = session(a.model, a.providers)
+    device = "cuda" if "CUDAExecutionProvider" in used else "cpu"
+    per_s = throughput(sess, a.size, a.batch, a.batches)
+    flops = conv_flops(a.model, a.size)
+    ceiling = matmul_ceiling(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        e2e = end_to_end(a.model, a.providers, a.study_slices, Path(tmp))
+    result = {"providers": used, "size": a.size, "batch": a.batch, "slices_per_s": per_s,
+              "model_tflop_per_slice": flops / 1e12, "achieved_tflops": per_s * flops / 1e12,
+              "matmul_ceiling_tflops": ceiling / 1e12, "fraction_of_ceiling": per_s * flops / ceiling,
+              "end_to_end": e2e}
+    a.out.write_text(json.dumps(result, indent=1))
+    print(f"providers {','.join(used)}: {per_s:.1f} slices/s at {a.size}x{a.size} (batch {a.batch}, I/O bound on "
+          f"{device}); {result['achieved_tflops']:.2f} TFLOP/s of a {result['matmul_ceiling_tflops']:.2f} TFLOP/s "
+          f"matmul ceiling ({100 * result['fraction_of_ceiling']:.0f} %); {e2e['slices']}-slice study end to end "
+          f"in {e2e['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Benchmark part 2, ingest: instances per second received by `livernode serve` (durable: every instance
+fsynced, renamed, its directory fsynced and indexed in SQLite with synchronous=FULL before it is acknowledged)
+against dcmtk storescp (which does not fsync), with the same files and the same sender, dcmtk storescu, over 1
+and 4 simultaneous associations. Every dcmtk tool runs with TCP_NODELAY=1."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from bench.common import ENV, PY, free_port, log, stop, storescu, wait_port
+
+REPEATS = 2
+
+
+def _storescp(out: Path, port: int) -> subprocess.Popen:
+    out.mkdir(parents=True)
+    return subprocess.Popen(["/usr/bin/storescp", "--fork", "-aet", "LIVERNODE", "-od", str(out), str(port)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _livernode(state: Path, port: int, model: Path) -> subprocess.Popen:
+    # A long quiet period: the study is not processed while the benchmark measures reception alone.
+    return subprocess.Popen([PY, "-m", "livernode.cli", "serve", "--model", str(model), "--providers", "cpu",
+                             "--state", str(state), "--port", str(port), "--bind", "127.0.0.1",
+                             "--study-timeout", "3600", "--metrics-port", "0"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run(files: list[Path], model: Path, work: Path) -> list[dict]:
+    rows = []
+    for parallel in (1, 4):
+        seconds = {}
+        for peer, start in (("storescp", _storescp), ("livernode", lambda d, p: _livernode(d, p, model))):
+            best = float("inf")
+            for i in range(REPEATS):
+                port, out = free_port(), work / f"ingest-{peer}-{parallel}-{i}"
+                proc = start(out, port)
+                try:
+                    wait_port(port, proc)
+                    best = min(best, storescu(port, files, parallel))
+                finally:
+                    stop(proc)
+                received = [p for p in out.rglob("*") if p.is_file() and p.stat().st_size > 100_000]
+                if len(received) != len(files):
+                    raise RuntimeError(f"{peer} stored {len(received)} of {len(files)} instances")
+                shutil.rmtree(out)
+            seconds[peer] = best
+            log(f"ingest: {peer}, {parallel} association(s): {len(files) / best:.0f} instances/s")
+        rows.append({"associations": parallel, "instances": len(files),
+                     "storescp_per_s": len(files) / seconds["storescp"],
+                     "livernode_per_s": len(files) / seconds["livernode"],
+                     "ratio_vs_storescp": seconds["storescp"] / seconds["livernode"]})
+    return rows

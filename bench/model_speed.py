@@ -1,0 +1,122 @@
+"""Benchmark part 1, model speed: ONNX Runtime against the same network in Keras (tf.function), in one run.
+
+Figures are ratios against a peer measured in the same run:
+- ms per slice at 256 and 512 px, batch 1 and 8: ONNX Runtime vs Keras (speed-up = Keras / ORT);
+- achieved GFLOP/s of ORT against a ceiling measured now (a 2048x2048 float32 matmul in ORT);
+- the model's FLOPs counted from the ONNX graph (Conv and matmul-like nodes; 2 FLOPs per multiply-add).
+The benchmark model is built untrained (speed does not depend on the weights) and exported by the real exporter.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import log
+
+REPEATS = {1: 6, 8: 3}
+SIZES = (256, 512)
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up (graph tracing, allocation)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def conv_flops(model_path: Path, size: int) -> float:
+    """Multiply-adds x 2 of every Conv in the graph for one size x size slice, from shape inference."""
+    import onnx
+    from onnx import shape_inference
+
+    m = onnx.load(str(model_path))
+    inp = m.graph.input[0].type.tensor_type.shape.dim
+    inp[0].dim_value, inp[1].dim_value, inp[2].dim_value = 1, size, size
+    m = shape_inference.infer_shapes(m)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.value_info}
+    shapes.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.output})
+    inits = {i.name: list(i.dims) for i in m.graph.initializer}
+    total = 0.0
+    for node in m.graph.node:
+        if node.op_type == "Conv" and node.input[1] in inits and node.output[0] in shapes:
+            w = inits[node.input[1]]  # (out, in/groups, kh, kw)
+            out = shapes[node.output[0]]  # NCHW inside the converted graph
+            if len(out) == 4 and all(out):
+                total += 2.0 * out[0] * out[1] * out[2] * out[3] * w[1] * w[2] * w[3]
+    return total
+
+
+def matmul_ceiling(threads: int) -> float:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n = 2048
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(0).random((n, n), np.float32)
+    t = _time(lambda: sess.run(None, {"a": a, "b": a}), 5)
+    return 2 * n**3 / t / 1e9
+
+
+def bench_model(keras_model, out: Path, size: int, fp16: bool = False) -> Path:
+    """The network exported by the real exporter with a manifest (untrained weights: speed does not depend on
+    them), so that `livernode serve` and `livernode infer` can load it."""
+    from livernode.export.onnx_export import ParityResult, _convert, make_manifest, save_with_manifest
+
+    model = _convert(keras_model, 1, fp16=fp16)
+    pre = {"channels": 1, "size_multiple": 32, "size": size, "window_low": -100.0, "window_high": 400.0,
+           "bilateral": False}
+    summary = {"architecture": "unet", "backbone": "resnet34", "data": "none (benchmark: untrained weights)",
+               "best_epoch": 0, "epochs_run": 0, "train_seconds": 0.0, "test_metrics": {}}
+    not_checked = ParityResult(slices=0, max_abs_diff=0.0, agreement=1.0, tolerance=0.0, min_agreement=0.0)
+    save_with_manifest(model, make_manifest(model, pre, summary, not_checked, "float16" if fp16 else "float32"), out)
+    return out
+
+
+def run(work: Path) -> dict:
+    """Measure; returns the rows, the ceiling and the paths of the benchmark models (256 px fp32, 512 px fp16)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from livernode.training.model import build_model, import_tf
+
+    _, tf = import_tf()
+    import onnxruntime as ort
+
+    threads = os.cpu_count() or 1
+    keras_model = build_model("resnet34", 1)
+    path = bench_model(keras_model, work / "bench-256.onnx", 256)
+    fp16 = bench_model(keras_model, work / "bench-512-fp16.onnx", 512, fp16=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    keras_fn = tf.function(lambda x: keras_model(x, training=False))
+    ceiling = matmul_ceiling(threads)
+    rows = []
+    for size in SIZES:
+        flops = conv_flops(path, size)
+        for batch in (1, 8):
+            x = np.random.default_rng(1).random((batch, size, size, 1), np.float32)
+            name = sess.get_inputs()[0].name
+            t_ort = _time(lambda: sess.run(None, {name: x}), REPEATS[batch])
+            t_keras = _time(lambda: keras_fn(tf.constant(x)).numpy(), REPEATS[batch])
+            gflops = flops * batch / t_ort / 1e9
+            rows.append({"size": size, "batch": batch, "ort_ms_per_slice": 1000 * t_ort / batch,
+                         "keras_ms_per_slice": 1000 * t_keras / batch, "speedup_vs_keras": t_keras / t_ort,
+                         "model_gflop_per_slice": flops / 1e9, "ort_gflops": gflops,
+                         "fraction_of_matmul_ceiling": gflops / ceiling})
+            log(f"model: {size} px batch {batch}: ORT {1000 * t_ort / batch:.0f} ms/slice, "
+                f"Keras {1000 * t_keras / batch:.0f} ms/slice")
+    return {"threads": threads, "matmul_ceiling_gflops": ceiling, "rows": rows, "model_256": str(path),
+            "model_512_fp16": str(fp16)}

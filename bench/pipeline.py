@@ -1,0 +1,100 @@
+"""Benchmark parts 3 to 5: the node end to end, memory and scaling.
+
+3. End to end: a 200-slice 512x512 study sent by dcmtk storescu to `livernode serve`; seconds from the last
+   instance acknowledged to the SEG and SR acknowledged by a dcmtk storescp PACS, split by stage (the node's own
+   summary.json). The peer is the pure model: the same slices through the same ONNX session, nothing else.
+4. Memory: peak RSS of `livernode infer` on a 600-slice 512x512 study against its int16 volume plus the model.
+5. Scaling: pipeline seconds (summary.json, all stages) for 100, 200 and 400 slices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ENV, PY, free_port, log, stacked_study, stop, storescu, wait_port
+
+QUIET_S = 0.5
+
+
+def _pure_model_seconds(files: list[Path], model: Path) -> float:
+    from livernode.imaging.dicomio import read_ct_series
+    from livernode.imaging.preprocess import prepare_slices
+    from livernode.inference.runner import Segmenter
+
+    seg = Segmenter(model, providers="cpu")
+    x = prepare_slices(read_ct_series(files).hu, seg.spec)
+    seg.run(x[:8])  # warm-up
+    t = time.perf_counter()
+    seg.run(x)
+    return time.perf_counter() - t
+
+
+def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
+    pacs_port, node_port, pacs_out = free_port(), free_port(), work / "e2e-pacs"
+    pacs_out.mkdir()
+    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(pacs_out), str(pacs_port)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = work / "e2e-state"
+    node = subprocess.Popen([PY, "-m", "livernode.cli", "serve", "--model", str(model), "--providers", "cpu",
+                             "--state", str(state), "--port", str(node_port), "--bind", "127.0.0.1",
+                             "--destination", f"PACS@127.0.0.1:{pacs_port}", "--study-timeout", str(QUIET_S),
+                             "--metrics-port", "0"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(pacs_port, pacs)
+        wait_port(node_port, node)
+        send_s = storescu(node_port, files)
+        acked = time.perf_counter()  # storescu exits right after the last response and the release
+        while len(list(pacs_out.iterdir())) < 2:
+            if time.perf_counter() - acked > 600:
+                raise RuntimeError("no SEG and SR at the PACS after 600 s")
+            time.sleep(0.02)
+        e2e = time.perf_counter() - acked
+    finally:
+        stop(node)
+        stop(pacs)
+    stages = json.loads(next(state.rglob("summary.json")).read_text())["timings_s"]
+    model_s = _pure_model_seconds(files, model)
+    log(f"end to end: {e2e:.2f} s after the last ack; pure model {model_s:.2f} s")
+    return {"slices": len(files), "send_s": send_s, "last_ack_to_pacs_s": e2e, "quiet_period_s": QUIET_S,
+            "stages_s": stages, "pure_model_s": model_s, "overhead": e2e / model_s}
+
+
+def _infer(files_dir: Path, model: Path, out: Path) -> tuple[float, dict]:
+    """`livernode infer` in a fresh process under a tiny parent that reports the child's peak RSS (KiB)."""
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if r.returncode == 0 else -1)")
+    r = subprocess.run([PY, "-c", probe, PY, "-m", "livernode.cli", "infer", str(files_dir), "--model", str(model),
+                        "--out", str(out), "--providers", "cpu"], env=ENV, capture_output=True, text=True)
+    peak_kib = int(r.stdout.strip().splitlines()[-1])
+    if peak_kib < 0:
+        raise RuntimeError(f"livernode infer failed: {r.stderr[-2000:]}")
+    return peak_kib * 1024, json.loads((out / "summary.json").read_text())["timings_s"]
+
+
+def memory(template: list[Path], model: Path, work: Path, slices: int = 600) -> dict:
+    files = stacked_study(template, slices, work / f"study-{slices}")
+    peak, stages = _infer(files[0].parent, model, work / f"infer-{slices}")
+    volume = slices * 512 * 512 * 2
+    model_bytes = model.stat().st_size
+    log(f"memory: {slices} slices, peak RSS {peak / 2**20:.0f} MiB")
+    return {"slices": slices, "peak_rss_bytes": peak, "int16_volume_bytes": volume, "model_bytes": model_bytes,
+            "ratio_to_volume_plus_model": (peak - model_bytes) / volume, "pipeline_s": sum(stages.values()),
+            "stages_s": stages}
+
+
+def scaling(template: list[Path], model: Path, work: Path, counts=(100, 200, 400)) -> list[dict]:
+    rows = []
+    for n in counts:
+        files = stacked_study(template, n, work / f"scale-{n}")
+        _, stages = _infer(files[0].parent, model, work / f"scale-out-{n}")
+        total = sum(stages.values())
+        rows.append({"slices": n, "pipeline_s": total, "ms_per_slice": 1000 * total / n, "stages_s": stages})
+        log(f"scaling: {n} slices in {total:.1f} s")
+    per_slice = np.array([r["ms_per_slice"] for r in rows])
+    for r in rows:
+        r["per_slice_vs_smallest"] = r["ms_per_slice"] / per_slice[0]
+    return rows
