@@ -55,6 +55,8 @@ class Service:
             self.folder = FolderIngest(cfg.paths.watch, self.spool, self.store, state / "rejected",
                                        metrics=self.metrics, audit=self.audit)
         self.stop_event = threading.Event()
+        self.send_wake = threading.Event()
+        self._send_lock = threading.Lock()
 
     def start(self) -> None:
         cleaned = self.spool.clean_partials()
@@ -77,16 +79,27 @@ class Service:
         if self.folder:
             self.folder.stop()
 
-    def run_once(self) -> None:
-        """One pass of the worker: take settled folder files, process due studies, send what is owed."""
+    def run_once(self, send: bool = True) -> None:
+        """One pass of the worker: take settled folder files, process due studies and, unless a sender thread
+        does it (`run_forever`), send what is owed."""
         if self.folder:
             self.folder.scan()
         for study in self.store.due_studies(self.cfg.study.quiet_seconds, self.cfg.study.max_wait_seconds):
             if self.stop_event.is_set():  # shutting down: what is left stays due for the next start
                 break
             self.process(study)
-        self.send_due()
+            self.send_wake.set()
+        if send:
+            self.send_due()
         self.update_gauges()
+
+    def _sender(self, poll_s: float) -> None:
+        """Sends in its own thread, so the next study's inference overlaps the last study's C-STOREs to the PACS
+        (and a slow or hanging PACS never holds the worker up)."""
+        while not self.stop_event.is_set():
+            self.send_due()
+            self.send_wake.wait(poll_s)
+            self.send_wake.clear()
 
     def update_gauges(self) -> None:
         with self.store.transaction() as db:
@@ -99,8 +112,18 @@ class Service:
 
     def run_forever(self, poll_s: float = 0.5, notifier: Notifier | None = None) -> None:
         notifier = notifier or Notifier("")
+        sender = threading.Thread(target=self._sender, args=(poll_s,), name="sender", daemon=True)
+        sender.start()
+        try:
+            self._work(poll_s, notifier)
+        finally:
+            self.stop_event.set()
+            self.send_wake.set()
+            sender.join()  # a send in progress completes (or times out) before the process exits
+
+    def _work(self, poll_s: float, notifier: Notifier) -> None:
         while not self.stop_event.is_set():
-            self.run_once()
+            self.run_once(send=False)
             notifier.watchdog()  # from the worker loop: a hung worker stops these and systemd restarts us
             pending = len(self.store.due_outbox())
             notifier.status(f"{self.queue_depth()} studies waiting, {pending} results to send")
@@ -158,6 +181,10 @@ class Service:
         fsync_dir(dst.parent)
 
     def send_due(self) -> None:
+        with self._send_lock:
+            self._send_due()
+
+    def _send_due(self) -> None:
         groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
         for item_id, study, dest, path, _ in self.store.due_outbox():
             groups.setdefault((study, dest), []).append((item_id, path))
