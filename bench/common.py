@@ -66,6 +66,7 @@ def stacked_study(template: list[Path], slices: int, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     headers = [pydicom.dcmread(p) for p in template]
     step = float(headers[1].ImagePositionPatient[2]) - float(headers[0].ImagePositionPatient[2])
+    z0 = float(headers[0].ImagePositionPatient[2])
     study, series = generate_uid(), generate_uid()
     paths = []
     for i in range(slices):
@@ -73,7 +74,7 @@ def stacked_study(template: list[Path], slices: int, out: Path) -> list[Path]:
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         x, y, _ = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [x, y, float(headers[0].ImagePositionPatient[2]) + i * step]
+        ds.ImagePositionPatient = [x, y, z0 + i * step]
         ds.InstanceNumber = i + 1
         path = out / f"CT{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -42,7 +42,9 @@ def run(files: list[Path], model: Path, work: Path) -> list[dict]:
                     best = min(best, storescu(port, files, parallel))
                 finally:
                     stop(proc)
-                received = [p for p in out.rglob("*") if p.is_file() and p.stat().st_size > 100_000]
+                spool = out / "spool" / "instances"
+                received = list(spool.rglob("*.dcm")) if spool.exists() else \
+                    [p for p in out.iterdir() if p.is_file()]
                 if len(received) != len(files):
                     raise RuntimeError(f"{peer} stored {len(received)} of {len(files)} instances")
                 shutil.rmtree(out)

@@ -33,6 +33,14 @@ def _pure_model_seconds(files: list[Path], model: Path) -> float:
     return time.perf_counter() - t
 
 
+def _failed(state: Path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(state / "index.sqlite", timeout=30) as db:
+        row = db.execute("SELECT reason FROM studies WHERE state = 'failed'").fetchone()
+    return row[0] if row else ""
+
+
 def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
     pacs_port, node_port, pacs_out = free_port(), free_port(), work / "e2e-pacs"
     pacs_out.mkdir()
@@ -49,8 +57,8 @@ def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
         send_s = storescu(node_port, files)
         acked = time.perf_counter()  # storescu exits right after the last response and the release
         while len(list(pacs_out.iterdir())) < 2:
-            if time.perf_counter() - acked > 600:
-                raise RuntimeError("no SEG and SR at the PACS after 600 s")
+            if time.perf_counter() - acked > 600 or node.poll() is not None or _failed(state):
+                raise RuntimeError(f"no SEG and SR at the PACS: {_failed(state) or 'see livernode status'}")
             time.sleep(0.02)
         e2e = time.perf_counter() - acked
     finally:

@@ -85,6 +85,9 @@ class StoreSCP:
         self.on_stored = on_stored
         self.server = None
         self._lock = threading.Lock()
+        # Writers of the same SOP Instance UID take turns (that keeps "store once" exact); different instances,
+        # from parallel associations, are written and fsynced at the same time.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
         self.metrics = metrics or Metrics()
         self.audit = audit or AuditLog(None)
 
@@ -188,7 +191,7 @@ class StoreSCP:
             return self._refuse(DATA_SET_MISMATCH, "dataset does not match request", sop_uid, peer)
         data = event.encoded_dataset(include_meta=True)
         try:
-            with self._lock:  # one writer at a time keeps "store once" exact across associations
+            with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
                 path, new = self.spool.store(study, series, sop_uid, data)
                 self.store.add_instance(sop_uid, study, series, str(req.AffectedSOPClassUID), str(path))
         except OSError as exc:  # disk full or failing: nothing partial is left, and the peer may retry

@@ -18,6 +18,7 @@ from livernode.daemon.send import Destination, SendError, send_files
 from livernode.daemon.spool import Spool, fsync_dir, uid_key
 from livernode.daemon.store import Store
 from livernode.errors import ConfigError, LivernodeError
+from livernode.imaging.dicomio import read_dataset
 from livernode.inference.runner import Segmenter
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class Service:
         cleaned = self.spool.clean_partials()
         if cleaned:
             log.info("removed %d partial files left by an earlier crash (never acknowledged)", cleaned)
+        restored = self.store.reconcile(self.spool.instances, lambda p: read_dataset(p, pixels=False))
+        if restored:
+            log.warning("re-indexed %d spooled instance(s) missing from the index (power loss?)", restored)
         if self.cfg.observability.metrics_port is not None:
             self.http = self.metrics.serve(self.cfg.observability.metrics_bind, self.cfg.observability.metrics_port)
         if self.scp:

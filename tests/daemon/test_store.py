@@ -27,3 +27,26 @@ def test_crash_during_processing_makes_the_study_due_again_and_late_instances_re
     s2.finish("9.9", instances_seen=2)
     assert s2.study("9.9").generation == 2
     assert s2.jobs("9.9") == [(1, "interrupted", 1, ""), (1, "done", 1, ""), (2, "done", 2, "")]
+
+
+def test_reconcile_reindexes_spooled_files_missing_from_the_index(tmp_path, synth_dirs):
+    """After a power loss the last index rows (synchronous=NORMAL) may be gone; the fsynced spool files are not."""
+    import pydicom
+
+    from livernode.daemon.spool import Spool
+    from livernode.imaging.dicomio import read_dataset
+
+    spool, store = Spool(tmp_path / "spool"), Store(tmp_path / "index.sqlite")
+    files = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[:3]
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        spool.store(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), f.read_bytes())
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    store.add_instance(str(first.SOPInstanceUID), str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
+                       str(first.SOPClassUID), str(spool.path_for(str(first.StudyInstanceUID),
+                                                                  str(first.SeriesInstanceUID),
+                                                                  str(first.SOPInstanceUID))))
+    header = lambda p: read_dataset(p, pixels=False)  # noqa: E731
+    assert store.reconcile(spool.instances, header) == 2
+    assert store.reconcile(spool.instances, header) == 0
+    assert store.study(str(first.StudyInstanceUID)).instances == 3
