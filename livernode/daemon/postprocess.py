@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -44,9 +45,8 @@ def _longest_axial_diameter(mask: np.ndarray, row_mm: float, col_mm: float) -> f
         if len(pts) < 2:
             best = max(best, min(row_mm, col_mm) if len(pts) else 0.0)
             continue
-        if len(pts) > 400:  # the farthest pair lies on the convex hull; its boundary pixels are enough
-            edge = sl & ~ndimage.binary_erosion(sl)
-            pts = np.argwhere(edge)
+        if len(pts) > 64:  # the farthest pair are vertices of the convex hull (scaling the axes keeps it a hull)
+            pts = cv2.convexHull(pts.astype(np.int32)).reshape(-1, 2)
         xy = pts * np.array([row_mm, col_mm])
         d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)).max()
         best = max(best, float(d))
@@ -121,8 +121,9 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     box = ndimage.find_objects(comp, max_label=keep)[keep - 1]
     for k in range(box[0].start, box[0].stop):  # holes are filled slice by slice, inside the organ's box only
         liver[k, box[1], box[2]] = ndimage.binary_fill_holes(liver[k, box[1], box[2]])
-    near_liver = _near(liver, spacing, liver_margin_mm)
-    tumour = (labels == TUMOUR) & near_liver
+    tumour = labels == TUMOUR
+    if (tumour & ~liver).any():  # only tumour outside the liver needs the distance to it
+        tumour &= _near(liver, spacing, liver_margin_mm)
     tcomp, tn = ndimage.label(tumour, FULL_3D)
     out = np.where(liver, LIVER, 0).astype(np.uint8)
     lesions = []
