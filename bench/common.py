@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
@@ -93,3 +94,33 @@ def storescu(port: int, files: list[Path], parallel: int = 1, called: str = "LIV
         if p.returncode:
             raise RuntimeError(f"storescu failed: {err.decode()[-2000:]}")
     return time.perf_counter() - t
+
+
+def matmul_ceiling(device: str = "cpu", threads: int | None = None) -> float:
+    """FLOP/s of a large matmul in ONNX Runtime on `device`: fp16 8192^2 on CUDA, fp32 2048^2 on the CPU, inputs
+    and output bound on the device. The ceiling the model's achieved FLOP/s is compared with."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n, dtype, np_dtype = (8192, TensorProto.FLOAT16, np.float16) if device == "cuda" else \
+        (2048, TensorProto.FLOAT, np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                          [helper.make_tensor_value_info("a", dtype, [n, n]),
+                           helper.make_tensor_value_info("b", dtype, [n, n])],
+                          [helper.make_tensor_value_info("c", dtype, [n, n])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    a = ort.OrtValue.ortvalue_from_numpy(np.random.default_rng(0).random((n, n)).astype(np_dtype), device, 0)
+    io = sess.io_binding()
+    io.bind_ortvalue_input("a", a)
+    io.bind_ortvalue_input("b", a)
+    io.bind_output("c", device, 0)
+
+    def run() -> None:
+        sess.run_with_iobinding(io)
+        io.synchronize_outputs()
+    return 2 * n**3 / best_of(run, 20 if device == "cuda" else 5)

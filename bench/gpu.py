@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import stacked_study  # noqa: E402
+from bench.common import matmul_ceiling, stacked_study  # noqa: E402
 from bench.model_speed import conv_flops  # noqa: E402
 
 PROVIDERS = {"auto": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -61,35 +61,6 @@ def throughput(sess, size: int, batch: int, batches: int) -> float:
         sess.run_with_iobinding(io)
     io.synchronize_outputs()
     return batch * batches / (time.perf_counter() - t)
-
-
-def matmul_ceiling(device: str) -> float:
-    """FLOP/s of a large fp16 (GPU) or fp32 (CPU) matmul in ONNX Runtime on the same device."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    n, dtype, np_dtype = (8192, TensorProto.FLOAT16, np.float16) if device == "cuda" else \
-        (2048, TensorProto.FLOAT, np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-                          [helper.make_tensor_value_info("a", dtype, [n, n]),
-                           helper.make_tensor_value_info("b", dtype, [n, n])],
-                          [helper.make_tensor_value_info("c", dtype, [n, n])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(model.SerializeToString(), providers=providers)
-    a = ort.OrtValue.ortvalue_from_numpy(np.random.default_rng(0).random((n, n)).astype(np_dtype), device, 0)
-    io = sess.io_binding()
-    io.bind_ortvalue_input("a", a)
-    io.bind_ortvalue_input("b", a)
-    io.bind_output("c", device, 0)
-    sess.run_with_iobinding(io)
-    reps = 20 if device == "cuda" else 3
-    io.synchronize_outputs()
-    t = time.perf_counter()
-    for _ in range(reps):
-        sess.run_with_iobinding(io)
-    io.synchronize_outputs()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def end_to_end(model: Path, providers: str, slices: int, work: Path) -> dict:

@@ -10,25 +10,14 @@ The benchmark model is built untrained (speed does not depend on the weights) an
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import log
+from bench.common import best_of, log, matmul_ceiling
 
 REPEATS = {1: 6, 8: 3}
 SIZES = (256, 512)
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (graph tracing, allocation)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def conv_flops(model_path: Path, size: int) -> float:
@@ -51,24 +40,6 @@ def conv_flops(model_path: Path, size: int) -> float:
             if len(out) == 4 and all(out):
                 total += 2.0 * out[0] * out[1] * out[2] * out[3] * w[1] * w[2] * w[3]
     return total
-
-
-def matmul_ceiling(threads: int) -> float:
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    n = 2048
-    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
-                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    a = np.random.default_rng(0).random((n, n), np.float32)
-    t = _time(lambda: sess.run(None, {"a": a, "b": a}), 5)
-    return 2 * n**3 / t / 1e9
 
 
 def bench_model(keras_model, out: Path, size: int, fp16: bool = False) -> Path:
@@ -103,15 +74,15 @@ def run(work: Path) -> dict:
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     keras_fn = tf.function(lambda x: keras_model(x, training=False))
-    ceiling = matmul_ceiling(threads)
+    ceiling = matmul_ceiling("cpu", threads) / 1e9
     rows = []
     for size in SIZES:
         flops = conv_flops(path, size)
         for batch in (1, 8):
             x = np.random.default_rng(1).random((batch, size, size, 1), np.float32)
             name = sess.get_inputs()[0].name
-            t_ort = _time(lambda: sess.run(None, {name: x}), REPEATS[batch])
-            t_keras = _time(lambda: keras_fn(tf.constant(x)).numpy(), REPEATS[batch])
+            t_ort = best_of(lambda: sess.run(None, {name: x}), REPEATS[batch])
+            t_keras = best_of(lambda: keras_fn(tf.constant(x)).numpy(), REPEATS[batch])
             gflops = flops * batch / t_ort / 1e9
             rows.append({"size": size, "batch": batch, "ort_ms_per_slice": 1000 * t_ort / batch,
                          "keras_ms_per_slice": 1000 * t_keras / batch, "speedup_vs_keras": t_keras / t_ort,

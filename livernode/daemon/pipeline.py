@@ -19,7 +19,8 @@ from livernode.daemon.select import select_series
 from livernode.daemon.seg import write_result_seg
 from livernode.daemon.sr import build_sr, write_sr
 from livernode.errors import InputError, SeriesRejected
-from livernode.imaging.dicomio import SliceOrder, dicom_files, hu_of, order_slices, read_dataset
+from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_of, order_slices, ordered_volume,
+                                      read_dataset)
 from livernode.imaging.volume import CtVolume
 from livernode.imaging.segwrite import Algorithm
 from livernode.inference.runner import Segmenter
@@ -130,11 +131,7 @@ def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segm
         return np.clip(hu, -32768, 32767) if exact else hu
 
     hu, labels = segmenter.segment_streamed(len(kept), (int(ref.Rows), int(ref.Columns)), decode, dtype)
-    row_sp, col_sp = (float(v) for v in ref.PixelSpacing)
-    volume = CtVolume(hu=hu, spacing=(order.step, row_sp, col_sp), origin=order.origin,
-                      orientation=order.orientation, sop_instance_uids=tuple(str(ds.SOPInstanceUID) for _, ds in kept),
-                      series_instance_uid=series_uid, source=series_uid)
-    return volume, labels
+    return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels
 
 
 def infer_folder(study_dir: Path, model: Path, out_dir: Path, providers: str = "auto") -> StudyResult:

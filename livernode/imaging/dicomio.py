@@ -176,15 +176,20 @@ def volume_from_datasets(items: Iterable[tuple[str, pydicom.Dataset]], *, series
     items = list(items)
     label = series_label or (str(getattr(items[0][1], "SeriesInstanceUID", items[0][0])) if items else "?")
     order = order_slices(items, label)
-    ref = items[0][1]
     hu = np.stack([hu_of(items[i][1], items[i][0]) for i in order.kept])
+    return ordered_volume([items[i][1] for i in order.kept], order, hu, label)
+
+
+def ordered_volume(kept: Sequence[pydicom.Dataset], order: SliceOrder, hu: np.ndarray, label: str) -> CtVolume:
+    """The CtVolume of slices already ordered by `order_slices` (`kept` in that order) and decoded into `hu`."""
+    ref = kept[0]
     row_sp, col_sp = (float(v) for v in ref.PixelSpacing)
     return CtVolume(
         hu=hu,
         spacing=(order.step, row_sp, col_sp),
         origin=order.origin,
         orientation=order.orientation,
-        sop_instance_uids=tuple(str(items[i][1].SOPInstanceUID) for i in order.kept),
+        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in kept),
         series_instance_uid=str(getattr(ref, "SeriesInstanceUID", "")),
         source=label,
     )

@@ -113,8 +113,7 @@ class Segmenter:
             t.start()
         try:
             while (start := decoded.get()) is not None:
-                x = prepare_slices(hu[start:start + bs].astype(np.float32), self.spec)
-                probs.put((start, self.session.run(None, {self.input_name: x})[0]))
+                probs.put((start, self.run(prepare_slices(hu[start:start + bs].astype(np.float32), self.spec))))
         finally:
             probs.put(None)
             for t in threads:
