@@ -20,7 +20,7 @@ from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.spool import UID_RE, InvalidUID, Spool, check_uid
 from livernode.daemon.store import Store
 from livernode.errors import InputError
-from livernode.imaging.dicomio import check_dataset
+from livernode.imaging.dicomio import check_dataset, part10_header
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class StoreSCP:
         if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
             sop_uid = repr(sop_uid)[:80]  # shown quoted and cut short: a peer's bytes never go raw into a log
         peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
-        if not self.spool.has_room(len(event.request.DataSet.getvalue()) if event.request.DataSet else 0):
+        if not self.spool.has_room(len(event.request.DataSet.getbuffer()) if event.request.DataSet else 0):
             log.error("refusing %s from %s: free space below the threshold", sop_uid, peer)
             return self._refuse(OUT_OF_RESOURCES, "out of space", sop_uid, peer)
         try:
@@ -189,10 +189,12 @@ class StoreSCP:
                 str(getattr(ds, "SOPClassUID", "")) != str(req.AffectedSOPClassUID):
             log.error("refusing %s from %s: dataset UIDs do not match the C-STORE request", sop_uid, peer)
             return self._refuse(DATA_SET_MISMATCH, "dataset does not match request", sop_uid, peer)
-        data = event.encoded_dataset(include_meta=True)
+        header = part10_header(str(req.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax),
+                               self.ae.implementation_class_uid, self.ae.implementation_version_name)
         try:
-            with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
-                path, new = self.spool.store(study, series, sop_uid, data)
+            with self._uid_locks[hash(sop_uid) % len(self._uid_locks)], req.DataSet.getbuffer() as body:
+                # the peer's bytes as received, behind a file meta header: no decode and re-encode
+                path, new = self.spool.store(study, series, sop_uid, (header, body))
                 self.store.add_instance(sop_uid, study, series, str(req.AffectedSOPClassUID), str(path))
         except OSError as exc:  # disk full or failing: nothing partial is left, and the peer may retry
             log.error("refusing %s from %s: cannot store it (%s)", sop_uid, peer, exc)

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from livernode.errors import InputError
@@ -42,13 +43,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` so that after return it survives a crash, and a crash before never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview], *, parent_exists: bool = False) -> None:
+    """Write `data` (bytes, or pieces written one after the other) so that after return it survives a crash, and
+    a crash before never leaves a partial file. `parent_exists`: skip creating the folder unless it is missing."""
+    if not parent_exists:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        try:
+            fh = open(tmp, "wb")
+        except FileNotFoundError:  # the folder was removed (retention) since it was last seen
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(tmp, "wb")
+        with fh:
+            for piece in pieces:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -66,6 +76,7 @@ class Spool:
         self.instances = self.root / "instances"
         self.instances.mkdir(parents=True, exist_ok=True)
         self.min_free_bytes = min_free_bytes
+        self._folders: set[Path] = set()  # series folders known to exist: no mkdir for every instance
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.instances / uid_key(study_uid) / uid_key(series_uid) / f"{uid_key(sop_uid)}.dcm"
@@ -73,12 +84,17 @@ class Spool:
     def has_room(self, incoming: int = 0) -> bool:
         return shutil.disk_usage(self.root).free - incoming >= self.min_free_bytes
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> tuple[Path, bool]:
-        """Store one encoded instance durably; (path, False) when that SOP Instance UID is already stored."""
+    def store(self, study_uid: str, series_uid: str, sop_uid: str,
+              data: bytes | Sequence[bytes | memoryview]) -> tuple[Path, bool]:
+        """Store one encoded instance (bytes, or pieces in order) durably; (path, False) when that SOP Instance
+        UID is already stored."""
         path = self.path_for(study_uid, series_uid, sop_uid)
         if path.exists():
             return path, False
-        atomic_write(path, data)
+        atomic_write(path, data, parent_exists=path.parent in self._folders)
+        if len(self._folders) > 10_000:  # a cache, not a record: bounded for a node that runs for months
+            self._folders.clear()
+        self._folders.add(path.parent)
         return path, True
 
     def clean_partials(self) -> int:

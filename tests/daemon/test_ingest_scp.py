@@ -98,3 +98,37 @@ def test_unparseable_dataset_and_invalid_uid_get_c000(scp, synth_dirs, tmp_path,
     # and the node keeps serving
     r = _storescu(scp.port, [src])
     assert r.returncode == 0 and len(list(scp.spool.instances.rglob("*.dcm"))) == 1
+
+
+@pytest.mark.parametrize("sop_uid, syntax", [("1.2.3.44", "1.2.840.10008.1.2.1"), ("1.2.3.4", "1.2.840.10008.1.2"),
+                                             ("1.2.826.0.1.3680043.8.498.1", "1.2.840.10008.1.2.4.70")])
+def test_part10_header_is_what_pydicom_writes(sop_uid, syntax):
+    """The hand-built file meta (odd and even UID lengths) is byte for byte pydicom's, with the same values."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from livernode.imaging.dicomio import part10_header
+
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    ours = part10_header(ct, sop_uid, syntax, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
+    theirs = b"\0" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+        sop_class_uid=ct, sop_instance_uid=sop_uid, transfer_syntax=syntax))
+    assert ours == theirs
+
+
+def _body(path):
+    """The bytes of a DICOM file after its File Meta Information."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    return path.read_bytes()[132 + 12 + meta.FileMetaInformationGroupLength:]
+
+
+def test_stored_file_is_the_peers_bytes_behind_the_header(scp, synth_dirs):
+    """The spool file holds the dataset exactly as it was sent (no decode and re-encode), behind file meta that
+    names its transfer syntax and SOP instance."""
+    f = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0]
+    assert _storescu(scp.port, [f]).returncode == 0
+    stored = next(scp.spool.instances.rglob("*.dcm"))
+    src, got = pydicom.dcmread(f), pydicom.dcmread(stored)
+    assert got.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
+    assert got.file_meta.MediaStorageSOPInstanceUID == src.SOPInstanceUID
+    assert _body(stored) == _body(f) and len(_body(f)) > src.Rows * src.Columns * 2

@@ -34,3 +34,14 @@ def test_partials_are_cleaned(tmp_path):
 def test_free_space_threshold(tmp_path):
     assert Spool(tmp_path, min_free_bytes=0).has_room()
     assert not Spool(tmp_path, min_free_bytes=1 << 62).has_room()
+
+
+def test_a_series_folder_removed_behind_the_spools_back_is_made_again(tmp_path):
+    """The spool remembers which folders exist; retention may remove one, and the next instance still lands."""
+    import shutil
+
+    spool = Spool(tmp_path)
+    p, _ = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", b"one")
+    shutil.rmtree(p.parent.parent)
+    q, new = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.6", (b"tw", memoryview(b"o")))
+    assert new and q.read_bytes() == b"two" and q.parent == p.parent
