@@ -54,9 +54,10 @@ def _longest_axial_diameter(mask: np.ndarray, row_mm: float, col_mm: float) -> f
 
 
 def _near(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float, slab: int = 32) -> np.ndarray:
-    """Voxels within `margin_mm` of `mask` (Euclidean, spacing honoured). Computed on the mask's bounding box grown
-    by the margin, a slab of slices at a time with the margin's worth of slices either side: exact, and the
-    distance transform's working memory (about 20 bytes a voxel) stays that of one slab."""
+    """Voxels within `margin_mm` of `mask` (Euclidean, spacing honoured), computed on the mask's bounding box grown
+    by the margin. With square pixels (CT's usual case) from exact 2-D distance maps, one per slice: the 3-D
+    distance to the mask is the least, over the slices z' within the margin, of sqrt(d_z'^2 + ((z - z') dz)^2).
+    Otherwise a 3-D distance transform a slab of slices at a time (about 20 bytes a voxel for one slab)."""
     out = np.zeros_like(mask)
     box = ndimage.find_objects(mask.astype(np.uint8))
     if not box or box[0] is None:
@@ -65,12 +66,57 @@ def _near(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: floa
     rows, cols = (slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box[0][1:], grow[1:],
                                                                                      mask.shape[1:]))
     z0, z1 = max(0, box[0][0].start - grow[0]), min(mask.shape[0], box[0][0].stop + grow[0])
+    if np.isclose(spacing[1], spacing[2], rtol=1e-6, atol=0.0):
+        out[z0:z1, rows, cols] = _near_by_slices(mask[:, rows, cols], spacing, margin_mm, z0, z1)
+        return out
     for start in range(z0, z1, slab):
         stop = min(z1, start + slab)
         lo, hi = max(0, start - grow[0]), min(mask.shape[0], stop + grow[0])
         near = ndimage.distance_transform_edt(~mask[lo:hi, rows, cols], sampling=spacing) <= margin_mm
         out[start:stop, rows, cols] = near[start - lo:stop - lo]
     return out
+
+
+def _near_by_slices(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float, z0: int,
+                    z1: int) -> np.ndarray:
+    """`_near` for square pixels, for slices z0:z1 of `mask` (which holds all of the mask's voxels)."""
+    dz, pixel = spacing[0], spacing[1]
+    reach = int(margin_mm // dz)  # slices farther than this are beyond the margin whatever the in-plane distance
+    lo, hi = max(0, z0 - reach), min(mask.shape[0], z1 + reach)
+    # Squared in-plane distance in pixels to the nearest mask voxel of each slice: an integer, which the rounding
+    # recovers exactly from OpenCV's exact (float32) Euclidean map. Slices without the mask: beyond any reach.
+    far = np.iinfo(np.int32).max
+    d2 = np.full((hi - lo,) + mask.shape[1:], far, np.int32)
+    for k in range(lo, hi):
+        if mask[k].any():
+            d = cv2.distanceTransform((~mask[k]).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+            d2[k - lo] = np.rint(np.square(d, dtype=np.float64))
+    out = np.zeros((z1 - z0,) + mask.shape[1:], bool)
+    for step in range(-reach, reach + 1):
+        within = _largest_within(pixel**2, (step * dz) ** 2, margin_mm**2)  # d2 <= within: inside the margin
+        for z in range(max(z0, lo - step), min(z1, hi - step)):
+            out[z - z0] |= d2[z + step - lo] <= within
+    return out
+
+
+def _largest_within(scale: float, offset: float, limit: float) -> int:
+    """The largest integer n with n * scale + offset <= limit (the exact test, not a rounded quotient)."""
+    n = int((limit - offset) // scale)
+    while (n + 1) * scale + offset <= limit:
+        n += 1
+    while n >= 0 and n * scale + offset > limit:
+        n -= 1
+    return n
+
+
+def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """`mask` with its holes filled: background not 4-connected to the border (scipy's binary_fill_holes with its
+    default structure), by one flood fill from outside the border instead of repeated dilations."""
+    h, w = mask.shape
+    outside = np.zeros((h + 2, w + 2), np.uint8)
+    outside[1:-1, 1:-1] = mask
+    cv2.floodFill(outside, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 1, flags=4)
+    return mask | (outside[1:-1, 1:-1] == 0)
 
 
 def _box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
@@ -110,8 +156,7 @@ def postprocess(labels: np.ndarray, spacing: tuple[float, float, float], *, min_
 def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_lesion_ml: float,
                  liver_margin_mm: float) -> Findings:
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    organ = labels > 0
-    comp, n = ndimage.label(organ, FULL_3D)
+    comp, n = ndimage.label(labels > 0, FULL_3D)
     if n == 0:
         return Findings(np.zeros_like(labels, np.uint8), 0.0, 0.0, (), False)
     sizes = np.bincount(comp.ravel())
@@ -119,13 +164,16 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     keep = int(sizes.argmax())
     liver = comp == keep
     box = ndimage.find_objects(comp, max_label=keep)[keep - 1]
+    del comp  # 4 bytes a voxel
     for k in range(box[0].start, box[0].stop):  # holes are filled slice by slice, inside the organ's box only
-        liver[k, box[1], box[2]] = ndimage.binary_fill_holes(liver[k, box[1], box[2]])
+        liver[k, box[1], box[2]] = fill_holes_2d(liver[k, box[1], box[2]])
     tumour = labels == TUMOUR
     if (tumour & ~liver).any():  # only tumour outside the liver needs the distance to it
         tumour &= _near(liver, spacing, liver_margin_mm)
     tcomp, tn = ndimage.label(tumour, FULL_3D)
-    out = np.where(liver, LIVER, 0).astype(np.uint8)
+    out = liver.astype(np.uint8)  # not np.where(liver, LIVER, 0): that makes an 8-byte-a-voxel temporary
+    out *= LIVER
+    del liver
     lesions = []
     big = np.bincount(tcomp.ravel(), minlength=tn + 1) * voxel_ml >= min_lesion_ml  # sizes first: a noisy
     big[0] = False  # output can hold thousands of specks, each not worth a look
@@ -139,11 +187,11 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
             index=len(lesions) + 1, voxels=vox, volume_ml=vox * voxel_ml,
             longest_axial_diameter_mm=_longest_axial_diameter(m, spacing[1], spacing[2]),
             bbox=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop)))
-    organ_final = out > 0
+    counts = np.bincount(out.ravel(), minlength=max(LIVER, TUMOUR) + 1)
     return Findings(
         labels=out,
-        liver_volume_ml=float(organ_final.sum()) * voxel_ml,
-        tumour_volume_ml=float((out == TUMOUR).sum()) * voxel_ml,
+        liver_volume_ml=float(counts[LIVER] + counts[TUMOUR]) * voxel_ml,
+        tumour_volume_ml=float(counts[TUMOUR]) * voxel_ml,
         lesions=tuple(lesions),
-        liver_touches_scan_edge=bool(organ_final[0].any() or organ_final[-1].any()),
+        liver_touches_scan_edge=bool(out[0].any() or out[-1].any()),
     )
