@@ -28,12 +28,16 @@ ML = Code("mL", "UCUM", "milliliter")
 MM = Code("mm", "UCUM", "millimeter")
 PERCENT = Code("%", "UCUM", "percent")
 COUNT = Code("{lesions}", "UCUM", "lesions")
+# Lesions measured one by one in the SR: the largest ones. Count and total tumour volume always cover all of them
+# (and summary.json lists every lesion). Beyond a couple of dozen, single lesions are not what a reader measures,
+# and highdicom's report building grows faster than linearly with the number of groups (144 took 6 s).
+MAX_SR_LESIONS = 20
 
 
 def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algorithm: Algorithm, *,
              series_uid: str, sop_uid: str, series_number: int = 9002) -> hd.sr.Comprehensive3DSR:
     """Liver volume, total tumour volume, tumour burden, lesion count and completeness on the liver segment;
-    volume and longest axial diameter per lesion on the tumour segment."""
+    volume and longest axial diameter per lesion on the tumour segment, for the MAX_SR_LESIONS largest."""
     algo = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
     source_series = hd.sr.SourceSeriesForSegmentation(str(source[0].SeriesInstanceUID))
 
@@ -59,7 +63,8 @@ def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algori
         referenced_segment=segment(2), finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,
         measurements=[measure(VOLUME, findings.tumour_volume_ml, ML)],
     ))
-    for lesion in findings.lesions:
+    largest = sorted(findings.lesions, key=lambda le: (-le.voxels, le.index))[:MAX_SR_LESIONS]
+    for lesion in sorted(largest, key=lambda le: le.index):
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"Lesion {lesion.index}"),
             referenced_segment=segment(2), finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,

@@ -55,10 +55,12 @@ def build_seg(source: Sequence[Dataset], labels: np.ndarray, *, series_uid: str,
     """
     if labels.shape[0] != len(source):
         raise ValueError(f"{labels.shape[0]} label slices for {len(source)} source images")
-    masks = np.stack([labels == li.value for li in LABELS], axis=-1)
+    # The label volume itself: its values are the segment numbers (1..n in LABELS' order), which highdicom takes
+    # as segments that cannot overlap, without a stacked mask per segment or a check of each voxel for overlap.
+    assert [li.value for li in LABELS] == list(range(1, len(LABELS) + 1))
     seg = hd.seg.Segmentation(
         source_images=list(source),
-        pixel_array=masks,
+        pixel_array=np.ascontiguousarray(labels, dtype=np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(algorithm),
         series_instance_uid=series_uid,
