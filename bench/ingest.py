@@ -1,7 +1,10 @@
 """Benchmark part 2, ingest: instances per second received by `livernode serve` (durable: every instance
-fsynced, renamed, its directory fsynced and indexed in SQLite with synchronous=FULL before it is acknowledged)
-against dcmtk storescp (which does not fsync), with the same files and the same sender, dcmtk storescu, over 1
-and 4 simultaneous associations. Every dcmtk tool runs with TCP_NODELAY=1."""
+checked, fsynced, renamed, its directory fsynced and indexed before it is acknowledged) against dcmtk storescp
+(which does not fsync), with the same files and the same sender, dcmtk storescu, over 1 and 4 simultaneous
+associations. Every dcmtk tool runs with TCP_NODELAY=1.
+
+A third receiver explains the gap: the floor of any pynetdicom receiver, bench/bare_scp.py, which writes each
+instance durably in the same way and does nothing else (no checks, no index, no audit)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ def _storescp(out: Path, port: int) -> subprocess.Popen:
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _bare(out: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen([PY, str(Path(__file__).with_name("bare_scp.py")), str(out), str(port)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _livernode(state: Path, port: int, model: Path) -> subprocess.Popen:
     # A long quiet period: the study is not processed while the benchmark measures reception alone.
     return subprocess.Popen([PY, "-m", "livernode.cli", "serve", "--model", str(model), "--providers", "cpu",
@@ -32,7 +40,8 @@ def run(files: list[Path], model: Path, work: Path) -> list[dict]:
     rows = []
     for parallel in (1, 4):
         seconds = {}
-        for peer, start in (("storescp", _storescp), ("livernode", lambda d, p: _livernode(d, p, model))):
+        for peer, start in (("storescp", _storescp), ("bare pynetdicom", _bare),
+                            ("livernode", lambda d, p: _livernode(d, p, model))):
             best = float("inf")
             for i in range(REPEATS):
                 port, out = free_port(), work / f"ingest-{peer}-{parallel}-{i}"
@@ -53,5 +62,8 @@ def run(files: list[Path], model: Path, work: Path) -> list[dict]:
         rows.append({"associations": parallel, "instances": len(files),
                      "storescp_per_s": len(files) / seconds["storescp"],
                      "livernode_per_s": len(files) / seconds["livernode"],
+                     "bare_pynetdicom_per_s": len(files) / seconds["bare pynetdicom"],
+                     "ratio_bare_pynetdicom_vs_storescp": seconds["storescp"] / seconds["bare pynetdicom"],
+                     "ratio_vs_bare_pynetdicom": seconds["bare pynetdicom"] / seconds["livernode"],
                      "ratio_vs_storescp": seconds["storescp"] / seconds["livernode"]})
     return rows

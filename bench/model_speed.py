@@ -84,11 +84,39 @@ def run(work: Path) -> dict:
             t_ort = best_of(lambda: sess.run(None, {name: x}), REPEATS[batch])
             t_keras = best_of(lambda: keras_fn(tf.constant(x)).numpy(), REPEATS[batch])
             gflops = flops * batch / t_ort / 1e9
+            keras_gflops = flops * batch / t_keras / 1e9
             rows.append({"size": size, "batch": batch, "ort_ms_per_slice": 1000 * t_ort / batch,
                          "keras_ms_per_slice": 1000 * t_keras / batch, "speedup_vs_keras": t_keras / t_ort,
                          "model_gflop_per_slice": flops / 1e9, "ort_gflops": gflops,
-                         "fraction_of_matmul_ceiling": gflops / ceiling})
+                         "fraction_of_matmul_ceiling": gflops / ceiling,
+                         "keras_fraction_of_matmul_ceiling": keras_gflops / ceiling,
+                         # the most any runtime could gain over Keras here: running the convolutions at the ceiling
+                         "speedup_limit_at_ceiling": ceiling / keras_gflops})
             log(f"model: {size} px batch {batch}: ORT {1000 * t_ort / batch:.0f} ms/slice, "
                 f"Keras {1000 * t_keras / batch:.0f} ms/slice")
     return {"threads": threads, "matmul_ceiling_gflops": ceiling, "rows": rows, "model_256": str(path),
-            "model_512_fp16": str(fp16)}
+            "model_512_fp16": str(fp16), "ort_op_profile_256": op_profile(path, 256, threads, work)}
+
+
+def op_profile(model: Path, size: int, threads: int, work: Path, runs: int = 5) -> dict[str, float]:
+    """Share of ONNX Runtime's kernel time by operator type for one size x size slice (ORT's own profiler)."""
+    import json
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(work / "ort-profile")
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).random((1, size, size, 1), np.float32)
+    for _ in range(runs):
+        sess.run(None, {sess.get_inputs()[0].name: x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"]
+    total = sum(by_op.values()) or 1.0
+    return {op: round(t / total, 4) for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}

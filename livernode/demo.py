@@ -21,10 +21,11 @@ TRAIN_SEED, HELD_OUT_SEED = 0, 1000
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "training.toml"
 
 
-def run_demo(workdir: Path, *, fresh: bool = False) -> int:
+def demo_model(workdir: Path, *, fresh: bool = False) -> tuple[Path, Path, Path]:
+    """The demo's phantoms and trained model in `workdir`, made when missing (or `fresh`): (model, run folder,
+    held-out phantoms). `make bench` uses the same model, so the two share one training run."""
     from livernode.imaging.synth import synthesize
 
-    t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     train_dir, held_dir = workdir / "phantoms-train", workdir / "phantoms-heldout"
     model, run = workdir / "model.onnx", workdir / "run"
@@ -42,6 +43,12 @@ def run_demo(workdir: Path, *, fresh: bool = False) -> int:
         export_run(run, model)
     else:
         print(f"using the cached model {model} (run `livernode demo --fresh` to train again)")
+    return model, run, held_dir
+
+
+def run_demo(workdir: Path, *, fresh: bool = False) -> int:
+    t0 = time.monotonic()
+    model, run, held_dir = demo_model(workdir, fresh=fresh)
     from livernode.training.evaluate import evaluate, format_table
 
     report = evaluate(model, held_dir, "dicom", workdir / "evaluation")
