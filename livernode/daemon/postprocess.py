@@ -83,19 +83,27 @@ def _near_by_slices(mask: np.ndarray, spacing: tuple[float, float, float], margi
     dz, pixel = spacing[0], spacing[1]
     reach = int(margin_mm // dz)  # slices farther than this are beyond the margin whatever the in-plane distance
     lo, hi = max(0, z0 - reach), min(mask.shape[0], z1 + reach)
-    # Squared in-plane distance in pixels to the nearest mask voxel of each slice: an integer, which the rounding
-    # recovers exactly from OpenCV's exact (float32) Euclidean map. Slices without the mask: beyond any reach.
-    far = np.iinfo(np.int32).max
-    d2 = np.full((hi - lo,) + mask.shape[1:], far, np.int32)
-    for k in range(lo, hi):
-        if mask[k].any():
-            d = cv2.distanceTransform((~mask[k]).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-            d2[k - lo] = np.rint(np.square(d, dtype=np.float64))
+    within = [_largest_within(pixel**2, (step * dz) ** 2, margin_mm**2) for step in range(reach + 1)]
+    maps: dict[int, np.ndarray | None] = {}  # the 2 * reach + 1 slices in use: memory of a few slices, not a volume
+
+    def squared(k: int) -> np.ndarray | None:
+        """Squared in-plane distance in pixels to slice k's mask (None: no mask there): an integer, recovered
+        exactly by rounding from OpenCV's exact (float32) Euclidean map."""
+        if k not in maps:
+            for old in [j for j in maps if j < k - 2 * reach]:
+                del maps[old]
+            maps[k] = None
+            if mask[k].any():
+                d = cv2.distanceTransform((~mask[k]).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+                maps[k] = np.rint(np.square(d, dtype=np.float64)).astype(np.int32)
+        return maps[k]
+
     out = np.zeros((z1 - z0,) + mask.shape[1:], bool)
-    for step in range(-reach, reach + 1):
-        within = _largest_within(pixel**2, (step * dz) ** 2, margin_mm**2)  # d2 <= within: inside the margin
-        for z in range(max(z0, lo - step), min(z1, hi - step)):
-            out[z - z0] |= d2[z + step - lo] <= within
+    for z in range(z0, z1):
+        for k in range(max(lo, z - reach), min(hi, z + reach + 1)):
+            d2 = squared(k)
+            if d2 is not None:
+                out[z - z0] |= d2 <= within[abs(k - z)]  # d2 * pixel^2 + ((k - z) dz)^2 <= margin^2
     return out
 
 
@@ -117,6 +125,15 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     outside[1:-1, 1:-1] = mask
     cv2.floodFill(outside, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 1, flags=4)
     return mask | (outside[1:-1, 1:-1] == 0)
+
+
+def _bincount(volume: np.ndarray, length: int, chunk: int = 8) -> np.ndarray:
+    """np.bincount of a label volume a few slices at a time: np.bincount first converts its whole input to int64,
+    8 bytes a voxel (1.2 GB for a 600-slice study)."""
+    counts = np.zeros(length, np.int64)
+    for start in range(0, volume.shape[0], chunk):
+        counts += np.bincount(volume[start:start + chunk].ravel(), minlength=length)
+    return counts
 
 
 def _box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
@@ -159,7 +176,7 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     comp, n = ndimage.label(labels > 0, FULL_3D)
     if n == 0:
         return Findings(np.zeros_like(labels, np.uint8), 0.0, 0.0, (), False)
-    sizes = np.bincount(comp.ravel())
+    sizes = _bincount(comp, n + 1)
     sizes[0] = 0
     keep = int(sizes.argmax())
     liver = comp == keep
@@ -170,24 +187,28 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     tumour = labels == TUMOUR
     if (tumour & ~liver).any():  # only tumour outside the liver needs the distance to it
         tumour &= _near(liver, spacing, liver_margin_mm)
-    tcomp, tn = ndimage.label(tumour, FULL_3D)
     out = liver.astype(np.uint8)  # not np.where(liver, LIVER, 0): that makes an 8-byte-a-voxel temporary
     out *= LIVER
     del liver
     lesions = []
-    big = np.bincount(tcomp.ravel(), minlength=tn + 1) * voxel_ml >= min_lesion_ml  # sizes first: a noisy
-    big[0] = False  # output can hold thousands of specks, each not worth a look
-    for i, sl in enumerate(ndimage.find_objects(tcomp), start=1):
-        if sl is None or not big[i]:
-            continue
-        m = tcomp[sl] == i
-        vox = int(m.sum())
-        out[sl][m] = TUMOUR
-        lesions.append(Lesion(
-            index=len(lesions) + 1, voxels=vox, volume_ml=vox * voxel_ml,
-            longest_axial_diameter_mm=_longest_axial_diameter(m, spacing[1], spacing[2]),
-            bbox=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop)))
-    counts = np.bincount(out.ravel(), minlength=max(LIVER, TUMOUR) + 1)
+    tbox = _box(tumour)
+    if tbox is not None:  # lesions are labelled inside the tumour's own bounding box (4 bytes a voxel)
+        tcomp, tn = ndimage.label(tumour[tbox], FULL_3D)
+        del tumour
+        big = _bincount(tcomp, tn + 1) * voxel_ml >= min_lesion_ml  # sizes first: a noisy output can hold
+        big[0] = False  # thousands of specks, each not worth a look
+        for i, local in enumerate(ndimage.find_objects(tcomp), start=1):
+            if local is None or not big[i]:
+                continue
+            m = tcomp[local] == i
+            sl = tuple(slice(t.start + b.start, t.start + b.stop) for t, b in zip(tbox, local))
+            vox = int(m.sum())
+            out[sl][m] = TUMOUR
+            lesions.append(Lesion(
+                index=len(lesions) + 1, voxels=vox, volume_ml=vox * voxel_ml,
+                longest_axial_diameter_mm=_longest_axial_diameter(m, spacing[1], spacing[2]),
+                bbox=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop)))
+    counts = _bincount(out, max(LIVER, TUMOUR) + 1)
     return Findings(
         labels=out,
         liver_volume_ml=float(counts[LIVER] + counts[TUMOUR]) * voxel_ml,
