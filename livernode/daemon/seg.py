@@ -29,7 +29,7 @@ def write_result_seg(source: Sequence[Dataset], labels: np.ndarray, path: Path, 
     return seg
 
 
-def verify_seg(path: Path, source: Sequence[Dataset], labels: np.ndarray) -> None:
+def verify_seg(path: Path, source: Sequence[Dataset], labels: np.ndarray, chunk: int = 32) -> None:
     """Read the SEG back: every frame's position must equal its source slice's, and the masks must round-trip."""
     seg = hd.seg.segread(str(path))
     positions = {str(ds.SOPInstanceUID): [float(v) for v in ds.ImagePositionPatient] for ds in source}
@@ -42,8 +42,11 @@ def verify_seg(path: Path, source: Sequence[Dataset], labels: np.ndarray) -> Non
             raise SegCheckFailed(f"{path}: frame {i} at {pos} but its source slice {ref_uid} is at "
                                  f"{positions[ref_uid]}: misregistered")
     uids = [str(ds.SOPInstanceUID) for ds in source]
-    back = seg.get_pixels_by_source_instance(uids, segment_numbers=[li.value for li in LABELS],
-                                             assert_missing_frames_are_empty=True)
-    for k, li in enumerate(LABELS):
-        if not np.array_equal(back[..., k] > 0, labels == li.value):
-            raise SegCheckFailed(f"{path}: segment {li.name} read back differs from the prediction")
+    for start in range(0, len(uids), chunk):  # a few slices at a time: a 600-slice study read back whole is 300 MB
+        back = seg.get_pixels_by_source_instance(uids[start:start + chunk],
+                                                 segment_numbers=[li.value for li in LABELS],
+                                                 assert_missing_frames_are_empty=True)
+        for k, li in enumerate(LABELS):
+            if not np.array_equal(back[..., k] > 0, labels[start:start + chunk] == li.value):
+                raise SegCheckFailed(f"{path}: segment {li.name} read back differs from the prediction "
+                                     f"(slices {start}-{start + len(back) - 1})")
