@@ -79,7 +79,13 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
     lap("load")
     volume, labels = _segment(kept, order, segmenter, series_uid)
     lap("infer")
-    findings = postprocess(labels, volume.spacing)
+    # From here on only a preview's dozen slices need pixels: they are read again from disk, and the study's HU
+    # volume (2 bytes a voxel) is not held through post-processing and SEG writing.
+    slices = _Slices(kept, volume.hu.shape[1:], volume.hu.dtype)
+    spacing, described, shape = volume.spacing, volume.source, volume.hu.shape
+    del volume
+    findings = postprocess(labels, spacing)
+    del labels
     lap("postprocess")
     out_dir.mkdir(parents=True, exist_ok=True)
     m = segmenter.manifest
@@ -93,15 +99,14 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
     write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid(),
                       series_number=9002 + 2 * series_number_offset), sr_path)
     lap("sr")
-    preview_path = preview(volume.hu, findings, out_dir / "preview.png")
+    preview_path = preview(slices, findings, out_dir / "preview.png")
     lap("preview")
     summary = summary_dict(
         findings,
         livernode_version=__version__,
         study_instance_uid=str(source[0].StudyInstanceUID),
         series={"chosen": series_uid, "decisions": [asdict(d) for d in decisions], "skipped_files": skipped},
-        volume={"slices": int(volume.hu.shape[0]), "rows": int(volume.hu.shape[1]), "columns": int(volume.hu.shape[2]),
-                "spacing_mm": list(volume.spacing)},
+        volume={"slices": int(shape[0]), "rows": int(shape[1]), "columns": int(shape[2]), "spacing_mm": list(spacing)},
         model={"file": segmenter.path.name, "architecture": m.architecture.name, "backbone": m.architecture.backbone,
                "weights_sha256": m.weights_sha256, "created": m.created},
         providers=segmenter.providers_used,
@@ -109,11 +114,25 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
     )
     summary_path = out_dir / "summary.json"
     write_json(summary_path, summary)
-    log.info("study %s: liver %.1f mL, %d lesions, %.1f mL tumour; %s", volume.source, findings.liver_volume_ml,
+    log.info("study %s: liver %.1f mL, %d lesions, %.1f mL tumour; %s", described, findings.liver_volume_ml,
              len(findings.lesions), findings.tumour_volume_ml,
              ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-    return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, timings,
-                       int(volume.hu.shape[0]))
+    return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, timings, int(shape[0]))
+
+
+class _Slices:
+    """The study's slices in order, decoded from their files when indexed: `slices[k]` is slice k in HU."""
+
+    def __init__(self, kept: list[tuple[str, Dataset]], shape: tuple[int, ...], dtype) -> None:
+        self.kept, self.shape, self.dtype = kept, tuple(shape), np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        src = self.kept[i][0]
+        hu = hu_of(read_dataset(Path(src)), src)
+        return np.clip(hu, -32768, 32767).astype(self.dtype) if self.dtype == np.int16 else hu
 
 
 def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segmenter,
@@ -123,14 +142,9 @@ def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segm
     ref = kept[0][1]
     exact = all(float(getattr(ds, "RescaleSlope", 1) or 1) == 1.0 and
                 float(getattr(ds, "RescaleIntercept", 0) or 0).is_integer() for _, ds in kept)
-    dtype = np.int16 if exact else np.float32
-
-    def decode(i: int) -> np.ndarray:
-        src = kept[i][0]
-        hu = hu_of(read_dataset(Path(src)), src)
-        return np.clip(hu, -32768, 32767) if exact else hu
-
-    hu, labels = segmenter.segment_streamed(len(kept), (int(ref.Rows), int(ref.Columns)), decode, dtype)
+    shape = (int(ref.Rows), int(ref.Columns))
+    slices = _Slices(kept, shape, np.int16 if exact else np.float32)
+    hu, labels = segmenter.segment_streamed(len(kept), shape, slices.__getitem__, slices.dtype)
     return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels
 
 

@@ -40,7 +40,7 @@ def write_json(path: Path, data: dict) -> None:
 def preview(hu: np.ndarray, findings: Findings, path: Path, *, tiles: int = 12, tile_px: int = 256) -> Path:
     """Axial montage of the slices with most liver, liver and tumour outlined and filled, lesion boxes in yellow."""
     labels = findings.labels
-    area = (labels > 0).reshape(len(labels), -1).sum(1)
+    area = np.count_nonzero(labels.reshape(len(labels), -1), axis=1)
     idx = np.flatnonzero(area) if area.any() else np.arange(len(labels))
     picks = idx[np.linspace(0, len(idx) - 1, min(tiles, len(idx))).round().astype(int)]
     cols = min(4, len(picks))
