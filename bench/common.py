@@ -30,6 +30,21 @@ def best_of(fn, repeats: int, warmup: bool = True) -> float:
     return best
 
 
+def best_interleaved(a, b, rounds: int) -> tuple[float, float]:
+    """The fastest run of a() and of b() in seconds over `rounds` rounds of one a() then one b() (after one
+    warm-up each): a burst of load on the machine slows both rather than one of the two."""
+    a(), b()
+    best_a = best_b = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        a()
+        best_a = min(best_a, time.perf_counter() - t)
+        t = time.perf_counter()
+        b()
+        best_b = min(best_b, time.perf_counter() - t)
+    return best_a, best_b
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
