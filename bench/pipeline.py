@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ENV, PY, REPO, free_port, log, stacked_study, stop, storescu, wait_port
+from bench.common import ENV, PY, REPO, best_of, free_port, log, stacked_study, stop, storescu, wait_port
 
 QUIET_S = 0.5
 
@@ -58,9 +58,7 @@ def _pure_model_seconds(files: list[Path], model: Path) -> float:
     seg = Segmenter(model, providers="cpu")
     x = prepare_slices(read_ct_series(files).hu, seg.spec)
     seg.run(x[:8])  # warm-up
-    t = time.perf_counter()
-    seg.run(x)
-    return time.perf_counter() - t
+    return best_of(lambda: seg.run(x), 2, warmup=False)  # the faster of two: the peer is not handicapped by noise
 
 
 def _failed(state: Path) -> str:
