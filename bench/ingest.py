@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.common import ENV, PY, free_port, log, stop, storescu, wait_port
 
-REPEATS = 3
+REPEATS = 2
 
 
 def _storescp(out: Path, port: int) -> subprocess.Popen:

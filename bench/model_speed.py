@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.common import best_interleaved, log, matmul_ceiling
 
-ROUNDS = {1: 8, 8: 4}  # each round times ORT once and Keras once, so a burst of noise on the machine hits both
+ROUNDS = {1: 6, 8: 3}  # each round times ORT once and Keras once, so a burst of noise on the machine hits both
 SIZES = (256, 512)
 
 

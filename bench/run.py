@@ -96,7 +96,7 @@ def main() -> int:
     synthesize(WORK / "template", cases=1, slices=20, size=512, seed=3, layout="dicom")
     template = sorted((WORK / "template" / "case_000" / "ct").glob("*.dcm"))
     study = stacked_study(template, 200, WORK / "study-200")
-    log("the trained network for the pipeline parts (trains the demo's model if `make demo` has not) ...")
+    log("the trained network for the pipeline parts (trains a short demo recipe if `make demo` has not) ...")
     model, results["pipeline_model"] = pipeline.pipeline_model(WORK, WORK / "template")
     log("ingest ...")
     results["ingest"] = ingest.run(study, model, WORK)
@@ -124,7 +124,8 @@ def main() -> int:
     print("\nend-to-end stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in e["stages_s"].items())
           + f"; quiet period {e['quiet_period_s']} s; sending took {e['send_s']:.1f} s")
     pm = results["pipeline_model"]
-    print(f"pipeline network: the demo's weights (trained at {pm['trained_size']} px) run at {pm['run_size']} px; "
+    print(f"pipeline network: weights from {pm['weights']} (trained at {pm['trained_size']} px) run at "
+          f"{pm['run_size']} px; "
           f"liver Dice {pm['liver_dice']:.3f} on the template case; {e['lesions_found']} lesions in the "
           f"{e['slices']}-slice study")
     out = REPO / "bench" / "results.json"
