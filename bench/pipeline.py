@@ -48,7 +48,8 @@ def pipeline_model(work: Path, template_dir: Path, size: int = 256) -> tuple[Pat
     scores = {"liver_dice": report["liver"]["dice_global"], "tumour_dice": report["tumour"]["dice_global"],
               "trained_size": manifest.input.preferred_size, "run_size": size,
               "weights": "make demo" if src == demo else "the demo recipe cut to 3 epochs"}
-    log(f"pipeline model: demo weights at {size} px, liver Dice {scores['liver_dice']:.3f} on the template case")
+    log(f"pipeline model: weights from {scores['weights']} at {size} px, liver Dice {scores['liver_dice']:.3f} "
+        "on the template case")
     return out, scores
 
 
