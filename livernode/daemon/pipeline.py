@@ -77,11 +77,10 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
     kept = [chosen[i] for i in order.kept]
     source = [ds for _, ds in kept]  # headers only: the pixels live in the volume below, once
     lap("load")
-    volume, labels = _segment(kept, order, segmenter, series_uid)
+    volume, labels, slices = _segment(kept, order, segmenter, series_uid)
     lap("infer")
-    # From here on only a preview's dozen slices need pixels: they are read again from disk, and the study's HU
-    # volume (2 bytes a voxel) is not held through post-processing and SEG writing.
-    slices = _Slices(kept, volume.hu.shape[1:], volume.hu.dtype)
+    # From here on only a preview's dozen slices need pixels: they are read again from disk (`slices`), and the
+    # study's HU volume (2 bytes a voxel) is not held through post-processing and SEG writing.
     spacing, described, shape = volume.spacing, volume.source, volume.hu.shape
     del volume
     findings = postprocess(labels, spacing)
@@ -136,16 +135,17 @@ class _Slices:
 
 
 def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segmenter,
-             series_uid: str) -> tuple[CtVolume, np.ndarray]:
-    """Decode the ordered slices into a volume while the network runs on the ones already decoded. Integer HU
-    (slope 1, integer intercept: every CT scanner we know of) are held as int16, otherwise as float32."""
+             series_uid: str) -> tuple[CtVolume, np.ndarray, _Slices]:
+    """Decode the ordered slices into a volume while the network runs on the ones already decoded; returns the
+    volume, the labels and the slices' reader. Integer HU (slope 1, integer intercept: every CT scanner we know of)
+    are held as int16, otherwise as float32."""
     ref = kept[0][1]
     exact = all(float(getattr(ds, "RescaleSlope", 1) or 1) == 1.0 and
                 float(getattr(ds, "RescaleIntercept", 0) or 0).is_integer() for _, ds in kept)
     shape = (int(ref.Rows), int(ref.Columns))
     slices = _Slices(kept, shape, np.int16 if exact else np.float32)
     hu, labels = segmenter.segment_streamed(len(kept), shape, slices.__getitem__, slices.dtype)
-    return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels
+    return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels, slices
 
 
 def infer_folder(study_dir: Path, model: Path, out_dir: Path, providers: str = "auto") -> StudyResult:
