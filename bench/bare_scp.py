@@ -1,10 +1,9 @@
 """The floor of a Python receiver, for the ingest benchmark: pynetdicom with nothing but a durable write per
-instance (the same temp file, fsync, rename and directory fsync as livernode's spool) and no checks, no index, no
+instance (livernode's own `atomic_write`: temp file, fsync, rename, directory fsync) and no checks, no index, no
 audit. `python bench/bare_scp.py OUT_DIR PORT`; runs until terminated."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
+
+from livernode.daemon.spool import atomic_write
 
 
 def main(out: Path, port: int) -> None:
@@ -21,15 +22,7 @@ def main(out: Path, port: int) -> None:
     def on_store(event) -> int:
         nonlocal count
         count += 1
-        tmp, final = out / f".{count}.tmp", out / f"{count}.dcm"
-        with open(tmp, "wb") as fh:
-            fh.write(event.encoded_dataset())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        fd = os.open(out, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        atomic_write(out / f"{count}.dcm", event.encoded_dataset())
         return 0x0000
 
     ae = AE(ae_title="LIVERNODE")

@@ -122,8 +122,8 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
 class _Slices:
     """The study's slices in order, decoded from their files when indexed: `slices[k]` is slice k in HU."""
 
-    def __init__(self, kept: list[tuple[str, Dataset]], shape: tuple[int, ...], dtype) -> None:
-        self.kept, self.shape, self.dtype = kept, tuple(shape), np.dtype(dtype)
+    def __init__(self, kept: list[tuple[str, Dataset]], dtype) -> None:
+        self.kept, self.dtype = kept, np.dtype(dtype)
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -143,7 +143,7 @@ def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segm
     exact = all(float(getattr(ds, "RescaleSlope", 1) or 1) == 1.0 and
                 float(getattr(ds, "RescaleIntercept", 0) or 0).is_integer() for _, ds in kept)
     shape = (int(ref.Rows), int(ref.Columns))
-    slices = _Slices(kept, shape, np.int16 if exact else np.float32)
+    slices = _Slices(kept, np.int16 if exact else np.float32)
     hu, labels = segmenter.segment_streamed(len(kept), shape, slices.__getitem__, slices.dtype)
     return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels, slices
 

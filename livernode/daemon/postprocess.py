@@ -59,19 +59,17 @@ def _near(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: floa
     distance to the mask is the least, over the slices z' within the margin, of sqrt(d_z'^2 + ((z - z') dz)^2).
     Otherwise a 3-D distance transform a slab of slices at a time (about 20 bytes a voxel for one slab)."""
     out = np.zeros_like(mask)
-    box = ndimage.find_objects(mask.astype(np.uint8))
-    if not box or box[0] is None:
+    box = _grown_box(mask, spacing, margin_mm)
+    if box is None:
         return out
-    grow = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
-    rows, cols = (slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box[0][1:], grow[1:],
-                                                                                     mask.shape[1:]))
-    z0, z1 = max(0, box[0][0].start - grow[0]), min(mask.shape[0], box[0][0].stop + grow[0])
+    (z0, z1), rows, cols = (box[0].start, box[0].stop), box[1], box[2]
     if np.isclose(spacing[1], spacing[2], rtol=1e-6, atol=0.0):
         out[z0:z1, rows, cols] = _near_by_slices(mask[:, rows, cols], spacing, margin_mm, z0, z1)
         return out
+    reach = _margin_voxels(spacing, margin_mm)[0]
     for start in range(z0, z1, slab):
         stop = min(z1, start + slab)
-        lo, hi = max(0, start - grow[0]), min(mask.shape[0], stop + grow[0])
+        lo, hi = max(0, start - reach), min(mask.shape[0], stop + reach)
         near = ndimage.distance_transform_edt(~mask[lo:hi, rows, cols], sampling=spacing) <= margin_mm
         out[start:stop, rows, cols] = near[start - lo:stop - lo]
     return out
@@ -136,6 +134,21 @@ def _bincount(volume: np.ndarray, length: int, chunk: int = 8) -> np.ndarray:
     return counts
 
 
+def _margin_voxels(spacing: tuple[float, float, float], margin_mm: float) -> list[int]:
+    """Voxels along each axis that cover `margin_mm`, plus one."""
+    return [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
+
+
+def _grown_box(labels: np.ndarray, spacing: tuple[float, float, float],
+               margin_mm: float) -> tuple[slice, slice, slice] | None:
+    """The bounding box of the non-zero labels grown by `margin_mm` (clipped to the volume); None when empty."""
+    box = _box(labels)
+    if box is None:
+        return None
+    return tuple(slice(max(0, b.start - g), min(n, b.stop + g))
+                 for b, g, n in zip(box, _margin_voxels(spacing, margin_mm), labels.shape))
+
+
 def _box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
     """The bounding box of the non-zero labels, from projections (no full-size temporary)."""
     spans = []
@@ -155,11 +168,9 @@ def postprocess(labels: np.ndarray, spacing: tuple[float, float, float], *, min_
 
     Works inside the bounding box of what the network labelled, grown by the liver margin: component labelling
     needs 4 bytes per voxel, and a 600-slice study is 157 million voxels of which the abdomen's organs are few."""
-    box = _box(labels)
+    box = _grown_box(labels, spacing, liver_margin_mm)
     if box is None:
         return Findings(np.zeros_like(labels, np.uint8), 0.0, 0.0, (), False)
-    grow = [int(np.ceil(liver_margin_mm / s)) + 1 for s in spacing]
-    box = tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, labels.shape))
     inner = _postprocess(labels[box], spacing, min_lesion_ml, liver_margin_mm)
     out = np.zeros_like(labels, np.uint8)
     out[box] = inner.labels

@@ -43,17 +43,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview], *, parent_exists: bool = False) -> None:
+def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
     """Write `data` (bytes, or pieces written one after the other) so that after return it survives a crash, and
-    a crash before never leaves a partial file. `parent_exists`: skip creating the folder unless it is missing."""
-    if not parent_exists:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    a crash before never leaves a partial file. The folder is made only when it is missing (not for every file)."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
         try:
             fh = open(tmp, "wb")
-        except FileNotFoundError:  # the folder was removed (retention) since it was last seen
+        except FileNotFoundError:  # a new folder, or one retention removed
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(tmp, "wb")
         with fh:
@@ -76,7 +74,6 @@ class Spool:
         self.instances = self.root / "instances"
         self.instances.mkdir(parents=True, exist_ok=True)
         self.min_free_bytes = min_free_bytes
-        self._folders: set[Path] = set()  # series folders known to exist: no mkdir for every instance
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.instances / uid_key(study_uid) / uid_key(series_uid) / f"{uid_key(sop_uid)}.dcm"
@@ -91,10 +88,7 @@ class Spool:
         path = self.path_for(study_uid, series_uid, sop_uid)
         if path.exists():
             return path, False
-        atomic_write(path, data, parent_exists=path.parent in self._folders)
-        if len(self._folders) > 10_000:  # a cache, not a record: bounded for a node that runs for months
-            self._folders.clear()
-        self._folders.add(path.parent)
+        atomic_write(path, data)
         return path, True
 
     def clean_partials(self) -> int:
