@@ -1,8 +1,12 @@
 """Real peers on loopback for the end-to-end and reliability tests: free ports, dcmtk storescp as a PACS,
-`livernode serve` as a subprocess, a throw-away PKI, and a C-STORE client that can misbehave."""
+`livernode serve` as a subprocess, a throw-away PKI, and a C-STORE client that can misbehave.
+
+Every child process writes its output to a log file, never to a pipe nobody reads: a child that fills a pipe
+(about 64 KB) blocks on its next write, and a fast machine gets there first."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -13,6 +17,21 @@ from io import BytesIO
 from pathlib import Path
 
 ENV = dict(os.environ, TCP_NODELAY="1", TF_CPP_MIN_LOG_LEVEL="3")
+FAULTY_NODE = Path(__file__).with_name("faulty_node.py")
+_runs = itertools.count()
+
+
+def logged_popen(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start `args` with stdout and stderr appended to `log`; the Popen carries `log_path`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(args, env=env or ENV, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc.log_path = log
+    return proc
+
+
+def log_text(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
 
 
 def free_port() -> int:
@@ -34,45 +53,72 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 def wait_port(port: int, proc=None, timeout: float = 60) -> None:
     def up():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"process exited with {proc.returncode}: {log_text(proc)[-3000:]}")
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
     wait_for(up, timeout, f"port {port}")
 
 
 def start_storescp(port: int, out: Path, *extra: str) -> subprocess.Popen:
-    """dcmtk storescp as the PACS stand-in, writing what it receives to `out`."""
+    """dcmtk storescp as the PACS stand-in, writing what it receives to `out` and its log beside it."""
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", *extra, "-od", str(out), str(port)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = logged_popen(["/usr/bin/storescp", "-aet", "PACS", *extra, "-od", str(out), str(port)],
+                        out.parent / f"storescp-{port}-{next(_runs)}.log")
     wait_port(port, proc)
     return proc
 
 
 def stop_process(proc: subprocess.Popen) -> str:
+    """Terminate (kill after 30 s) and return the process's log."""
     proc.terminate()
     try:
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
-    return err or ""
+        proc.wait()
+    return log_text(proc)
 
 
-def start_node(state: Path, model: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "livernode.cli", "serve", "--model", str(model), "--providers",
-                             "cpu", "--state", str(state), "--study-timeout", "1", "--metrics-port", "0", *args],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_node(state: Path, model: Path, *args: str, faults: dict[str, str] | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`livernode serve` on `state`, its log in a new file beside the state folder. `faults` (environment
+    variables read by tests/faulty_node.py) start it through that wrapper instead."""
+    cmd = [sys.executable, str(FAULTY_NODE)] if faults else [sys.executable, "-m", "livernode.cli"]
+    log = state.parent / f"{state.name}-node-{next(_runs)}.log"
+    return logged_popen([*cmd, "serve", "--model", str(model), "--providers", "cpu", "--state", str(state),
+                         "--bind", "127.0.0.1", "--study-timeout", "1", "--metrics-port", "0", *args], log,
+                        {**ENV, **(faults or {}), **(env or {})})
 
 
-def stop_node(proc: subprocess.Popen) -> str:
+def stop_node(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """SIGTERM (SIGKILL after `timeout`) and return the node's log."""
     proc.send_signal(signal.SIGTERM)
     try:
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
-    return err
+        proc.wait()
+    return log_text(proc)
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    """(HTTP status, body) of the node's metrics endpoint."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str) -> float | None:
+    """The value of one sample (`name` with its labels, as written) in a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
 
 
 def storescu(port: int, files, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -81,6 +127,54 @@ def storescu(port: int, files, *extra: str, check: bool = True) -> subprocess.Co
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def restamp(files: list[Path], out: Path) -> list[Path]:
+    """The same slices as a new study in `out`: new Study, Series and SOP Instance UIDs."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
+        paths.append(out / f"{i:04d}.dcm")
+    return paths
+
+
+class PacsStandIn:
+    """A pynetdicom PACS on a free loopback port for the cases dcmtk's storescp cannot play: it accepts only
+    `sop_classes`, answers each C-STORE with `status(event)` (default success) and can hold its first answer
+    for `hold_first_s`. `received` lists (SOP Class UID, SOP Instance UID) in arrival order."""
+
+    def __init__(self, sop_classes=None, status=None, hold_first_s: float = 0.0) -> None:
+        import threading
+
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
+
+        self.received: list[tuple[str, str]] = []
+        self.first = threading.Event()
+        self.hold_first_s, self.status = hold_first_s, status or (lambda event: 0x0000)
+        ae = AE(ae_title="PACS")
+        for sop_class in sop_classes or (SegmentationStorage, Comprehensive3DSRStorage):
+            ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = self.server.server_address[1]
+
+    def _store(self, event) -> int:
+        self.received.append((str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID)))
+        if not self.first.is_set():
+            self.first.set()
+            time.sleep(self.hold_first_s)
+        return self.status(event)
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
 
 
 def make_pki(d: Path) -> Path:

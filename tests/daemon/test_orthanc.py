@@ -2,12 +2,12 @@
 and SR come back into the same study in Orthanc."""
 
 import json
-import subprocess
 import urllib.request
 
 import pytest
 
 from tests.daemon.test_serve_e2e import free_port, start_node, stop_node, wait_for, wait_port
+from tests.peers import logged_popen
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,7 @@ def orthanc(tmp_path):
         "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
         "DicomModalities": {"livernode": ["LIVERNODE", "127.0.0.1", node_port]}, "Plugins": [],
     }))
-    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = logged_popen(["/usr/sbin/Orthanc", str(cfg)], tmp_path / "orthanc.log")
     wait_port(http, proc)
     yield http, dicom, node_port
     proc.terminate()
