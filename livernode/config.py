@@ -94,6 +94,8 @@ def _describe(err: ValidationError, source: str) -> str:
     path = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{path}'"
+    if not first["loc"]:  # a check across sections names its keys itself
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     return f"{source}: key '{path}': {first['msg']}"
 
 
@@ -172,6 +174,8 @@ class StudyConfig(_Strict):
     quiet_seconds: float = Field(30.0, ge=0)
     max_wait_seconds: float = Field(600.0, gt=0)
     min_free_mb: float = Field(1024.0, ge=0)
+    max_attempts: int = Field(
+        3, ge=1, description="a study whose processing was cut short by a crash this many times becomes failed")
 
 
 class TlsConfig(_Strict):
@@ -201,6 +205,9 @@ class ObservabilityConfig(_Strict):
     metrics_bind: str = "127.0.0.1"
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="None: no /metrics and /healthz")
     audit_log: Path | None = Path("audit.jsonl")  # relative paths are inside the state folder
+    stall_seconds: float = Field(
+        120.0, gt=0, description="a worker or sender without progress for this long is stuck: /healthz fails and "
+                                 "WATCHDOG=1 stops, so systemd restarts the node")
 
 
 class DaemonConfig(_Strict):
@@ -212,6 +219,15 @@ class DaemonConfig(_Strict):
     study: StudyConfig = StudyConfig()
     send: SendConfig = SendConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
+
+    @model_validator(mode="after")
+    def _stall_exceeds_a_send(self) -> "DaemonConfig":
+        # One C-STORE may legitimately take a connect plus a response timeout; the sender reports progress only
+        # between them, so a shorter stall bound would call a slow but working PACS a hung node.
+        if self.observability.stall_seconds <= 2 * self.send.timeout_seconds:
+            raise ValueError(f"observability.stall_seconds ({self.observability.stall_seconds:g}) must exceed twice "
+                             f"send.timeout_seconds ({self.send.timeout_seconds:g})")
+        return self
 
 
 def load_daemon_config(path: Path | None, overrides: dict | None = None) -> DaemonConfig:

@@ -41,3 +41,7 @@ class ManifestError(LivernodeError):
 
 class EvaluationError(LivernodeError):
     """Evaluation could not be completed."""
+
+
+class StudyInterrupted(LivernodeError):
+    """Processing stopped between two steps because the node is shutting down; the study stays due."""

@@ -47,6 +47,10 @@ class FolderIngest:
         self._observer.schedule(Handler(), str(self.watch), recursive=True)
         self._observer.start()
 
+    def watching(self) -> bool:
+        """True while the file-system observer runs (the scan also runs on its own period without it)."""
+        return self._observer is not None and self._observer.is_alive()
+
     def stop(self) -> None:
         if self._observer is not None:
             self._observer.stop()

@@ -84,6 +84,7 @@ class StoreSCP:
         self.spool, self.store = spool, store
         self.on_stored = on_stored
         self.server = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # Writers of the same SOP Instance UID take turns (that keeps "store once" exact); different instances,
         # from parallel associations, are written and fsynced at the same time.
@@ -98,11 +99,17 @@ class StoreSCP:
         server = self.ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=_Server)
         server.tls, server.on_tls_failure = self.tls, self._on_tls_failure
         self.ae._servers.append(server)  # as pynetdicom's start_server does: its shutdown() removes it again
-        threading.Thread(target=server.serve_forever, name=f"scp-{self.ae.ae_title}", daemon=True).start()
+        self._thread = threading.Thread(target=server.serve_forever, name=f"scp-{self.ae.ae_title}", daemon=True)
+        self._thread.start()
         self.server = server
         self.port = server.server_address[1]
         log.info("C-STORE SCP %s listening on %s:%d%s", self.ae.ae_title, self.host, self.port,
                  " (TLS)" if self.tls else "")
+
+    def listening(self) -> bool:
+        """True while the port is bound and the accepting thread runs."""
+        server, thread = self.server, self._thread
+        return server is not None and server.socket.fileno() >= 0 and thread is not None and thread.is_alive()
 
     def stop(self) -> None:
         """Stop accepting associations; safe to call from several threads and more than once."""

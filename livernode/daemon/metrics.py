@@ -1,4 +1,4 @@
-"""Prometheus metrics and /healthz on a local HTTP port, plus the append-only audit log (JSON lines)."""
+"""Prometheus metrics (served with /healthz by `health.serve_http`) and the append-only audit log (JSON lines)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import json
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +35,10 @@ class Metrics:
         self.dead_letters = Gauge("livernode_outbox_dead", "Outbox items given up after max attempts", registry=r)
         self.info = Gauge("livernode_model_info", "Model and providers in use (value 1)",
                           ["model_sha256", "livernode_version", "providers"], registry=r)
-        self.healthy = True
-
-    def serve(self, host: str, port: int) -> ThreadingHTTPServer:
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path == "/metrics":
-                    body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
-                elif self.path == "/healthz":
-                    ok = metrics.healthy
-                    body, ctype, code = (b"ok\n" if ok else b"unhealthy\n"), "text/plain", 200 if ok else 503
-                else:
-                    body, ctype, code = b"not found\n", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # scrapes every few seconds would flood the log
-                pass
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
-        return server
+        self.study_slices = Gauge("livernode_study_slices", "Slices of the study being processed: total, and "
+                                  "inferred so far (0 when idle)", ["kind"], registry=r)
+        self.study_failures = Counter("livernode_study_failures", "Studies that failed, by cause", ["cause"],
+                                      registry=r)
 
 
 class AuditLog:

@@ -47,18 +47,15 @@ def status_text(state: Path) -> str:
 
 
 def retry(state: Path, study_uid: str) -> str:
-    """Reprocess a study (failed or done) and re-queue its dead or pending sends for an immediate attempt."""
+    """Re-queue a study's dead or pending sends for an immediate attempt; when nothing is owed (a failed study,
+    or one delivered long ago), reprocess it."""
     store = open_store(state)
-    with store.transaction() as db:
-        found = db.execute("SELECT count(*) FROM studies WHERE study_instance_uid = ?", (study_uid,)).fetchone()[0]
-        if not found:
-            raise ConfigError(f"study {study_uid}: not known to this node")
-        requeued = db.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = 0 "
-                              "WHERE study_instance_uid = ? AND state IN ('dead', 'pending')", (study_uid,)).rowcount
-        if requeued == 0:  # nothing left to send: produce the results again
-            db.execute("UPDATE studies SET processed_instances = 0, state = 'receiving', last_received_at = 0 "
-                       "WHERE study_instance_uid = ?", (study_uid,))
-            return f"study {study_uid}: queued for reprocessing"
+    if store.study(study_uid) is None:
+        raise ConfigError(f"study {study_uid}: not known to this node")
+    requeued = store.requeue_outbox(study_uid)
+    if requeued == 0:  # nothing left to send: produce the results again
+        store.requeue_study(study_uid)
+        return f"study {study_uid}: queued for reprocessing"
     return f"study {study_uid}: {requeued} outbox item(s) queued for sending again"
 
 

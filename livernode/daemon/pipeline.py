@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,14 @@ from livernode.imaging.segwrite import Algorithm
 from livernode.inference.runner import Segmenter
 
 log = logging.getLogger(__name__)
+# progress(stage, done, total): called as each file is read, after each inference batch, and with (0, 0) as each
+# stage ends. The daemon's worker uses it as its heartbeat and raises from it (StudyInterrupted) to stop between
+# batches.
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -49,9 +58,10 @@ def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> Study
 
 
 def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
-                  series_number_offset: int = 0) -> StudyResult:
+                  series_number_offset: int = 0, progress: Progress = _no_progress) -> StudyResult:
     """Segment the best CT series among `files` (one study) and write the results into `out_dir`.
-    `series_number_offset` numbers a reprocess's SEG and SR series after the ones they supersede."""
+    `series_number_offset` numbers a reprocess's SEG and SR series after the ones they supersede; `progress` is
+    told of every file read, every inference batch and every stage finished."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -60,9 +70,11 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
         now = time.perf_counter()
         timings[name] = round(now - t, 3)
         t = now
+        progress(name, 0, 0)  # a stage finished; no counts
 
     headers, skipped = [], []
-    for path in files:
+    for i, path in enumerate(files):
+        progress("read", i, len(files))
         try:
             headers.append((str(path), read_dataset(path, pixels=False)))
         except InputError as exc:
@@ -77,7 +89,7 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
     kept = [chosen[i] for i in order.kept]
     source = [ds for _, ds in kept]  # headers only: the pixels live in the volume below, once
     lap("load")
-    volume, labels, slices = _segment(kept, order, segmenter, series_uid)
+    volume, labels, slices = _segment(kept, order, segmenter, series_uid, progress)
     lap("infer")
     # From here on only a preview's dozen slices need pixels: they are read again from disk (`slices`), and the
     # study's HU volume (2 bytes a voxel) is not held through post-processing and SEG writing.
@@ -135,7 +147,7 @@ class _Slices:
 
 
 def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segmenter,
-             series_uid: str) -> tuple[CtVolume, np.ndarray, _Slices]:
+             series_uid: str, progress: Progress) -> tuple[CtVolume, np.ndarray, _Slices]:
     """Decode the ordered slices into a volume while the network runs on the ones already decoded; returns the
     volume, the labels and the slices' reader. Integer HU (slope 1, integer intercept: every CT scanner we know of)
     are held as int16, otherwise as float32."""
@@ -144,7 +156,8 @@ def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segm
                 float(getattr(ds, "RescaleIntercept", 0) or 0).is_integer() for _, ds in kept)
     shape = (int(ref.Rows), int(ref.Columns))
     slices = _Slices(kept, np.int16 if exact else np.float32)
-    hu, labels = segmenter.segment_streamed(len(kept), shape, slices.__getitem__, slices.dtype)
+    hu, labels = segmenter.segment_streamed(len(kept), shape, slices.__getitem__, slices.dtype,
+                                            on_batch=lambda done, total: progress("infer", done, total))
     return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels, slices
 
 

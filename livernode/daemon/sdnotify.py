@@ -9,6 +9,19 @@ import socket
 log = logging.getLogger(__name__)
 
 
+def watchdog_period(environ: dict[str, str] | None = None, pid: int | None = None) -> float | None:
+    """The watchdog interval systemd asks for (WATCHDOG_USEC), in seconds; None when there is none, or when
+    WATCHDOG_PID names another process (the variable was inherited, not meant for us)."""
+    env = os.environ if environ is None else environ
+    usec = env.get("WATCHDOG_USEC", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    owner = env.get("WATCHDOG_PID", "")
+    if owner and owner != str(os.getpid() if pid is None else pid):
+        return None
+    return int(usec) / 1e6
+
+
 class Notifier:
     def __init__(self, address: str | None = None) -> None:
         self.address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")

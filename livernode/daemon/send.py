@@ -1,14 +1,18 @@
-"""Send-back by C-STORE. An item counts as delivered only when the peer answered 0x0000 or a 0xB0xx warning."""
+"""Send-back by C-STORE. An instance counts as delivered only when the peer answered 0x0000 or a 0xB0xx warning;
+each instance has its own outcome."""
 
 from __future__ import annotations
 
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+import pydicom.uid
+from pydicom import Dataset
 from pynetdicom import AE
 
 from livernode.config import DestinationConfig, TlsConfig
@@ -55,31 +59,88 @@ class SendError(Exception):
     """A send did not complete; the message says which instance and why."""
 
 
-def send_files(paths: list[Path], dest: Destination, calling_ae: str = "LIVERNODE", timeout: float = 30) -> None:
-    """C-STORE every file in one association proposing exactly the SOP classes (and stored transfer syntaxes) sent.
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one instance: stored (0x0000 or a 0xB0xx warning), or why not. An outcome that is neither
+    stored nor has an error was not attempted, because the node is stopping."""
 
-    Raises SendError unless every instance was acknowledged with success or a warning."""
-    datasets = [pydicom.dcmread(p) for p in paths]
+    stored: bool
+    error: str = ""
+
+
+NOT_ATTEMPTED = Outcome(False)
+
+
+def _sop_name(uid: str) -> str:
+    name = pydicom.uid.UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+
+
+def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, calling_ae: str = "LIVERNODE",
+                  timeout: float = 30, *, progress: Callable[[], None] = lambda: None,
+                  stopping: Callable[[], bool] = lambda: False) -> list[Outcome]:
+    """C-STORE `datasets` (named `names` in messages) in one association proposing exactly their SOP classes and
+    stored transfer syntaxes; one Outcome per dataset, in order.
+
+    An instance whose presentation context the peer refused fails with the SOP class named, and the others are
+    still sent. A failure of the association or connection fails every instance not yet stored. `progress()` is
+    called before each C-STORE; once `stopping()` is true, the remaining instances are left unattempted. Each
+    network step waits at most `timeout` seconds."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
-    for sop_class, ts in contexts:
+    wanted = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets]
+    for sop_class, ts in sorted(set(wanted)):
         ae.add_requested_context(sop_class, ts)
     ctx = dest.ssl_context()
+    progress()
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                          tls_args=(ctx, dest.host) if ctx is not None else None)
+    refused = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
     if not assoc.is_established:
-        raise SendError(f"{dest}: association {'rejected' if assoc.is_rejected else 'failed'}")
+        if refused:  # the peer accepted none of what we proposed
+            return [Outcome(False, _refused(dest, sop, ts)) for sop, ts in wanted]
+        why = f"{dest}: association {'rejected' if assoc.is_rejected else 'failed'}"
+        return [Outcome(False, why)] * len(datasets)
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    outcomes: list[Outcome] = []
     try:
-        for path, ds in zip(paths, datasets):
+        for name, ds, (sop, ts) in zip(names, datasets, wanted):
+            if (sop, ts) not in accepted:
+                outcomes.append(Outcome(False, _refused(dest, sop, ts)))
+                continue
+            if stopping():
+                outcomes.append(NOT_ATTEMPTED)
+                continue
+            if not assoc.is_established:
+                outcomes.append(Outcome(False, f"{dest}: connection lost before {name} was sent"))
+                continue
+            progress()
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
-                raise SendError(f"{dest}: no response for {path.name} (connection lost or timed out)")
-            if code & 0xF000 == 0xB000:
-                log.warning("%s stored %s with warning status 0x%04X", dest, path.name, code)
+                outcomes.append(Outcome(False, f"{dest}: no response for {name} (connection lost or timed out)"))
+            elif code & 0xF000 == 0xB000:
+                log.warning("%s stored %s with warning status 0x%04X", dest, name, code)
+                outcomes.append(Outcome(True))
             elif code != 0x0000:
-                raise SendError(f"{dest}: {path.name} refused with status 0x{code:04X}")
+                outcomes.append(Outcome(False, f"{dest}: {name} refused with status 0x{code:04X}"))
+            else:
+                outcomes.append(Outcome(True))
     finally:
         if assoc.is_established:
             assoc.release()
+    return outcomes
+
+
+def _refused(dest: Destination, sop: str, ts: str) -> str:
+    return (f"{dest} does not accept {_sop_name(sop)} in {_sop_name(ts)}: the presentation context was refused "
+            "at association negotiation")
+
+
+def send_files(paths: list[Path], dest: Destination, calling_ae: str = "LIVERNODE", timeout: float = 30) -> None:
+    """C-STORE every file in one association; raises SendError unless every instance was stored."""
+    outcomes = send_datasets([pydicom.dcmread(p) for p in paths], [p.name for p in paths], dest, calling_ae,
+                             timeout)
+    errors = [o.error for o in outcomes if not o.stored]
+    if errors:
+        raise SendError("; ".join(dict.fromkeys(errors)))

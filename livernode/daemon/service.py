@@ -1,22 +1,34 @@
-"""The running node: listeners, the study worker and the sender, in one process, state on disk."""
+"""The running node: four parts over one state folder, each with one job.
+
+- listeners (`listeners.py`): C-STORE and the watched folder into the spool and the index;
+- worker (`worker.py`): due studies through the pipeline, results into the outbox;
+- sender (`sender.py`): the outbox to the destinations;
+- health (`health.py`): heartbeats, /healthz beside /metrics, and the systemd watchdog.
+
+This module builds them, runs the worker, the sender and the folder scan in supervised threads, and stops them in
+order on SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-import ssl
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from livernode.config import DaemonConfig
-from livernode.daemon.ingest_folder import FolderIngest
-from livernode.daemon.ingest_scp import StoreSCP, server_tls_context
+from livernode.daemon import sender as sender_mod
+from livernode.daemon import worker as worker_mod
+from livernode.daemon.health import Health, Liveness, serve_http, supervised, watchdog_loop
+from livernode.daemon.listeners import FOLDER, Listeners
 from livernode.daemon.metrics import AuditLog, Metrics
-from livernode.daemon.pipeline import process_files
-from livernode.daemon.sdnotify import Notifier
-from livernode.daemon.send import Destination, SendError, send_files
-from livernode.daemon.spool import Spool, fsync_dir, uid_key
+from livernode.daemon.sdnotify import Notifier, watchdog_period
+from livernode.daemon.send import Destination
+from livernode.daemon.sender import Sender
+from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
+from livernode.daemon.worker import Worker
 from livernode.errors import ConfigError, LivernodeError
 from livernode.imaging.dicomio import read_dataset
 from livernode.inference.runner import Segmenter
@@ -31,11 +43,10 @@ class Service:
         if cfg.node.port is None and cfg.paths.watch is None:
             raise ConfigError("nothing to listen on: set node.port and/or paths.watch")
         self.cfg = cfg
-        self.destinations = {str(d): d for d in map(Destination.from_config, cfg.send.destinations)}
+        self.destinations = _destinations(cfg)
         state = Path(cfg.paths.state)
         self.spool = Spool(state / "spool", min_free_bytes=int(cfg.study.min_free_mb * 1e6))
         self.store = Store(state / "index.sqlite")
-        self.results = state / "results"
         self.segmenter = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
         self.metrics = Metrics()
         obs = cfg.observability
@@ -43,214 +54,180 @@ class Service:
         m = self.segmenter.manifest
         self.metrics.info.labels(m.weights_sha256[:16], m.livernode_version,
                                  ",".join(self.segmenter.providers_used)).set(1)
-        self.http = None
-        self.scp = None
-        if cfg.node.port is not None:
-            node = cfg.node
-            tls = server_tls_context(node.tls.cert_file, node.tls.key_file, node.tls.ca_file) if node.tls else None
-            self.scp = StoreSCP(node.ae_title, node.bind, node.port, self.spool, self.store, metrics=self.metrics,
-                                audit=self.audit, allowed_calling=node.allowed_calling_ae_titles,
-                                require_called=node.require_called_ae_title, tls=tls)
-        self.folder = None
-        if cfg.paths.watch is not None:
-            self.folder = FolderIngest(cfg.paths.watch, self.spool, self.store, state / "rejected",
-                                       metrics=self.metrics, audit=self.audit)
         self.stop_event = threading.Event()
-        self.send_wake = threading.Event()
-        self._send_lock = threading.Lock()
+        self.liveness = Liveness(obs.stall_seconds)
+        parts = dict(metrics=self.metrics, audit=self.audit, liveness=self.liveness, stop=self.stop_event)
+        self.listeners = Listeners(cfg, self.spool, self.store, **parts)
+        self.worker = Worker(lambda: self.cfg, self.store, self.segmenter, state / "results",
+                             destinations=lambda: list(self.destinations), on_result=lambda: self.sender.wake.set(),
+                             **parts)
+        self.sender = Sender(lambda: self.cfg, self.store, destinations=lambda: self.destinations,
+                             on_requeue=self.worker.wake.set, **parts)
+        self.health = Health({"listener": self.listeners.check, "worker": self._thread_check(worker_mod.NAME),
+                              "sender": self._thread_check(sender_mod.NAME), "index": self.store.probe_writable,
+                              "spool": self._spool_check, "model": self._model_check})
+        if self.listeners.folder is not None:
+            self.health.checks["folder"] = self._thread_check(FOLDER)
+        self.http = None
+        self._stop_requested = self._reload_requested = False
+
+    @property
+    def scp(self):
+        return self.listeners.scp
+
+    @property
+    def folder(self):
+        return self.listeners.folder
 
     def start(self) -> None:
+        """Recover from an earlier crash, then bind /metrics and the listeners."""
         cleaned = self.spool.clean_partials()
         if cleaned:
             log.info("removed %d partial files left by an earlier crash (never acknowledged)", cleaned)
         restored = self.store.reconcile(self.spool.instances, lambda p: read_dataset(p, pixels=False))
         if restored:
             log.warning("re-indexed %d spooled instance(s) missing from the index (power loss?)", restored)
-        if self.cfg.observability.metrics_port is not None:
-            self.http = self.metrics.serve(self.cfg.observability.metrics_bind, self.cfg.observability.metrics_port)
-        if self.scp:
-            self.scp.start()
-        if self.folder:
-            self.folder.start()
+        self.worker.recover()
+        obs = self.cfg.observability
+        if obs.metrics_port is not None:
+            self.http = serve_http(obs.metrics_bind, obs.metrics_port, self.metrics.registry, self.health,
+                                   before_scrape=self.update_gauges)
+        self.listeners.start()
+
+    def run_once(self, send: bool = True) -> None:
+        """One pass of every part in the calling thread (tests and tools): take settled folder files, process
+        the due studies and, unless `send` is false, send what is owed."""
+        self.listeners.scan()
+        self.worker.run_once()
+        if send:
+            self.sender.send_due()
+        self.update_gauges()
+
+    def run_forever(self, poll_s: float = 0.5, notifier: Notifier | None = None,
+                    reload_config: Callable[[], DaemonConfig] | None = None) -> None:
+        """Run the worker, the sender, the folder scan and the watchdog in supervised threads until `stop()` or
+        `request_stop()`; then stop them in order, each within its bound."""
+        notifier = notifier or Notifier("")
+        stop = self.stop_event
+        threads = {worker_mod.NAME: supervised(worker_mod.NAME, self.liveness, stop, lambda: self.worker.run(poll_s)),
+                   sender_mod.NAME: supervised(sender_mod.NAME, self.liveness, stop, lambda: self.sender.run(poll_s))}
+        if self.listeners.folder is not None:
+            threads[FOLDER] = supervised(FOLDER, self.liveness, stop, lambda: self.listeners.run_folder(poll_s))
+        threading.Thread(target=watchdog_loop, name="watchdog", daemon=True,
+                         args=(notifier, self.liveness, watchdog_period(), stop, self.status_line)).start()
+        try:
+            while not stop.is_set():
+                if self._stop_requested:
+                    break
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self._reload(reload_config)
+                time.sleep(0.1)
+        finally:
+            t0 = time.monotonic()
+            stop.set()
+            notifier.stopping()
+            self.listeners.close_port()  # no new associations from the moment we stop
+            for part in (self.worker, self.sender):
+                part.wake.set()
+            # The worker stops at its next step (a file, a batch, a stage); a send in progress gets its timeout.
+            bounds = {worker_mod.NAME: self.cfg.observability.stall_seconds,
+                      sender_mod.NAME: 2 * self.cfg.send.timeout_seconds + 5, FOLDER: 10.0}
+            for name, thread in threads.items():
+                thread.join(bounds[name])
+                if thread.is_alive():
+                    log.error("the %s thread did not stop within %.0f s; exiting without it", name, bounds[name])
+            log.info("worker and sender stopped %.1f s after the stop request", time.monotonic() - t0)
+
+    def request_stop(self) -> None:
+        """From a signal handler: only a flag; `run_forever` acts on it."""
+        self._stop_requested = True
+
+    def request_reload(self) -> None:
+        """From a signal handler: only a flag; `run_forever` acts on it."""
+        self._reload_requested = True
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.listeners.stop_all()
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
-        if self.scp:
-            self.scp.stop()
-        if self.folder:
-            self.folder.stop()
 
-    def run_once(self, send: bool = True) -> None:
-        """One pass of the worker: take settled folder files, process due studies and, unless a sender thread
-        does it (`run_forever`), send what is owed."""
-        if self.folder:
-            self.folder.scan()
-        for study in self.store.due_studies(self.cfg.study.quiet_seconds, self.cfg.study.max_wait_seconds):
-            if self.stop_event.is_set():  # shutting down: what is left stays due for the next start
-                break
-            self.process(study)
-            self.send_wake.set()
-        if send:
-            self.send_due()
-        self.update_gauges()
-
-    def _sender(self, poll_s: float) -> None:
-        """Sends in its own thread, so the next study's inference overlaps the last study's C-STOREs to the PACS
-        (and a slow or hanging PACS never holds the worker up)."""
-        while not self.stop_event.is_set():
-            self.send_due()
-            self.send_wake.wait(poll_s)
-            self.send_wake.clear()
-
-    def update_gauges(self) -> None:
-        with self.store.transaction() as db:
-            states = dict(db.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
-            outbox = dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
-        for st in ("receiving", "processing", "done", "failed"):
-            self.metrics.studies.labels(st).set(states.get(st, 0))
-        self.metrics.outbox_depth.set(outbox.get("pending", 0))
-        self.metrics.dead_letters.set(outbox.get("dead", 0))
-
-    def run_forever(self, poll_s: float = 0.5, notifier: Notifier | None = None) -> None:
-        notifier = notifier or Notifier("")
-        sender = threading.Thread(target=self._sender, args=(poll_s,), name="sender", daemon=True)
-        sender.start()
+    def _reload(self, reload_config: Callable[[], DaemonConfig] | None) -> None:
+        if reload_config is None:
+            return
         try:
-            self._work(poll_s, notifier)
-        finally:
-            self.stop_event.set()
-            self.send_wake.set()
-            sender.join()  # a send in progress completes (or times out) before the process exits
-
-    def _work(self, poll_s: float, notifier: Notifier) -> None:
-        while not self.stop_event.is_set():
-            self.run_once(send=False)
-            notifier.watchdog()  # from the worker loop: a hung worker stops these and systemd restarts us
-            pending = len(self.store.due_outbox())
-            notifier.status(f"{self.queue_depth()} studies waiting, {pending} results to send")
-            if self.folder:
-                self.folder.wake.wait(poll_s)
-                self.folder.wake.clear()
-            else:
-                self.stop_event.wait(poll_s)
-
-    def queue_depth(self) -> int:
-        with self.store.transaction() as db:
-            return db.execute("SELECT count(*) FROM studies WHERE instances > processed_instances").fetchone()[0]
+            self.reload(reload_config())
+        except LivernodeError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
 
     def reload(self, cfg: DaemonConfig) -> None:
-        """SIGHUP: take new destinations, study timing and send settings; listeners and model stay as they are."""
-        self.destinations = {str(d): d for d in map(Destination.from_config, cfg.send.destinations)}
+        """SIGHUP: take new destinations, study timing and send settings; listeners and model stay as they are.
+        The destination table is replaced in one assignment: the sender reads it once per send."""
+        self.destinations = _destinations(cfg)
         self.cfg = self.cfg.model_copy(update={"study": cfg.study, "send": cfg.send})
         log.info("configuration reloaded: %d destination(s), quiet period %.0f s", len(self.destinations),
                  cfg.study.quiet_seconds)
 
-    def process(self, study: str) -> None:
-        row = self.store.start_processing(study)
-        key = uid_key(study)
-        out = self.results / key / f"gen-{row.generation + 1}"
-        if row.generation:
-            log.info("study %s: reprocessing (generation %d) because %d instance(s) arrived after the last result; "
-                     "the new SEG and SR supersede the earlier series", key, row.generation + 1,
-                     row.instances - row.processed_instances, extra={"study": key, "job": row.generation + 1})
-        try:
-            shutil.rmtree(out, ignore_errors=True)  # a crash may have left a half-written attempt
-            result = process_files([Path(p) for p in self.store.instance_paths(study)], self.segmenter, out,
-                                   series_number_offset=row.generation)
-        except LivernodeError as exc:
-            log.error("study %s failed: %s", key, exc, extra={"study": key, "job": row.generation + 1})
-            self.store.finish(study, row.instances, failed_reason=str(exc))
-            return
-        for stage, seconds in result.timings.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
-        if result.timings.get("infer"):
-            self.metrics.slices_per_second.set(result.slices / result.timings["infer"])
-        if self.cfg.paths.output is not None:
-            self._publish(out, Path(self.cfg.paths.output) / key / out.name)
-        for dest in self.destinations.values():
-            self.store.enqueue(study, str(dest), [str(result.seg_path), str(result.sr_path)])
-        self.store.finish(study, row.instances)
+    def update_gauges(self) -> tuple[int, int]:
+        """Refresh the study and outbox gauges; returns (studies waiting, results to send)."""
+        studies, outbox, waiting = self.store.counts()
+        for st in ("receiving", "processing", "done", "failed"):
+            self.metrics.studies.labels(st).set(studies.get(st, 0))
+        self.metrics.outbox_depth.set(outbox.get("pending", 0))
+        self.metrics.dead_letters.set(outbox.get("dead", 0))
+        return waiting, outbox.get("pending", 0)
 
-    def _publish(self, src: Path, dst: Path) -> None:
-        """Copy a finished result folder into the output folder atomically (readers never see half of it)."""
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
-        fsync_dir(dst.parent)
+    def status_line(self) -> str:
+        waiting, pending = self.update_gauges()
+        return f"{waiting} studies waiting, {pending} results to send; {self.worker.doing}"
 
-    def send_due(self) -> None:
-        with self._send_lock:
-            self._send_due()
+    # -- health checks: each returns a detail or raises with the reason
+    def _thread_check(self, name: str) -> Callable[[], str]:
+        def check() -> str:
+            if name not in self.liveness.names():
+                raise RuntimeError("not running")
+            problem = self.liveness.problem(name)
+            if problem:
+                raise RuntimeError(problem)
+            return self.liveness.describe(name)
+        return check
 
-    def _send_due(self) -> None:
-        groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
-        for item_id, study, dest, path, _ in self.store.due_outbox():
-            groups.setdefault((study, dest), []).append((item_id, path))
-        for (study, dest), items in groups.items():
-            ids = [i for i, _ in items]
-            self.metrics.send_attempts.labels(dest).inc()
-            try:
-                if dest not in self.destinations:
-                    raise SendError(f"{dest} is no longer a configured destination")
-                send_files([Path(p) for _, p in items], self.destinations[dest], self.cfg.send.calling_ae_title,
-                           timeout=self.cfg.send.timeout_seconds)
-            except (SendError, OSError, RuntimeError, ssl.SSLError) as exc:
-                dead = self.store.mark_failed(ids, str(exc), backoff_s=self.cfg.send.backoff_seconds,
-                                              max_attempts=self.cfg.send.max_attempts)
-                log.error("send of study %s to %s failed%s: %s", uid_key(study), dest,
-                          " (dead letter)" if dead else ", will retry", exc, extra={"study": uid_key(study)})
-                self.metrics.send_failures.labels(dest).inc()
-                self.audit.write("send_failed", study_instance_uid=study, destination=dest, error=str(exc),
-                                 dead_letter=dead)
-                continue
-            self.store.mark_sent(ids)
-            self.audit.write("result_sent", study_instance_uid=study, destination=dest, instances=len(ids))
-            log.info("study %s delivered to %s (%d instances)", uid_key(study), dest, len(ids),
-                     extra={"study": uid_key(study)})
+    def _spool_check(self) -> str:
+        free = shutil.disk_usage(self.spool.root).free
+        need = self.spool.min_free_bytes
+        text = f"{free / 1e6:.0f} MB free, threshold {need / 1e6:.0f} MB (study.min_free_mb)"
+        if free < need:
+            raise RuntimeError(f"{text}: C-STORE answers 0xA700")
+        return text
+
+    def _model_check(self) -> str:
+        session = self.segmenter.session
+        if session is None:
+            raise RuntimeError("no ONNX Runtime session")
+        return f"{self.segmenter.path.name} on {','.join(session.get_providers())}"
+
+
+def _destinations(cfg: DaemonConfig) -> dict[str, Destination]:
+    return {str(d): d for d in map(Destination.from_config, cfg.send.destinations)}
 
 
 def serve(cfg: DaemonConfig, reload_config=None) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration through `reload_config()`.
-
-    Signal handlers only set flags; the worker loop acts on them between studies, so a running job finishes."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration through `reload_config()`. Signal handlers
+    only set flags; the main thread acts on them."""
     import signal
 
     notifier = Notifier()
     service = Service(cfg)  # loads the model
     service.start()  # binds the listeners
     notifier.ready(f"listening on port {service.scp.port if service.scp else '-'}, model {cfg.inference.model}")
-    hup = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
-    signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())
-    signal.signal(signal.SIGHUP, lambda *_: hup.set())
-
-    def reloader() -> None:
-        while not service.stop_event.is_set():
-            if hup.wait(0.5):
-                hup.clear()
-                if reload_config is not None:
-                    try:
-                        service.reload(reload_config())
-                    except LivernodeError as exc:
-                        log.error("reload refused, keeping the running configuration: %s", exc)
-
-    def stop_listeners() -> None:
-        service.stop_event.wait()
-        if service.scp:  # no new associations from the moment SIGTERM arrives; the running study finishes
-            service.scp.stop()
-
-    threading.Thread(target=reloader, name="reload", daemon=True).start()
-    threading.Thread(target=stop_listeners, name="stop-listeners", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: service.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
     try:
-        service.run_forever(notifier=notifier)
+        service.run_forever(notifier=notifier, reload_config=reload_config)
     finally:
-        notifier.stopping()
         service.stop()
     log.info("stopped cleanly")
     return 0

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS studies (
     state TEXT NOT NULL DEFAULT 'receiving',   -- receiving | processing | done | failed
     processed_instances INTEGER NOT NULL DEFAULT 0,
     generation INTEGER NOT NULL DEFAULT 0,     -- times processed; a reprocess supersedes the earlier results
-    reason TEXT NOT NULL DEFAULT ''
+    reason TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0        -- processing runs begun and not finished (crashes count)
 );
 CREATE TABLE IF NOT EXISTS series (
     series_instance_uid TEXT PRIMARY KEY,
@@ -41,18 +42,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_instance_uid TEXT NOT NULL,
     generation INTEGER NOT NULL,
-    state TEXT NOT NULL,                       -- running | done | failed | interrupted
+    state TEXT NOT NULL,                       -- running | done | failed | interrupted (crash) | stopped (SIGTERM)
     instances INTEGER NOT NULL,
     started_at REAL NOT NULL,
     finished_at REAL,
     reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS health_probe (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_instance_uid TEXT NOT NULL,
     destination TEXT NOT NULL,
     path TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',     -- pending | sent | dead
+    state TEXT NOT NULL DEFAULT 'pending',     -- pending | sent | dead | superseded (result file lost: reprocessed)
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT ''
@@ -70,6 +75,7 @@ class StudyRow:
     processed_instances: int
     generation: int
     reason: str
+    attempts: int
 
 
 class Store:
@@ -82,6 +88,9 @@ class Store:
         db = self._connection()
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
+        columns = {r[1] for r in db.execute("PRAGMA table_info(studies)")}
+        if "attempts" not in columns:  # an index written before attempts were counted
+            db.execute("ALTER TABLE studies ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened once (opening one per transaction cost a third of a C-STORE)."""
@@ -162,24 +171,63 @@ class Store:
         return [r[0] for r in rows]
 
     def start_processing(self, study: str) -> StudyRow:
-        """Mark the study processing and open a job; a job left running by a crash is closed as interrupted."""
+        """Mark the study processing, count the attempt and open a job; returns the row as it was before."""
         now = time.time()
         with self.transaction() as db:
             db.execute("UPDATE jobs SET state = 'interrupted', finished_at = ? WHERE study_instance_uid = ? "
                        "AND state = 'running'", (now, study))
-            db.execute("UPDATE studies SET state = 'processing' WHERE study_instance_uid = ?", (study,))
             row = StudyRow(*db.execute("SELECT * FROM studies WHERE study_instance_uid = ?", (study,)).fetchone())
+            db.execute("UPDATE studies SET state = 'processing', attempts = attempts + 1 "
+                       "WHERE study_instance_uid = ?", (study,))
             db.execute("INSERT INTO jobs (study_instance_uid, generation, state, instances, started_at) "
                        "VALUES (?, ?, 'running', ?, ?)", (study, row.generation + 1, row.instances, now))
             return row
 
-    def finish(self, study: str, instances_seen: int, *, failed_reason: str = "") -> None:
+    def finish(self, study: str, instances_seen: int, *, failed_reason: str = "",
+               outbox: list[tuple[str, str]] = ()) -> None:
+        """Close the running job as done (or failed, with the reason) and queue (destination, path) results to
+        send, in one transaction: a crash leaves either the job running (it is redone) or both recorded."""
         state = "failed" if failed_reason else "done"
         with self.transaction() as db:
+            db.executemany("INSERT INTO outbox (study_instance_uid, destination, path) VALUES (?, ?, ?)",
+                           [(study, d, p) for d, p in outbox])
             db.execute("UPDATE studies SET state = ?, processed_instances = ?, generation = generation + 1, "
-                       "reason = ? WHERE study_instance_uid = ?", (state, instances_seen, failed_reason, study))
+                       "reason = ?, attempts = 0 WHERE study_instance_uid = ?",
+                       (state, instances_seen, failed_reason, study))
             db.execute("UPDATE jobs SET state = ?, finished_at = ?, reason = ? WHERE study_instance_uid = ? "
                        "AND state = 'running'", (state, time.time(), failed_reason, study))
+
+    def stop_processing(self, study: str, reason: str) -> None:
+        """The node is shutting down mid-study: the job is closed as stopped, the attempt is not counted, and the
+        study stays 'processing', so it is due again at the next start."""
+        with self.transaction() as db:
+            db.execute("UPDATE studies SET attempts = max(attempts - 1, 0) WHERE study_instance_uid = ?", (study,))
+            db.execute("UPDATE jobs SET state = 'stopped', finished_at = ?, reason = ? WHERE study_instance_uid = ? "
+                       "AND state = 'running'", (time.time(), reason, study))
+
+    def recover(self, max_attempts: int) -> tuple[int, list[tuple[str, int]]]:
+        """At start, before any work: close the jobs a crash left running as interrupted, and fail each study
+        whose processing was cut short `max_attempts` times (it stays failed until `livernode retry`). Returns
+        the number of interrupted jobs and (study, attempts) of each study failed now."""
+        now = time.time()
+        with self.transaction() as db:
+            interrupted = db.execute("UPDATE jobs SET state = 'interrupted', finished_at = ?, reason = "
+                                     "'the node stopped without finishing it (killed or crashed)' "
+                                     "WHERE state = 'running'", (now,)).rowcount
+            poisoned = db.execute("SELECT study_instance_uid, attempts FROM studies WHERE state = 'processing' "
+                                  "AND attempts >= ?", (max_attempts,)).fetchall()
+            for study, attempts in poisoned:
+                db.execute("UPDATE studies SET state = 'failed', processed_instances = instances, "
+                           "generation = generation + 1, attempts = 0, reason = ? WHERE study_instance_uid = ?",
+                           (f"interrupted {attempts} times: the node was killed or crashed while processing it; "
+                            "not retried until `livernode retry`", study))
+        return interrupted, [(u, a) for u, a in poisoned]
+
+    def requeue_study(self, study: str) -> bool:
+        """Produce the study's results again: it becomes due at once. False when the study is unknown."""
+        with self.transaction() as db:
+            return db.execute("UPDATE studies SET processed_instances = 0, state = 'receiving', attempts = 0, "
+                              "last_received_at = 0 WHERE study_instance_uid = ?", (study,)).rowcount > 0
 
     def jobs(self, study: str) -> list[tuple]:
         """(generation, state, instances, reason) of every job of a study, oldest first."""
@@ -210,6 +258,18 @@ class Store:
             db.executemany("UPDATE outbox SET state = 'sent', attempts = attempts + 1 WHERE id = ?",
                            [(i,) for i in ids])
 
+    def requeue_outbox(self, study: str) -> int:
+        """Make the study's dead and pending items due now with a fresh count of attempts; returns how many."""
+        with self.transaction() as db:
+            return db.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = 0 "
+                              "WHERE study_instance_uid = ? AND state IN ('dead', 'pending')", (study,)).rowcount
+
+    def supersede(self, study: str, reason: str) -> int:
+        """The study's unsent items (pending or dead) will never be sent: it is being processed again."""
+        with self.transaction() as db:
+            return db.execute("UPDATE outbox SET state = 'superseded', last_error = ? WHERE study_instance_uid = ? "
+                              "AND state IN ('pending', 'dead')", (reason[:500], study)).rowcount
+
     def mark_failed(self, ids: list[int], error: str, *, backoff_s: float, max_attempts: int,
                     now: float | None = None) -> bool:
         """Count a failed attempt; exponential backoff; dead letter after `max_attempts`. True when now dead."""
@@ -224,3 +284,23 @@ class Store:
                 db.execute("UPDATE outbox SET attempts = ?, state = ?, next_attempt_at = ?, last_error = ? "
                            "WHERE id = ?", (attempts, state, now + backoff_s * 2 ** (attempts - 1), error[:500], i))
         return dead
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """Studies by state, outbox items by state, and studies with instances not yet processed."""
+        with self.transaction() as db:
+            studies = dict(db.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
+            outbox = dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+            waiting = db.execute("SELECT count(*) FROM studies WHERE instances > processed_instances").fetchone()[0]
+        return studies, outbox, waiting
+
+    def probe_writable(self) -> str:
+        """Commit one small write on a connection of its own; raises sqlite3.Error when the index cannot be
+        written (full disk, read-only filesystem, a lock held too long). Returns how long it took."""
+        t = time.monotonic()
+        db = sqlite3.connect(self.path, timeout=2, isolation_level=None)
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("INSERT OR REPLACE INTO health_probe VALUES (1, ?)", (time.time(),))
+        finally:
+            db.close()
+        return f"write committed in {1000 * (time.monotonic() - t):.0f} ms"

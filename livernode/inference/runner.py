@@ -76,23 +76,30 @@ class Segmenter:
         return self.probabilities(hu).argmax(-1).astype(np.uint8)
 
     def segment_streamed(self, n: int, shape: tuple[int, int], decode: Callable[[int], np.ndarray],
-                         dtype=np.int16) -> tuple[np.ndarray, np.ndarray]:
+                         dtype=np.int16, on_batch: Callable[[int, int], None] | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
         """Decode, infer and restore `n` slices in overlapping stages; returns (HU volume, uint8 labels).
 
         A reader thread fills the HU volume slice by slice with `decode(i)`; this thread runs the network on each
         batch as soon as its slices are decoded (ONNX Runtime releases the GIL); a third thread resizes the
         probabilities back to `shape` and keeps only the argmax. So decoding and restoring overlap inference, and
         the float probabilities of the whole study are never held at once. `dtype` int16 holds integer HU exactly
-        in half the memory of float32."""
+        in half the memory of float32.
+
+        `on_batch(done, n)` is called after each batch has run. An exception it raises (the node stopping) ends
+        the call between batches: the reader stops decoding and the exception reaches the caller."""
         hu = np.empty((n, *shape), dtype)
         labels = np.empty((n, *shape), np.uint8)
         bs, errors = self.batch_size, []
         decoded: queue.Queue = queue.Queue()
         probs: queue.Queue = queue.Queue(maxsize=2)
+        cancelled = threading.Event()
 
         def reader() -> None:
             try:
                 for start in range(0, n, bs):
+                    if cancelled.is_set():
+                        break
                     for i in range(start, min(n, start + bs)):
                         hu[i] = decode(i)
                     decoded.put(start)
@@ -116,6 +123,11 @@ class Segmenter:
         try:
             while (start := decoded.get()) is not None:
                 probs.put((start, self.run(prepare_slices(hu[start:start + bs].astype(np.float32), self.spec))))
+                if on_batch is not None:
+                    on_batch(min(n, start + bs), n)
+        except BaseException:
+            cancelled.set()
+            raise
         finally:
             probs.put(None)
             for t in threads:

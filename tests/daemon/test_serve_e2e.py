@@ -68,7 +68,7 @@ def test_cstore_in_seg_and_sr_out(tmp_path, exported, trained_run, pacs):
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
             return text if 'livernode_send_attempts_total{destination=' in text else None
         metrics = wait_for(scrape, 30, "send metrics")
-        health = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5).read()
+        health_status, health = peers.scrape(metrics_port, "/healthz")
     finally:
         err = stop_node(node)
     check_results(got, study, exported, tmp_path)
@@ -76,7 +76,11 @@ def test_cstore_in_seg_and_sr_out(tmp_path, exported, trained_run, pacs):
     assert f'livernode_instances_received_total{{source="c-store"}} {float(len(files))}' in metrics
     assert 'livernode_stage_seconds_count{stage="infer"} 1.0' in metrics
     assert 'livernode_studies{state="done"} 1.0' in metrics
-    assert "livernode_model_info{" in metrics and health == b"ok\n"
+    assert "livernode_model_info{" in metrics
+    assert health_status == 200, health
+    checks = json.loads(health)["checks"]
+    assert sorted(checks) == ["index", "listener", "model", "sender", "spool", "worker"]
+    assert all(c["ok"] for c in checks.values()) and f"127.0.0.1:{port}" in checks["listener"]["detail"]
     audit = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
     events = [a["event"] for a in audit]
     assert events.count("instance_received") == len(files)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.peers import log_text, logged_popen, wait_for
+
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "livernode.service"
 
 
@@ -35,11 +37,10 @@ def test_ready_watchdog_status_reload_and_stopping(tmp_path, exported):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, NOTIFY_SOCKET=str(sock_path))
-    proc = subprocess.Popen([sys.executable, "-m", "livernode.cli", "serve", "--model", str(exported), "--providers",
-                             "cpu", "--port", str(port), "--bind", "127.0.0.1", "--state", str(tmp_path / "st"),
-                             "--metrics-port", "0"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="2000000")
+    proc = logged_popen([sys.executable, "-m", "livernode.cli", "serve", "--model", str(exported), "--providers",
+                         "cpu", "--port", str(port), "--bind", "127.0.0.1", "--state", str(tmp_path / "st"),
+                         "--metrics-port", "0"], tmp_path / "node.log", env)
     try:
         first = sock.recv(4096).decode()
         assert first.startswith("READY=1"), first
@@ -54,7 +55,7 @@ def test_ready_watchdog_status_reload_and_stopping(tmp_path, exported):
                 assert "studies waiting" in msg
         assert {"WATCHDOG=1", "STATUS"} <= seen
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        wait_for(lambda: "configuration reloaded" in log_text(proc), 30, "the reload")
         proc.send_signal(signal.SIGTERM)
         end = time.monotonic() + 30
         msg = ""
@@ -62,7 +63,7 @@ def test_ready_watchdog_status_reload_and_stopping(tmp_path, exported):
             msg = sock.recv(4096).decode()
         assert msg == "STOPPING=1"
         code = proc.wait(timeout=30)
-        err = proc.stderr.read()
+        err = log_text(proc)
         assert code == 0, err[-3000:]
         assert "configuration reloaded" in err and "stopped cleanly" in err, err[-3000:]
     finally:

@@ -1,6 +1,6 @@
 """The PACS is down, refuses, hangs or fails half-way: results wait in the outbox with exponential backoff,
-survive a restart, become dead letters after max_attempts, and `livernode retry` delivers them later. A send that
-fails part-way is never marked delivered."""
+survive a restart, become dead letters after max_attempts, and `livernode retry` delivers them later. An instance
+is marked delivered only when the PACS answered its own C-STORE with success."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import time
 
 import pydicom
 import pytest
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
+from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from livernode.config import load_daemon_config
 from livernode.daemon.service import Service
-from tests.peers import ENV, free_port, start_storescp, stop_process, storescu
+from tests.peers import ENV, PacsStandIn, free_port, start_storescp, stop_process, storescu
 
 pytestmark = pytest.mark.slow
 BACKOFF_S, MAX_ATTEMPTS, TIMEOUT_S = 0.5, 4, 2.0
@@ -62,18 +61,23 @@ def test_pacs_down_backoff_restart_dead_letter_and_retry(make_service, trained_r
     pacs_port = free_port()  # nothing listens yet: connection refused
     node = make_service(pacs_port)
     storescu(node.scp.port, files)
-    node.run_once()  # processes the study, the send is refused
+    node.run_once(send=False)  # processes the study
+    t0 = time.time()
+    node.sender.send_due()  # the send is refused
+    t1 = time.time()
     items = _outbox(node)
     assert [(s, a) for s, a, _, _ in items] == [("pending", 1), ("pending", 1)]
     assert "association failed" in items[0][3]
-    assert items[0][2] - time.time() == pytest.approx(BACKOFF_S, abs=0.3)
-    node.run_once()  # not due yet: no new attempt
-    assert [a for _, a, _, _ in _outbox(node)] == [1, 1]
+    assert t0 + BACKOFF_S <= items[0][2] <= t1 + BACKOFF_S  # the next attempt waits one backoff
+    assert not node.store.due_outbox(now=items[0][2] - 0.01)  # not due before the backoff ends ...
+    assert len(node.store.due_outbox(now=items[0][2])) == 2  # ... and due from then on
     _wait_due(node)
-    node.run_once()
+    t0 = time.time()
+    node.sender.send_due()
+    t1 = time.time()
     second = _outbox(node)
     assert [a for _, a, _, _ in second] == [2, 2]
-    assert second[0][2] - time.time() == pytest.approx(2 * BACKOFF_S, abs=0.3)  # the delay doubles
+    assert t0 + 2 * BACKOFF_S <= second[0][2] <= t1 + 2 * BACKOFF_S  # the delay doubles
 
     # Now the PACS accepts the connection and never answers: the attempt ends after the configured timeout.
     hang = socket.socket()
@@ -142,24 +146,18 @@ def test_pacs_aborting_mid_send_is_not_delivered(make_service, trained_run, tmp_
 
 def test_one_instance_refused_means_not_delivered(make_service, trained_run, figure):
     files, study = _study(trained_run, "case_002")
-    got = []
-
-    def on_store(event):
-        got.append(str(event.request.AffectedSOPClassUID))
-        return 0xA700 if event.request.AffectedSOPClassUID == Comprehensive3DSRStorage else 0x0000
-    ae = AE(ae_title="PACS")
-    for sop_class in (SegmentationStorage, Comprehensive3DSRStorage):
-        ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = PacsStandIn(status=lambda event: 0xA700 if event.request.AffectedSOPClassUID ==
+                         Comprehensive3DSRStorage else 0x0000)
     try:
-        node = make_service(server.server_address[1])
+        node = make_service(server.port)
         storescu(node.scp.port, files)
         node.run_once()
     finally:
         server.shutdown()
-    items = _outbox(node)
+    got = server.received
+    items = {pydicom.dcmread(r[3], stop_before_pixels=True).Modality: (r[4], r[7]) for r in node.store.outbox()}
     assert len(got) == 2  # the SEG was stored, the SR refused ...
-    assert [s for s, _, _, _ in items] == ["pending", "pending"]  # ... so the study is not delivered
-    assert any("refused with status 0xA700" in e for _, _, _, e in items)
+    assert items["SEG"] == ("sent", "")  # ... so the SEG is delivered and the SR waits for its next attempt
+    assert items["SR"][0] == "pending" and "sr.dcm refused with status 0xA700" in items["SR"][1], items
     figure("pacs_statuses", ["0x0000 (SEG)", "0xA700 (SR)"])
-    figure("state_after", "pending")
+    figure("states_after", {k: v[0] for k, v in items.items()})
