@@ -118,6 +118,8 @@ def _load(model: type[BaseModel], path: Path | None, overrides: dict | None):
             raise ConfigError(f"{path}: no such file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:  # a folder, no permission, an I/O error
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -205,9 +207,10 @@ class ObservabilityConfig(_Strict):
     metrics_bind: str = "127.0.0.1"
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="None: no /metrics and /healthz")
     audit_log: Path | None = Path("audit.jsonl")  # relative paths are inside the state folder
-    stall_seconds: float = Field(
-        120.0, gt=0, description="a worker or sender without progress for this long is stuck: /healthz fails and "
-                                 "WATCHDOG=1 stops, so systemd restarts the node")
+    stall_seconds: float | None = Field(
+        None, gt=0, description="a worker or sender without progress for this long is stuck: /healthz fails and "
+                                "WATCHDOG=1 stops, so systemd restarts the node. None: 120 s, or twice "
+                                "send.timeout_seconds plus 30 s when that is longer")
 
 
 class DaemonConfig(_Strict):
@@ -222,12 +225,18 @@ class DaemonConfig(_Strict):
 
     @model_validator(mode="after")
     def _stall_exceeds_a_send(self) -> "DaemonConfig":
-        # One C-STORE may legitimately take a connect plus a response timeout; the sender reports progress only
-        # between them, so a shorter stall bound would call a slow but working PACS a hung node.
-        if self.observability.stall_seconds <= 2 * self.send.timeout_seconds:
-            raise ValueError(f"observability.stall_seconds ({self.observability.stall_seconds:g}) must exceed twice "
-                             f"send.timeout_seconds ({self.send.timeout_seconds:g})")
+        # One send step may legitimately take a connect plus a response timeout without a heartbeat between them,
+        # so a shorter stall bound would call a slow but working PACS a hung node.
+        stall = self.observability.stall_seconds
+        if stall is not None and stall <= 2 * self.send.timeout_seconds:
+            raise ValueError(f"observability.stall_seconds ({stall:g}) must exceed twice send.timeout_seconds "
+                             f"({self.send.timeout_seconds:g})")
         return self
+
+    def stall_seconds(self) -> float:
+        """The stall bound in force: the configured one, or 120 s (more when the send timeout asks for it)."""
+        stall = self.observability.stall_seconds
+        return stall if stall is not None else max(120.0, 2 * self.send.timeout_seconds + 30)
 
 
 def load_daemon_config(path: Path | None, overrides: dict | None = None) -> DaemonConfig:

@@ -5,6 +5,8 @@ Environment variables:
   its signal in the middle of a study on a machine of any speed.
 - LIVERNODE_TEST_RAISE_IN=STAGE: the pipeline raises RuntimeError at the end of STAGE (for example
   `postprocess`) for every study: a poison study that fails inside the process.
+- LIVERNODE_TEST_BREAK_SENDER=1: every pass of the sender thread raises at its top, outside any one item, so
+  the thread dies after its retries.
 
 Used as `python tests/faulty_node.py serve ...` (tests/peers.py:start_node with `faults=`)."""
 
@@ -41,6 +43,14 @@ def _install() -> None:
         pipeline.process_files = faulty
         from livernode.daemon import worker
         worker.process_files = faulty
+
+
+    if os.environ.get("LIVERNODE_TEST_BREAK_SENDER"):
+        from livernode.daemon import sender
+
+        def broken(self):
+            raise RuntimeError("injected: the sender's top level failed")
+        sender.Sender.send_due = broken
 
 
 if __name__ == "__main__":

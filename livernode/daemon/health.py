@@ -66,13 +66,32 @@ class Liveness:
         return list(self._beats)
 
 
+# A step that raises (the index locked past its timeout, a full disk) is tried again this many times, with a
+# doubling pause, before the thread gives up and the node turns unhealthy.
+STEP_RETRIES = 3
+
+
 def work_loop(name: str, liveness: Liveness, stop: threading.Event, wake: threading.Event, poll_s: float,
               step: Callable[[], object], what: str) -> None:
     """Until `stop`: `step()`, then wait for `wake` or `poll_s`. Beats before and after each step: finding nothing
-    to do is progress too, and the step itself beats as it works."""
+    to do is progress too, and the step itself beats as it works. A step that keeps raising ends the loop with
+    its exception after STEP_RETRIES further tries."""
+    failures = 0
     while not stop.is_set():
         liveness.beat(name, what)
-        step()
+        try:
+            step()
+            failures = 0
+        except Exception as exc:
+            failures += 1
+            if failures > STEP_RETRIES:
+                raise
+            pause = poll_s * 2 ** failures
+            log.error("the %s thread: %s: %s; trying again in %.1f s (%d of %d)", name, type(exc).__name__, exc,
+                      pause, failures, STEP_RETRIES, exc_info=True)
+            liveness.beat(name, f"retrying after {type(exc).__name__}")
+            stop.wait(pause)
+            continue
         liveness.beat(name, "idle")
         wake.wait(poll_s)
         wake.clear()

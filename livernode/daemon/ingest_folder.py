@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from livernode.daemon.ingest_scp import STORAGE_CLASSES
@@ -56,23 +57,35 @@ class FolderIngest:
             self._observer.stop()
             self._observer.join(timeout=5)
 
-    def scan(self, now: float | None = None) -> list[str]:
-        """Ingest every settled file; returns the StudyInstanceUIDs that received new instances."""
+    def scan(self, now: float | None = None, progress: Callable[[], None] = lambda: None) -> list[str]:
+        """Ingest every settled file; returns the StudyInstanceUIDs that received new instances. `progress()` is
+        called for every file. A file that fails for a reason of its own (it vanished, it cannot be moved) is
+        logged and skipped; the next scan sees it again."""
         now = time.monotonic() if now is None else now
         studies = []
         for path in sorted(p for p in self.watch.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            size = path.stat().st_size
-            seen = self._sizes.get(path)
-            if seen is None or seen[0] != size:
-                self._sizes[path] = (size, now)
+            progress()
+            try:
+                study = self._settled(path, now)
+            except OSError as exc:
+                log.warning("watched folder: skipping %s for now: %s", path.name, exc)
+                self._sizes.pop(path, None)
                 continue
-            if now - seen[1] < SETTLE_SECONDS:
-                continue
-            del self._sizes[path]
-            study = self._take(path)
             if study:
                 studies.append(study)
         return studies
+
+    def _settled(self, path: Path, now: float) -> str | None:
+        """Take `path` if its size has not changed for SETTLE_SECONDS; the study it added to, if any."""
+        size = path.stat().st_size
+        seen = self._sizes.get(path)
+        if seen is None or seen[0] != size:
+            self._sizes[path] = (size, now)
+            return None
+        if now - seen[1] < SETTLE_SECONDS:
+            return None
+        del self._sizes[path]
+        return self._take(path)
 
     def _take(self, path: Path) -> str | None:
         try:

@@ -44,7 +44,9 @@ class Listeners:
 
     def run_folder(self, poll_s: float) -> None:
         """Until `stop`: take settled files from the watched folder. The supervised folder thread."""
-        work_loop(FOLDER, self.liveness, self.stop, self.folder.wake, poll_s, self.folder.scan, "scanning")
+        beat = self.liveness.beat
+        work_loop(FOLDER, self.liveness, self.stop, self.folder.wake, poll_s,
+                  lambda: self.folder.scan(progress=lambda: beat(FOLDER, "taking files")), "scanning")
 
     def scan(self) -> None:
         if self.folder:

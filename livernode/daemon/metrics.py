@@ -55,5 +55,8 @@ class AuditLog:
         if self.path is None:
             return
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}, default=str)
-        with self._lock, open(self.path, "a") as fh:
-            fh.write(line + "\n")
+        try:
+            with self._lock, open(self.path, "a") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:  # a full disk must not end the thread that reports the event
+            log.error("audit log %s: cannot write %s event: %s", self.path, event, exc)

@@ -50,12 +50,14 @@ def retry(state: Path, study_uid: str) -> str:
     """Re-queue a study's dead or pending sends for an immediate attempt; when nothing is owed (a failed study,
     or one delivered long ago), reprocess it."""
     store = open_store(state)
-    if store.study(study_uid) is None:
+    row = store.study(study_uid)
+    if row is None:
         raise ConfigError(f"study {study_uid}: not known to this node")
     requeued = store.requeue_outbox(study_uid)
-    if requeued == 0:  # nothing left to send: produce the results again
+    if requeued == 0 or row.state == "failed":  # nothing left to send, or no result at all: produce them again
         store.requeue_study(study_uid)
-        return f"study {study_uid}: queued for reprocessing"
+        sending = f"; {requeued} earlier outbox item(s) queued for sending again" if requeued else ""
+        return f"study {study_uid}: queued for reprocessing{sending}"
     return f"study {study_uid}: {requeued} outbox item(s) queued for sending again"
 
 
@@ -65,7 +67,7 @@ def echo(target: str, calling_ae: str = "LIVERNODE", timeout: float = 10) -> tup
 
     dest = Destination.parse(target)
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
     t = time.perf_counter()
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)

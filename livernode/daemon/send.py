@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pydicom.uid
 from pydicom import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from livernode.config import DestinationConfig, TlsConfig
 from livernode.errors import ConfigError
@@ -84,17 +84,21 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
 
     An instance whose presentation context the peer refused fails with the SOP class named, and the others are
     still sent. A failure of the association or connection fails every instance not yet stored. `progress()` is
-    called before each C-STORE; once `stopping()` is true, the remaining instances are left unattempted. Each
-    network step waits at most `timeout` seconds."""
+    called before each C-STORE and for every PDU sent; once `stopping()` is true, the remaining instances are left
+    unattempted. Each network step (connect and TLS handshake, association, each response) waits at most
+    `timeout` seconds."""
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    # connection_timeout covers the TCP connect and the TLS handshake: without it a peer that accepts and stays
+    # silent holds the sender for good.
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     wanted = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets]
     for sop_class, ts in sorted(set(wanted)):
         ae.add_requested_context(sop_class, ts)
     ctx = dest.ssl_context()
     progress()
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                         tls_args=(ctx, dest.host) if ctx is not None else None)
+                         tls_args=(ctx, dest.host) if ctx is not None else None,
+                         evt_handlers=[(evt.EVT_PDU_SENT, lambda event: progress())])  # a large upload is progress
     refused = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
     if not assoc.is_established:
         if refused:  # the peer accepted none of what we proposed

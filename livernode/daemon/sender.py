@@ -71,6 +71,9 @@ class Sender:
         except ResultLost as exc:
             self._lost(study, dest, str(exc))
             return
+        except OSError as exc:
+            self._record(study, dest, items, [Outcome(False, f"cannot read the results: {exc}")] * len(items))
+            return
         cfg = self.settings().send
         try:
             outcomes = send_datasets(datasets, [Path(p).name for _, p in items], target, cfg.calling_ae_title,
@@ -105,24 +108,27 @@ class Sender:
         superseded and the study is processed again (new SEG and SR for every destination)."""
         key = uid_key(study)
         reason = f"result lost before sending ({why}); the study is processed again"
-        self.store.supersede(study, reason)
-        self.store.requeue_study(study)
+        self.store.reprocess_lost(study, reason)
         log.error("study %s: %s", key, reason, extra={"study": key})
         self.audit.write("result_lost", study_instance_uid=study, destination=dest, error=why)
         self.on_requeue()
 
 
 def _read(path: Path) -> pydicom.Dataset:
-    """The result file as a dataset ready to send; ResultLost when it is missing, damaged or incomplete."""
+    """The result file as a dataset ready to send. ResultLost when it is gone or its content is damaged; any
+    other OSError (no file descriptors left, an I/O error, permissions) is raised as it is: a failed attempt,
+    tried again later, not a reason to produce the results anew."""
     try:
         ds = check_dataset(pydicom.dcmread(path), path.name, pixels=False)
-        missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if k not in ds]
-        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-            missing.append("TransferSyntaxUID")
     except FileNotFoundError:
         raise ResultLost(f"{path.name}: missing") from None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for damaged content
         raise ResultLost(f"{path.name}: unreadable: {exc}") from None
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if k not in ds]
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        missing.append("TransferSyntaxUID")
     if missing:
         raise ResultLost(f"{path.name}: damaged: no {', '.join(missing)}")
     return ds

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from livernode.config import DaemonConfig
 from livernode.daemon import sender as sender_mod
 from livernode.daemon import worker as worker_mod
@@ -29,11 +31,13 @@ from livernode.daemon.sender import Sender
 from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
 from livernode.daemon.worker import Worker
-from livernode.errors import ConfigError, LivernodeError
+from livernode.errors import ConfigError
 from livernode.imaging.dicomio import read_dataset
 from livernode.inference.runner import Segmenter
 
 log = logging.getLogger(__name__)
+# Stopping takes at most this long (systemd's TimeoutStopSec in systemd/livernode.service is 90 s).
+STOP_BUDGET_S = 60.0
 
 
 class Service:
@@ -55,7 +59,7 @@ class Service:
         self.metrics.info.labels(m.weights_sha256[:16], m.livernode_version,
                                  ",".join(self.segmenter.providers_used)).set(1)
         self.stop_event = threading.Event()
-        self.liveness = Liveness(obs.stall_seconds)
+        self.liveness = Liveness(cfg.stall_seconds())
         parts = dict(metrics=self.metrics, audit=self.audit, liveness=self.liveness, stop=self.stop_event)
         self.listeners = Listeners(cfg, self.spool, self.store, **parts)
         self.worker = Worker(lambda: self.cfg, self.store, self.segmenter, state / "results",
@@ -104,17 +108,19 @@ class Service:
         self.update_gauges()
 
     def run_forever(self, poll_s: float = 0.5, notifier: Notifier | None = None,
-                    reload_config: Callable[[], DaemonConfig] | None = None) -> None:
+                    reload_config: Callable[[], DaemonConfig] | None = None) -> int:
         """Run the worker, the sender, the folder scan and the watchdog in supervised threads until `stop()` or
-        `request_stop()`; then stop them in order, each within its bound."""
+        `request_stop()`, then stop them within STOP_BUDGET_S. Returns the exit status: 0, or 1 when the node
+        stopped itself because a part failed (under systemd's watchdog only; see `_part_failed`)."""
         notifier = notifier or Notifier("")
-        stop = self.stop_event
+        stop, period = self.stop_event, watchdog_period()
         threads = {worker_mod.NAME: supervised(worker_mod.NAME, self.liveness, stop, lambda: self.worker.run(poll_s)),
                    sender_mod.NAME: supervised(sender_mod.NAME, self.liveness, stop, lambda: self.sender.run(poll_s))}
         if self.listeners.folder is not None:
             threads[FOLDER] = supervised(FOLDER, self.liveness, stop, lambda: self.listeners.run_folder(poll_s))
         threading.Thread(target=watchdog_loop, name="watchdog", daemon=True,
-                         args=(notifier, self.liveness, watchdog_period(), stop, self.status_line)).start()
+                         args=(notifier, self.liveness, period, stop, self.status_line)).start()
+        code = 0
         try:
             while not stop.is_set():
                 if self._stop_requested:
@@ -122,22 +128,45 @@ class Service:
                 if self._reload_requested:
                     self._reload_requested = False
                     self._reload(reload_config)
+                if period is not None and self._part_failed():
+                    code = 1
+                    break
                 time.sleep(0.1)
         finally:
-            t0 = time.monotonic()
-            stop.set()
-            notifier.stopping()
-            self.listeners.close_port()  # no new associations from the moment we stop
-            for part in (self.worker, self.sender):
-                part.wake.set()
-            # The worker stops at its next step (a file, a batch, a stage); a send in progress gets its timeout.
-            bounds = {worker_mod.NAME: self.cfg.observability.stall_seconds,
-                      sender_mod.NAME: 2 * self.cfg.send.timeout_seconds + 5, FOLDER: 10.0}
-            for name, thread in threads.items():
-                thread.join(bounds[name])
-                if thread.is_alive():
-                    log.error("the %s thread did not stop within %.0f s; exiting without it", name, bounds[name])
-            log.info("worker and sender stopped %.1f s after the stop request", time.monotonic() - t0)
+            self._stop_parts(threads, notifier)
+        return code
+
+    def _part_failed(self) -> bool:
+        """Under systemd, a dead part, or a stuck part other than the worker, stops the node cleanly with status 1,
+        and Restart=on-failure starts it again: the study in progress stops between two steps and is not counted
+        as interrupted. A stuck worker is left to the watchdog: what it is stuck on may be the study itself, and
+        the kill counts against that study."""
+        problems = {name: p for name, p in self.liveness.problems().items()
+                    if name != worker_mod.NAME or p.startswith("thread died")}
+        if problems:
+            log.critical("stopping so that systemd restarts the node: %s",
+                         "; ".join(f"{n}: {p}" for n, p in problems.items()))
+        return bool(problems)
+
+    def _stop_parts(self, threads: dict[str, threading.Thread], notifier: Notifier) -> None:
+        """Close the port, then give the worker (which stops at its next file, batch or stage) and the sender
+        (whose C-STORE in progress gets its timeout) one shared deadline. A worker still busy at the deadline has
+        its job closed as stopped, so the study is taken up again at the next start without counting as a crash."""
+        t0 = time.monotonic()
+        deadline = t0 + STOP_BUDGET_S
+        self.stop_event.set()
+        notifier.stopping()
+        self.listeners.close_port()  # no new associations from the moment we stop
+        for part in (self.worker, self.sender):
+            part.wake.set()
+        for name, thread in threads.items():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.error("the %s thread did not stop within %.0f s; exiting without it", name, STOP_BUDGET_S)
+        busy = self.worker.current
+        if threads[worker_mod.NAME].is_alive() and busy is not None:
+            self.store.stop_processing(busy, "the node stopped before the step in progress ended")
+        log.info("worker and sender stopped %.1f s after the stop request", time.monotonic() - t0)
 
     def request_stop(self) -> None:
         """From a signal handler: only a flag; `run_forever` acts on it."""
@@ -159,14 +188,22 @@ class Service:
             return
         try:
             self.reload(reload_config())
-        except LivernodeError as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad reload must never stop a running node
             log.error("reload refused, keeping the running configuration: %s", exc)
 
     def reload(self, cfg: DaemonConfig) -> None:
-        """SIGHUP: take new destinations, study timing and send settings; listeners and model stay as they are.
-        The destination table is replaced in one assignment: the sender reads it once per send."""
-        self.destinations = _destinations(cfg)
-        self.cfg = self.cfg.model_copy(update={"study": cfg.study, "send": cfg.send})
+        """SIGHUP: take new destinations, study timing, free-space threshold and send settings; listeners, model
+        and observability stay as they are. The merged configuration is validated as a whole before any of it is
+        used; the destination table is replaced in one assignment (the sender reads it once per send)."""
+        merged = self.cfg.model_dump()
+        merged.update(study=cfg.study.model_dump(), send=cfg.send.model_dump())
+        try:
+            new = DaemonConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(f"reloaded configuration: {exc.errors()[0]['msg']}") from None
+        self.destinations = _destinations(new)
+        self.cfg = new
+        self.spool.min_free_bytes = int(new.study.min_free_mb * 1e6)
         log.info("configuration reloaded: %d destination(s), quiet period %.0f s", len(self.destinations),
                  cfg.study.quiet_seconds)
 
@@ -226,8 +263,11 @@ def serve(cfg: DaemonConfig, reload_config=None) -> int:
     signal.signal(signal.SIGINT, lambda *_: service.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
     try:
-        service.run_forever(notifier=notifier, reload_config=reload_config)
+        code = service.run_forever(notifier=notifier, reload_config=reload_config)
     finally:
         service.stop()
-    log.info("stopped cleanly")
-    return 0
+    if code == 0:
+        log.info("stopped cleanly")
+    else:
+        log.error("stopped because a part failed (exit status %d)", code)
+    return code

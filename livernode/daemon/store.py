@@ -88,9 +88,10 @@ class Store:
         db = self._connection()
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
-        columns = {r[1] for r in db.execute("PRAGMA table_info(studies)")}
-        if "attempts" not in columns:  # an index written before attempts were counted
-            db.execute("ALTER TABLE studies ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        with self.transaction() as tx:  # one writer migrates; another process opening the index waits, then sees it
+            columns = {r[1] for r in tx.execute("PRAGMA table_info(studies)")}
+            if "attempts" not in columns:  # an index written before attempts were counted
+                tx.execute("ALTER TABLE studies ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened once (opening one per transaction cost a third of a C-STORE)."""
@@ -264,11 +265,15 @@ class Store:
             return db.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = 0 "
                               "WHERE study_instance_uid = ? AND state IN ('dead', 'pending')", (study,)).rowcount
 
-    def supersede(self, study: str, reason: str) -> int:
-        """The study's unsent items (pending or dead) will never be sent: it is being processed again."""
+    def reprocess_lost(self, study: str, reason: str) -> int:
+        """A result of the study was lost before it was sent: in one transaction, its unsent items (pending or
+        dead) are superseded and the study is due to be processed again. Returns how many items."""
         with self.transaction() as db:
-            return db.execute("UPDATE outbox SET state = 'superseded', last_error = ? WHERE study_instance_uid = ? "
-                              "AND state IN ('pending', 'dead')", (reason[:500], study)).rowcount
+            n = db.execute("UPDATE outbox SET state = 'superseded', last_error = ? WHERE study_instance_uid = ? "
+                           "AND state IN ('pending', 'dead')", (reason[:500], study)).rowcount
+            db.execute("UPDATE studies SET processed_instances = 0, state = 'receiving', attempts = 0, "
+                       "last_received_at = 0 WHERE study_instance_uid = ?", (study,))
+            return n
 
     def mark_failed(self, ids: list[int], error: str, *, backoff_s: float, max_attempts: int,
                     now: float | None = None) -> bool:
@@ -286,11 +291,12 @@ class Store:
         return dead
 
     def counts(self) -> tuple[dict[str, int], dict[str, int], int]:
-        """Studies by state, outbox items by state, and studies with instances not yet processed."""
-        with self.transaction() as db:
-            studies = dict(db.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
-            outbox = dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
-            waiting = db.execute("SELECT count(*) FROM studies WHERE instances > processed_instances").fetchone()[0]
+        """Studies by state, outbox items by state, and studies with instances not yet processed. Plain reads,
+        which WAL never makes wait for a writer: the watchdog's status line and /metrics call this."""
+        db = self._connection()
+        studies = dict(db.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
+        outbox = dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+        waiting = db.execute("SELECT count(*) FROM studies WHERE instances > processed_instances").fetchone()[0]
         return studies, outbox, waiting
 
     def probe_writable(self) -> str:

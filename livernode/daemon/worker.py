@@ -35,6 +35,7 @@ class Worker:
         self.stop, self.on_result = stop, on_result
         self.wake = threading.Event()
         self.doing = "idle"
+        self.current: str | None = None  # the Study Instance UID being processed
 
     def recover(self) -> None:
         """At start, before any work: jobs a crash left running become interrupted; a study interrupted
@@ -68,6 +69,15 @@ class Worker:
 
     def process(self, study: str) -> str:
         """Run the pipeline on one study; returns the job's end state: done, failed or stopped."""
+        self.current = study
+        try:
+            return self._process(study)
+        finally:
+            self.doing, self.current = "idle", None
+            self.metrics.study_slices.labels("inferred").set(0)
+            self.metrics.study_slices.labels("total").set(0)
+
+    def _process(self, study: str) -> str:
         row = self.store.start_processing(study)
         key, job = uid_key(study), row.generation + 1
         extra = {"study": key, "job": job}
@@ -94,10 +104,6 @@ class Worker:
             log.error("study %s: unexpected %s while processing", key, type(exc).__name__, exc_info=True,
                       extra=extra)
             return self._fail(study, row.instances, f"{type(exc).__name__}: {exc}", "exception", extra)
-        finally:
-            self.doing = "idle"
-            self.metrics.study_slices.labels("inferred").set(0)
-            self.metrics.study_slices.labels("total").set(0)
         self._record(result)
         outbox = [(dest, str(path)) for dest in self.destinations() for path in (result.seg_path, result.sr_path)]
         self.store.finish(study, row.instances, outbox=outbox)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from livernode.config import load_daemon_config
-from livernode.daemon.health import Health, Liveness, supervised, watchdog_loop
+from livernode.daemon.health import STEP_RETRIES, Health, Liveness, supervised, watchdog_loop, work_loop
 from livernode.daemon.sdnotify import Notifier, watchdog_period
 from livernode.errors import ConfigError
 
@@ -108,8 +109,33 @@ def test_watchdog_pings_only_while_every_thread_makes_progress(tmp_path):
 
 def test_config_keys_for_liveness_and_poison_studies(tmp_path):
     cfg = load_daemon_config(REPO / "config" / "livernode.toml")
-    assert cfg.study.max_attempts == 3 and cfg.observability.stall_seconds == 120
+    assert cfg.study.max_attempts == 3 and cfg.stall_seconds() == 120
+    # unset, the bound grows with a long send timeout, so an existing config keeps working
+    assert load_daemon_config(None, {"send.timeout_seconds": 90}).stall_seconds() == 210
+    assert load_daemon_config(None, {"observability.stall_seconds": 300}).stall_seconds() == 300
     with pytest.raises(ConfigError, match=r"stall_seconds \(50\) must exceed twice send.timeout_seconds \(30\)"):
         load_daemon_config(None, {"observability.stall_seconds": 50})
     with pytest.raises(ConfigError, match="study.max_attempts"):
         load_daemon_config(None, {"study.max_attempts": 0})
+    folder = tmp_path / "a-folder.toml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="a-folder.toml: cannot be read"):
+        load_daemon_config(folder)
+
+
+def test_work_loop_retries_a_failing_step_then_gives_up(caplog):
+    live, stop, wake = Liveness(stall_s=60), threading.Event(), threading.Event()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) in (1, 2):
+            raise sqlite3.OperationalError("database is locked")
+        if len(calls) == 3:
+            return
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        work_loop("sender", live, stop, wake, 0.001, flaky, "sending")
+    # two failures, one success (which resets the count), then 1 + STEP_RETRIES failures in a row
+    assert len(calls) == 3 + 1 + STEP_RETRIES
+    assert caplog.text.count("trying again") == 2 + STEP_RETRIES

@@ -27,8 +27,9 @@ def test_status_and_retry_of_dead_letters_and_failed_studies(tmp_path):
     r = _cli("retry", "7.7", "--state", str(tmp_path))
     assert "2 outbox item(s) queued for sending again" in r.stdout
     assert {row[4] for row in store.outbox()} == {"pending"}
+    store.enqueue("9.9", "PACS@127.0.0.1:4242", ["old-seg"])  # a failed study with an earlier result owed
     r = _cli("retry", "9.9", "--state", str(tmp_path))
-    assert "queued for reprocessing" in r.stdout
+    assert "queued for reprocessing; 1 earlier outbox item(s) queued for sending again" in r.stdout, r.stdout
     assert store.due_studies(30, 600) == ["9.9"]
     r = _cli("retry", "1.2.3", "--state", str(tmp_path))
     assert r.returncode != 0 and "not known to this node" in r.stderr

@@ -1,14 +1,17 @@
 """Send-back against a real pynetdicom peer: success and refusal statuses, and TLS with client certificates."""
 
+import socket
 import ssl
-import subprocess
+import threading
 
+import pydicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from livernode.config import TlsConfig
-from livernode.daemon.send import Destination, SendError, send_files
+from livernode.daemon.send import Destination, SendError, send_datasets, send_files
+from tests.peers import make_pki
 
 
 def _peer(status: int, tls=None):
@@ -50,19 +53,7 @@ def test_unreachable_destination_is_a_send_error(synth_dirs):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=test-ca")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={'127.0.0.1' if name == 'server' else 'livernode'}")
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_tls_with_client_certificate(synth_dirs, pki):
@@ -82,3 +73,24 @@ def test_tls_with_client_certificate(synth_dirs, pki):
             send_files(_files(synth_dirs), Destination("PACS", "127.0.0.1", port), timeout=5)
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_peer_that_accepts_and_stays_silent_costs_one_timeout(synth_dirs, pki, tls):
+    """Connect, TLS handshake and association each wait at most the timeout; without a connect timeout a silent
+    TLS peer held the sender for good."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # accepts connections (the kernel does) and never says a word
+    dest = Destination("PACS", "127.0.0.1", silent.getsockname()[1],
+                       TlsConfig(ca_file=pki / "ca.pem") if tls else None)
+    files = _files(synth_dirs)
+    result = []
+    sender = threading.Thread(target=lambda: result.append(
+        send_datasets([pydicom.dcmread(f) for f in files], [f.name for f in files], dest, timeout=1)), daemon=True)
+    sender.start()
+    sender.join(60)  # far beyond one timeout: only a send with no timeout at all is still running
+    silent.close()
+    assert not sender.is_alive(), "the send never returned"
+    [outcomes] = result
+    assert [o.stored for o in outcomes] == [False] * 3 and "association failed" in outcomes[0].error

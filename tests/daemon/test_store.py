@@ -50,3 +50,38 @@ def test_reconcile_reindexes_spooled_files_missing_from_the_index(tmp_path, synt
     assert store.reconcile(spool.instances, header) == 2
     assert store.reconcile(spool.instances, header) == 0
     assert store.study(str(first.StudyInstanceUID)).instances == 3
+
+
+def test_attempts_recover_stop_and_poison(tmp_path):
+    s = Store(tmp_path / "index.sqlite")
+    s.add_instance("1.1", "9.9", "8.8", "c", "a", now=0)
+    s.start_processing("9.9")
+    s.stop_processing("9.9", "the node is stopping")  # SIGTERM: not a crash, the study stays due
+    assert s.study("9.9").attempts == 0 and s.due_studies(30, 600, now=1) == ["9.9"]
+    for crash in range(1, 4):  # three runs cut short by a kill
+        s.start_processing("9.9")
+        interrupted, failed = Store(tmp_path / "index.sqlite").recover(max_attempts=3)
+        assert interrupted == 1 and failed == ([("9.9", 3)] if crash == 3 else [])
+    row = s.study("9.9")
+    assert row.state == "failed" and row.reason.startswith("interrupted 3 times") and row.attempts == 0
+    assert s.due_studies(30, 600, now=10**10) == []  # not retried ...
+    assert [j[1] for j in s.jobs("9.9")] == ["stopped", "interrupted", "interrupted", "interrupted"]
+    assert s.requeue_study("9.9") and s.due_studies(30, 600, now=100) == ["9.9"]  # ... until `livernode retry`
+
+
+def test_an_index_from_before_attempts_is_migrated(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "index.sqlite")
+    old.executescript("""
+        CREATE TABLE studies (study_instance_uid TEXT PRIMARY KEY, first_received_at REAL NOT NULL,
+            last_received_at REAL NOT NULL, instances INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL DEFAULT 'receiving', processed_instances INTEGER NOT NULL DEFAULT 0,
+            generation INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '');
+        INSERT INTO studies VALUES ('9.9', 0, 0, 3, 'processing', 0, 0, '');
+    """)
+    old.commit()
+    old.close()
+    s = Store(tmp_path / "index.sqlite")
+    assert s.study("9.9").attempts == 0 and s.due_studies(30, 600, now=1) == ["9.9"]
+    assert Store(tmp_path / "index.sqlite").study("9.9").state == "processing"  # a second open changes nothing

@@ -7,6 +7,7 @@ its outbox sent, nothing is left that could be delivered again."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import highdicom as hd
@@ -17,6 +18,7 @@ from tests.peers import PacsStandIn, free_port, start_node, stop_node, storescu,
 from tests.reliability.conftest import db_rows, settled
 
 pytestmark = pytest.mark.slow
+QUIET_S = 6  # longer than sending the second half takes, so the study is complete when it is processed
 
 
 def received(out: Path):
@@ -35,7 +37,7 @@ def test_sigkill_while_receiving(tmp_path, exported, trained_run, pacs, figure):
     root, _ = trained_run
     pacs_port, pacs_out = pacs
     port, state = free_port(), tmp_path / "state"
-    args = ("--port", str(port), "--destination", f"PACS@127.0.0.1:{pacs_port}", "--study-timeout", "6")
+    args = ("--port", str(port), "--destination", f"PACS@127.0.0.1:{pacs_port}", "--study-timeout", str(QUIET_S))
     files = sorted((root / "data" / "case_001" / "ct").glob("*.dcm"))
     half = len(files) // 2
     node = start_node(state, exported, *args)
@@ -48,8 +50,11 @@ def test_sigkill_while_receiving(tmp_path, exported, trained_run, pacs, figure):
         storescu(port, files[half:])
         got = wait_for(lambda: received(pacs_out), 180, "SEG and SR at the PACS")
         wait_for(lambda: settled(state), 60, "the study settled")
+        jobs = db_rows(state, "SELECT id FROM jobs")
+        time.sleep(QUIET_S + 1)  # a second quiet period: a late second processing would start in it
     finally:
         stop_node(node)
+    assert db_rows(state, "SELECT id FROM jobs") == jobs
     assert len([p for p in pacs_out.iterdir() if p.is_file()]) == 2  # processed and delivered exactly once
     seg = hd.seg.segread(next(f for f in got if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SEG"))
     referenced = {str(u[2]) for u in seg.get_source_image_uids()}

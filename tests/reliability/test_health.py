@@ -14,7 +14,7 @@ import pytest
 from tests.peers import scrape, wait_for
 
 pytestmark = pytest.mark.slow
-MARGIN = 256 << 20  # the threshold sits this far below the free space at the start
+MARGIN = 1 << 30  # the threshold sits this far below the free space at the start
 CHECKS = ["index", "listener", "model", "sender", "spool", "worker"]
 
 

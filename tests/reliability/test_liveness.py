@@ -82,7 +82,9 @@ def test_backlog_keeps_the_watchdog_fed(tmp_path, exported, pacs, figure):
         wait_for(lambda: notify.times("READY=1"), 120, "READY=1")
         t_ready = notify.times("READY=1")[0]
         wait_for(lambda: _at_pacs(pacs_out, 2 * BACKLOG) and settled(state), 900, "the backlog delivered")
-        t_done = time.monotonic()
+        # The backlog ended when its last job finished (the index's clock), not when this loop noticed.
+        [(finished,)] = db_rows(state, "SELECT max(finished_at) FROM jobs")
+        t_done = time.monotonic() - (time.time() - finished)
     finally:
         log = stop_node(node)
         notify.close()
@@ -142,3 +144,25 @@ def test_sigterm_mid_study_exits_in_time_and_the_study_is_delivered_once(tmp_pat
     figure("slices_inferred_at_sigterm", int(inferred))
     figure("seconds_to_exit", round(exit_s, 2))
     figure("timeout_stop_sec", timeout_stop)
+
+
+def test_a_dead_sender_under_the_watchdog_stops_the_node_for_a_restart(tmp_path, exported, figure):
+    """Under systemd, a part that died makes the node stop cleanly with status 1 (Restart=on-failure starts it
+    again) instead of waiting for the watchdog to abort it; meanwhile WATCHDOG=1 is withheld."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    port = free_port()
+    node = start_node(tmp_path / "state", exported, "--port", str(port), faults={"LIVERNODE_TEST_BREAK_SENDER": "1"},
+                      env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+    try:
+        code = node.wait(timeout=120)
+    finally:
+        if node.poll() is None:
+            node.kill()
+        notify.close()
+    log = log_text(node)
+    assert code == 1, log[-3000:]
+    assert "stopping so that systemd restarts the node: sender: thread died: RuntimeError: injected" in log
+    assert notify.times("READY=1") and notify.times("STOPPING=1")
+    died = re.search(r"the sender thread stopped", log)
+    assert died, log[-3000:]
+    figure("exit_status", code)

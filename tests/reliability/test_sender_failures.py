@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pydicom
 import pytest
-from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
+from pynetdicom.sop_class import SegmentationStorage
 
 from livernode.config import load_daemon_config
 from tests.peers import PacsStandIn, free_port, restamp, start_storescp, stop_process, storescu, wait_for
