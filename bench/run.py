@@ -64,6 +64,10 @@ def table(r: dict) -> list[dict]:
     rows.append(_row("scaling: ms/slice at " + "/".join(str(x["slices"]) for x in sc) + " slices",
                      "/".join(f"{x['ms_per_slice']:.0f}" for x in sc), f"{sc[0]['ms_per_slice']:.0f} (100 slices)",
                      f"{worst:.2f}x", "<= 1.15x (linear)", worst <= 1.15))
+    c = r["coverage"]
+    rows.append(_row(f"coverage pass, {c['series']}-series study ({c['files']} files): s vs inference of the chosen "
+                     f"{c['chosen_slices']} slices", f"{c['coverage_s']:.2f}", f"{c['infer_s']:.2f}",
+                     f"{100 * c['ratio']:.1f} %", "<= 10 %", c["ratio"] <= 0.10))
     g = r["gpu_script"]
     rows.append(_row(f"GPU script on {','.join(g['providers'])} ({g['size']}px): slices/s",
                      f"{g['slices_per_s']:.1f}", "-", f"{100 * g['fraction_of_ceiling']:.0f} % of matmul",
@@ -106,6 +110,10 @@ def main() -> int:
     results["memory"] = pipeline.memory(template, model, WORK)
     log("scaling ...")
     results["scaling"] = pipeline.scaling(template, model, WORK)
+    log("coverage pass on a whole study, the network at the size it was trained at ...")
+    trained_size = results["pipeline_model"]["trained_size"]
+    native, _ = pipeline.pipeline_model(WORK, WORK / "template", size=trained_size)
+    results["coverage"] = pipeline.coverage_cost(native, WORK)
     log("GPU script, exercised on the CPU ...")
     gpu_out = WORK / "gpu-on-cpu.json"
     subprocess.run([PY, str(REPO / "bench" / "gpu.py"), "--model", results["model"]["model_512_fp16"],

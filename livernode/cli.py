@@ -14,7 +14,13 @@ log = logging.getLogger("livernode")
 
 
 def _synth(a: argparse.Namespace) -> int:
+    from livernode.errors import ConfigError
     from livernode.imaging.synth import synthesize
+    from livernode.imaging.synth_study import MIN_SPAN_SLICES
+
+    if a.layout == "study" and a.slices < MIN_SPAN_SLICES:
+        raise ConfigError(f"--layout study: --slices is the study's span in 1 mm slices and must be at least "
+                          f"{MIN_SPAN_SLICES} (to reach above and below the liver), not {a.slices}")
 
     paths = synthesize(a.out, cases=a.cases, slices=a.slices, size=a.size, seed=a.seed, layout=a.layout)
     print(f"wrote {len(paths)} {a.layout} cases to {a.out}")
@@ -79,7 +85,7 @@ def _serve(a: argparse.Namespace) -> int:
 def _status(a: argparse.Namespace) -> int:
     from livernode.daemon.operator import status_text
 
-    print(status_text(_state(a)))
+    print(status_text(_state(a), a.study))
     return 0
 
 
@@ -99,8 +105,12 @@ def _echo(a: argparse.Namespace) -> int:
 
 
 def _check(a: argparse.Namespace) -> int:
-    from livernode.daemon.operator import check
+    from livernode.daemon.operator import check, check_study
 
+    if a.study is not None:
+        ok, table = check_study(a.study, a.config, {"inference.model": a.model})
+        print(table)
+        return 0 if ok else 1
     ok, table = check(a.config, {"inference.model": a.model})
     print(table)
     return 0 if ok else 1
@@ -140,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", type=int, default=48)
     s.add_argument("--size", type=int, default=512, help="matrix size in pixels (field of view stays realistic)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--layout", choices=["dicom", "chaos", "lits"], default="dicom")
+    s.add_argument("--layout", choices=["dicom", "chaos", "lits", "study"], default="dicom",
+                   help="study: a whole study per case as PACS sends it (phases, kernels, MIP, reformat, localizer, "
+                        "dose screen; --slices counts 1 mm slices, at least 240)")
     s.set_defaults(func=_synth)
 
     t = sub.add_parser("train", help="train the U-Net on a data set")
@@ -197,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         op = sub.add_parser(name, help=helptext)
         if name == "retry":
             op.add_argument("study_uid")
+        else:
+            op.add_argument("--study", metavar="UID", help="one study: its jobs and why each series was (not) chosen")
         op.add_argument("--state", type=Path, help="the node's state folder (default: from --config)")
         op.add_argument("--config", type=Path)
         op.set_defaults(func=func)
@@ -208,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="validate config, model, providers, ports and destinations; pass/fail table")
     ck.add_argument("--config", type=Path)
     ck.add_argument("--model", type=Path)
+    ck.add_argument("--study", type=Path, metavar="DIR",
+                    help="print the series decision for a study folder instead (rules and coverage pass, no SEG)")
     ck.set_defaults(func=_check)
 
     d = sub.add_parser("demo", help="run the offline half end to end on phantoms (what `make demo` runs)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -180,6 +181,30 @@ class StudyConfig(_Strict):
         3, ge=1, description="a study whose processing was cut short by a crash this many times becomes failed")
 
 
+class SelectionConfig(_Strict):
+    """Which series of a study to segment. Coverage of the liver decides first; these rules come next."""
+
+    prefer: tuple[str, ...] = Field(
+        (), description="regular expressions, matched without regard to case against 'description | kernel | image "
+                        "type'; a series matching an earlier one wins, e.g. ['portal|venous|PV']")
+    avoid: tuple[str, ...] = Field((), description="patterns of series taken only when nothing else covers as much "
+                                                   "liver, e.g. ['arterial', 'lung|bone']")
+    segment_all: bool = Field(False, description="segment every usable series that holds the whole liver (one SEG "
+                                                 "and SR each), e.g. every contrast phase")
+    coverage_step_mm: float = Field(20.0, gt=0, le=100, description="the coverage pass looks at a slice about this "
+                                                                     "often inside a series (along the whole study "
+                                                                     "when no series holds the whole liver)")
+
+    @model_validator(mode="after")
+    def _patterns(self) -> "SelectionConfig":
+        for pattern in (*self.prefer, *self.avoid):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+        return self
+
+
 class TlsConfig(_Strict):
     """TLS 1.2+ for one destination: the CA that signed the peer's certificate, and our client certificate."""
 
@@ -220,6 +245,7 @@ class DaemonConfig(_Strict):
     paths: PathsConfig = PathsConfig()
     inference: InferenceConfig = InferenceConfig()
     study: StudyConfig = StudyConfig()
+    selection: SelectionConfig = SelectionConfig()
     send: SendConfig = SendConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
 

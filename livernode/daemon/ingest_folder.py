@@ -91,7 +91,8 @@ class FolderIngest:
         try:
             ds = read_dataset(path)
             if str(ds.get("SOPClassUID", "")) not in STORAGE_CLASSES:
-                raise InputError(f"{path}: SOP class {ds.get('SOPClassUID', 'missing')} is not CT or Enhanced CT")
+                raise InputError(f"{path}: SOP class {ds.get('SOPClassUID', 'missing')} is not CT, Enhanced CT, a "
+                                 "secondary capture or a dose report")
             study, series, sop = (check_uid(str(ds.get(k, "")), k) for k in
                                   ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
         except InputError as exc:

@@ -13,7 +13,11 @@ from pydicom.uid import (
     JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, JPEGLossless, RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import (
+    CTImageStorage, EnhancedCTImageStorage, MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage, Verification, XRayRadiationDoseSRStorage,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from livernode.daemon.metrics import AuditLog, Metrics
@@ -28,7 +32,12 @@ log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                      JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
                      RLELossless]
-STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+# CT, plus what PACS auto-routing sends along with an abdominal CT study: dose screens (secondary captures) and
+# dose reports. They are stored so that routing succeeds, and series selection says why they are not segmented.
+STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage, SecondaryCaptureImageStorage,
+                   MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+                   MultiFrameGrayscaleWordSecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage,
+                   XRayRadiationDoseSRStorage)
 SUCCESS, OUT_OF_RESOURCES, DATA_SET_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 

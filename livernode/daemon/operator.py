@@ -27,8 +27,11 @@ def _table(headers: list[str], rows: list[tuple]) -> str:
     return "\n".join(out)
 
 
-def status_text(state: Path) -> str:
+def status_text(state: Path, study: str | None = None) -> str:
+    """Studies, jobs and outbox as tables; with `study`, that study's jobs and why each series was (not) chosen."""
     store = open_store(state)
+    if study is not None:
+        return study_text(store, study)
     with store.transaction() as db:
         studies = db.execute("SELECT study_instance_uid, state, instances, processed_instances, generation, reason, "
                              "last_received_at FROM studies ORDER BY last_received_at DESC").fetchall()
@@ -44,6 +47,59 @@ def status_text(state: Path) -> str:
              "", "Outbox", _table(["destination", "state", "items", "max attempts", "last error"],
                                   [(d, s, n, a, (e or "")[:60]) for d, s, n, a, e in outbox])]
     return "\n".join(parts)
+
+
+def study_text(store: Store, study: str) -> str:
+    row = store.study(study)
+    if row is None:
+        raise ConfigError(f"study {study}: not known to this node")
+    jobs = [(g, st, n, (reason or "")[:90]) for g, st, n, reason in store.jobs(study)]
+    series = [(d.get("description") or "-", d.get("images"), "yes" if d.get("chosen") else "",
+               _share(d.get("liver_share")), d.get("reason", "")) for d in store.last_series(study)]
+    return "\n".join([f"Study {study}: {row.state}, {row.instances} instances, generation {row.generation}"
+                      + (f": {row.reason}" if row.reason else ""),
+                      "", "Jobs", _table(["generation", "state", "instances", "reason"], jobs),
+                      "", "Series (last finished job)",
+                      _table(["description", "images", "chosen", "liver", "reason"], series)])
+
+
+def _share(share) -> str:
+    return "" if share is None else f"{100 * share:.0f} %"
+
+
+def check_study(study_dir: Path, cfg_path: Path | None, overrides: dict | None = None) -> tuple[bool, str]:
+    """The series decision for a study folder, as the node would make it (site rules and the model's coverage
+    pass included), without segmenting it: a rule tester."""
+    from livernode.config import load_daemon_config
+    from livernode.daemon.coverage import coverage_pass
+    from livernode.daemon.select import select_series
+    from livernode.errors import InputError, SeriesRejected
+    from livernode.imaging.dicomio import dicom_files, read_dataset
+    from livernode.inference.runner import Segmenter
+
+    cfg = load_daemon_config(cfg_path, overrides)
+    if cfg.inference.model is None:
+        raise ConfigError("no model: set inference.model in the config or pass --model (the coverage pass runs it)")
+    headers, unreadable = [], []
+    for path in dicom_files(Path(study_dir)):
+        try:
+            headers.append((str(path), read_dataset(path, pixels=False)))
+        except InputError as exc:
+            unreadable.append(str(exc))
+    if not headers:
+        raise ConfigError(f"{study_dir}: no readable DICOM files")
+    seg = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
+    rules = cfg.selection
+    try:
+        chosen, decisions = select_series(headers, rules, coverage_pass(seg, rules.coverage_step_mm))
+    except SeriesRejected as exc:
+        return False, f"no series would be segmented: {exc}"
+    rows = [(d.description or "-", d.images, f"{d.slice_thickness_mm:g} mm" if d.slice_thickness_mm else "",
+             d.kernel or "-", _share(d.liver_share), "yes" if d.chosen else "", d.reason) for d in decisions]
+    text = _table(["description", "images", "thickness", "kernel", "liver", "chosen", "reason"], rows)
+    rule_text = f"prefer {list(rules.prefer)}, avoid {list(rules.avoid)}, segment_all {rules.segment_all}"
+    extra = f"\n{len(unreadable)} unreadable file(s), first: {unreadable[0]}" if unreadable else ""
+    return bool(chosen), f"{text}\n\nrules: {rule_text}; {len(chosen)} series would be segmented{extra}"
 
 
 def retry(state: Path, study_uid: str) -> str:

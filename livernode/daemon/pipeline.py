@@ -14,16 +14,19 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from livernode import __version__
+from livernode.config import SelectionConfig
+from livernode.daemon.coverage import coverage_pass
 from livernode.daemon.postprocess import Findings, postprocess
 from livernode.daemon.report import preview, summary_dict, write_json
-from livernode.daemon.select import select_series
+from livernode.daemon.select import select_series, short_key
 from livernode.daemon.seg import write_result_seg
 from livernode.daemon.sr import build_sr, write_sr
 from livernode.errors import InputError, SeriesRejected
 from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_of, order_slices, ordered_volume,
                                       read_dataset)
-from livernode.imaging.volume import CtVolume
+from livernode.imaging.orient import Orientation
 from livernode.imaging.segwrite import Algorithm
+from livernode.imaging.volume import CtVolume
 from livernode.inference.runner import Segmenter
 
 log = logging.getLogger(__name__)
@@ -47,31 +50,34 @@ class StudyResult:
     findings: Findings
     timings: dict[str, float]
     slices: int
+    decisions: tuple[dict, ...] = ()  # every series of the study with its reason (as in summary.json)
 
 
-def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path) -> StudyResult:
+def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path,
+                  rules: SelectionConfig | None = None) -> StudyResult:
     """Segment the best CT series found under `study_dir` and write the results into `out_dir`."""
     files = dicom_files(study_dir)
     if not files:
         raise SeriesRejected(f"{study_dir}: no DICOM files")
-    return process_files(files, segmenter, out_dir)
+    return process_files(files, segmenter, out_dir, rules=rules)
 
 
-def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
-                  series_number_offset: int = 0, progress: Progress = _no_progress) -> StudyResult:
-    """Segment the best CT series among `files` (one study) and write the results into `out_dir`.
+def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *, series_number_offset: int = 0,
+                  progress: Progress = _no_progress, rules: SelectionConfig | None = None) -> StudyResult:
+    """Segment the best CT series among `files` (one study) and write the results into `out_dir`; see
+    `process_all`, of which this is the first result."""
+    return process_all(files, segmenter, out_dir, series_number_offset=series_number_offset, progress=progress,
+                       rules=rules)[0]
+
+
+def process_all(files: list[Path], segmenter: Segmenter, out_dir: Path, *, series_number_offset: int = 0,
+                progress: Progress = _no_progress, rules: SelectionConfig | None = None) -> list[StudyResult]:
+    """Choose the series to segment among `files` (one study) by `rules`, segment each and write its results:
+    into `out_dir` for one series, into `out_dir/series-N` for each of several (`rules.segment_all`).
     `series_number_offset` numbers a reprocess's SEG and SR series after the ones they supersede; `progress` is
     told of every file read, every inference batch and every stage finished."""
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        timings[name] = round(now - t, 3)
-        t = now
-        progress(name, 0, 0)  # a stage finished; no counts
-
+    rules = rules or SelectionConfig()
+    clock = _Clock(progress)
     headers, skipped = [], []
     for i, path in enumerate(files):
         progress("read", i, len(files))
@@ -82,53 +88,94 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *,
             skipped.append(str(exc))
     if not headers:
         raise SeriesRejected(f"no readable DICOM files among {len(files)} ({'; '.join(skipped[:3])})")
-    series_uid, decisions = select_series(headers)
-    lap("select")
+    measure = coverage_pass(segmenter, rules.coverage_step_mm, lambda done, total: progress("coverage", done, total))
+
+    def timed_coverage(candidates):
+        t = time.perf_counter()
+        try:
+            return measure(candidates)
+        finally:
+            clock.timings["coverage"] = round(time.perf_counter() - t, 3)
+    chosen, decisions = select_series(headers, rules, timed_coverage)
+    clock.lap("select")
+    shared = {"chosen": chosen, "decisions": [asdict(d) for d in decisions], "skipped_files": skipped}
+    results = []
+    for i, uid in enumerate(chosen):
+        target = out_dir if len(chosen) == 1 else out_dir / f"series-{i + 1}"
+        results.append(_process_series(headers, uid, segmenter, target, clock.fork(),
+                                       series_number=9001 + 2 * series_number_offset + 200 * i, series=shared))
+    return results
+
+
+class _Clock:
+    """Stage timings: `lap(name)` records the time since the last lap and tells `progress` the stage ended."""
+
+    def __init__(self, progress: Progress, timings: dict[str, float] | None = None) -> None:
+        self.progress, self.timings, self.t = progress, dict(timings or {}), time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.t, 3)
+        self.t = now
+        self.progress(name, 0, 0)  # a stage finished; no counts
+
+    def fork(self) -> "_Clock":
+        """A clock for one series that starts with the study's timings so far."""
+        return _Clock(self.progress, self.timings)
+
+
+def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segmenter: Segmenter, out_dir: Path,
+                    clock: _Clock, *, series_number: int, series: dict) -> StudyResult:
+    """Segment one series of the study and write its SEG, SR, summary.json and preview.png into `out_dir`."""
     chosen = [(src, ds) for src, ds in headers if str(ds.SeriesInstanceUID) == series_uid]
     order = order_slices(chosen, series_uid)
     kept = [chosen[i] for i in order.kept]
     source = [ds for _, ds in kept]  # headers only: the pixels live in the volume below, once
-    lap("load")
-    volume, labels, slices = _segment(kept, order, segmenter, series_uid, progress)
-    lap("infer")
+    turn = Orientation.from_iop(order.orientation)
+    clock.lap("load")
+    volume, labels, slices = _segment(kept, order, segmenter, series_uid, clock.progress, turn)
+    clock.lap("infer")
     # From here on only a preview's dozen slices need pixels: they are read again from disk (`slices`), and the
     # study's HU volume (2 bytes a voxel) is not held through post-processing and SEG writing.
-    spacing, described, shape = volume.spacing, volume.source, volume.hu.shape
+    spacing, shape = volume.spacing, volume.hu.shape
     del volume
     findings = postprocess(labels, spacing)
     del labels
-    lap("postprocess")
+    clock.lap("postprocess")
     out_dir.mkdir(parents=True, exist_ok=True)
     m = segmenter.manifest
     algorithm = Algorithm(name=f"livernode {m.architecture.name}-{m.architecture.backbone}",
                           version=f"{m.livernode_version} ({m.weights_sha256[:12]})")
+    note = " (liver incomplete)" if findings.liver_touches_scan_edge else ""  # SeriesDescription holds 64
     seg_path = out_dir / "seg.dcm"
     seg = write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
-                           sop_uid=generate_uid(), series_number=9001 + 2 * series_number_offset)
-    lap("seg")
+                           sop_uid=generate_uid(), series_number=series_number, note=note)
+    clock.lap("seg")
     sr_path = out_dir / "sr.dcm"
     write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid(),
-                      series_number=9002 + 2 * series_number_offset), sr_path)
-    lap("sr")
-    preview_path = preview(slices, findings, out_dir / "preview.png")
-    lap("preview")
+                      series_number=series_number + 1, note=note), sr_path)
+    clock.lap("sr")
+    preview_path = preview(slices, findings, out_dir / "preview.png", turn)
+    clock.lap("preview")
     summary = summary_dict(
         findings,
         livernode_version=__version__,
         study_instance_uid=str(source[0].StudyInstanceUID),
-        series={"chosen": series_uid, "decisions": [asdict(d) for d in decisions], "skipped_files": skipped},
-        volume={"slices": int(shape[0]), "rows": int(shape[1]), "columns": int(shape[2]), "spacing_mm": list(spacing)},
+        series={**series, "chosen": series_uid},
+        volume={"slices": int(shape[0]), "rows": int(shape[1]), "columns": int(shape[2]), "spacing_mm": list(spacing),
+                "orientation": turn.describe()},
         model={"file": segmenter.path.name, "architecture": m.architecture.name, "backbone": m.architecture.backbone,
                "weights_sha256": m.weights_sha256, "created": m.created},
         providers=segmenter.providers_used,
-        timings_s=timings,
+        timings_s=clock.timings,
     )
     summary_path = out_dir / "summary.json"
     write_json(summary_path, summary)
-    log.info("study %s: liver %.1f mL, %d lesions, %.1f mL tumour; %s", described, findings.liver_volume_ml,
-             len(findings.lesions), findings.tumour_volume_ml,
-             ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-    return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, timings, int(shape[0]))
+    log.info("series %s: liver %.1f mL%s, %d lesions, %.1f mL tumour; %s", short_key(series_uid),
+             findings.liver_volume_ml, note, len(findings.lesions), findings.tumour_volume_ml,
+             ", ".join(f"{k} {v:.2f} s" for k, v in clock.timings.items()))
+    return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, clock.timings,
+                       int(shape[0]), tuple(series["decisions"]))
 
 
 class _Slices:
@@ -147,7 +194,7 @@ class _Slices:
 
 
 def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segmenter,
-             series_uid: str, progress: Progress) -> tuple[CtVolume, np.ndarray, _Slices]:
+             series_uid: str, progress: Progress, turn: Orientation) -> tuple[CtVolume, np.ndarray, _Slices]:
     """Decode the ordered slices into a volume while the network runs on the ones already decoded; returns the
     volume, the labels and the slices' reader. Integer HU (slope 1, integer intercept: every CT scanner we know of)
     are held as int16, otherwise as float32."""
@@ -157,7 +204,8 @@ def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segm
     shape = (int(ref.Rows), int(ref.Columns))
     slices = _Slices(kept, np.int16 if exact else np.float32)
     hu, labels = segmenter.segment_streamed(len(kept), shape, slices.__getitem__, slices.dtype,
-                                            on_batch=lambda done, total: progress("infer", done, total))
+                                            on_batch=lambda done, total: progress("infer", done, total),
+                                            orientation=turn)
     return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels, slices
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from livernode.daemon.postprocess import Findings
+from livernode.imaging.orient import Orientation
 from livernode.imaging.preprocess import window
 
 LIVER_BGR = (60, 200, 40)
@@ -37,8 +38,10 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def preview(hu: np.ndarray, findings: Findings, path: Path, *, tiles: int = 12, tile_px: int = 256) -> Path:
-    """Axial montage of the slices with most liver, liver and tumour outlined and filled, lesion boxes in yellow."""
+def preview(hu: np.ndarray, findings: Findings, path: Path, turn: Orientation = Orientation(), *, tiles: int = 12,
+            tile_px: int = 256) -> Path:
+    """Axial montage of the slices with most liver, liver and tumour outlined and filled, lesion boxes in yellow;
+    each slice turned by `turn` the way a head-first supine axial image is shown, whatever its storage."""
     labels = findings.labels
     area = np.count_nonzero(labels.reshape(len(labels), -1), axis=1)
     idx = np.flatnonzero(area) if area.any() else np.arange(len(labels))
@@ -47,13 +50,14 @@ def preview(hu: np.ndarray, findings: Findings, path: Path, *, tiles: int = 12, 
     rows = math.ceil(len(picks) / cols)
     canvas = np.zeros((rows * tile_px, cols * tile_px, 3), np.uint8)
     for n, k in enumerate(picks):
-        img = (window(hu[k], -160, 240) * 255).astype(np.uint8)
+        img = np.ascontiguousarray((window(turn.forward(hu[k]), -160, 240) * 255).astype(np.uint8))
+        lab = turn.forward(labels[k])
         rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR).astype(np.float32)
         for value, colour in ((1, LIVER_BGR), (2, TUMOUR_BGR)):
-            m = labels[k] == value
+            m = lab == value
             rgb[m] = 0.6 * rgb[m] + 0.4 * np.array(colour, np.float32)
         rgb = rgb.astype(np.uint8)
-        comp, _ = ndimage.label(labels[k] == 2)  # boxes around each lesion's footprint on this slice
+        comp, _ = ndimage.label(lab == 2)  # boxes around each lesion's footprint on this slice
         for sl in ndimage.find_objects(comp):
             if sl is not None:
                 cv2.rectangle(rgb, (sl[1].start - 1, sl[0].start - 1), (sl[1].stop, sl[0].stop), BOX_BGR, 1)

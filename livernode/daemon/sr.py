@@ -35,7 +35,7 @@ MAX_SR_LESIONS = 20
 
 
 def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algorithm: Algorithm, *,
-             series_uid: str, sop_uid: str, series_number: int = 9002) -> hd.sr.Comprehensive3DSR:
+             series_uid: str, sop_uid: str, series_number: int = 9002, note: str = "") -> hd.sr.Comprehensive3DSR:
     """Liver volume, total tumour volume, tumour burden, lesion count and completeness on the liver segment;
     volume and longest axial diameter per lesion on the tumour segment, for the MAX_SR_LESIONS largest."""
     algo = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
@@ -85,7 +85,7 @@ def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algori
         sop_instance_uid=sop_uid, instance_number=1, manufacturer="livernode",
         is_complete=True, is_final=False, is_verified=False,
     )
-    sr.SeriesDescription = "livernode liver measurements"
+    sr.SeriesDescription = f"livernode liver measurements{note}"[:64]
     sr.SoftwareVersions = __version__
     sr.CodingSchemeIdentificationSequence = _private_scheme()
     return sr

@@ -5,6 +5,7 @@ Every change is one transaction; the spool holds the bytes, this file holds what
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     instances INTEGER NOT NULL,
     started_at REAL NOT NULL,
     finished_at REAL,
-    reason TEXT NOT NULL DEFAULT ''
+    reason TEXT NOT NULL DEFAULT '',
+    series TEXT NOT NULL DEFAULT ''            -- JSON: every series of the study with the reason it was (not) chosen
 );
 CREATE TABLE IF NOT EXISTS health_probe (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -92,6 +94,8 @@ class Store:
             columns = {r[1] for r in tx.execute("PRAGMA table_info(studies)")}
             if "attempts" not in columns:  # an index written before attempts were counted
                 tx.execute("ALTER TABLE studies ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+            if "series" not in {r[1] for r in tx.execute("PRAGMA table_info(jobs)")}:  # before series reasons
+                tx.execute("ALTER TABLE jobs ADD COLUMN series TEXT NOT NULL DEFAULT ''")
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened once (opening one per transaction cost a third of a C-STORE)."""
@@ -185,9 +189,10 @@ class Store:
             return row
 
     def finish(self, study: str, instances_seen: int, *, failed_reason: str = "",
-               outbox: list[tuple[str, str]] = ()) -> None:
+               outbox: list[tuple[str, str]] = (), series: str = "") -> None:
         """Close the running job as done (or failed, with the reason) and queue (destination, path) results to
-        send, in one transaction: a crash leaves either the job running (it is redone) or both recorded."""
+        send, in one transaction: a crash leaves either the job running (it is redone) or both recorded.
+        `series` (JSON) records why each series was or was not chosen."""
         state = "failed" if failed_reason else "done"
         with self.transaction() as db:
             db.executemany("INSERT INTO outbox (study_instance_uid, destination, path) VALUES (?, ?, ?)",
@@ -195,8 +200,9 @@ class Store:
             db.execute("UPDATE studies SET state = ?, processed_instances = ?, generation = generation + 1, "
                        "reason = ?, attempts = 0 WHERE study_instance_uid = ?",
                        (state, instances_seen, failed_reason, study))
-            db.execute("UPDATE jobs SET state = ?, finished_at = ?, reason = ? WHERE study_instance_uid = ? "
-                       "AND state = 'running'", (state, time.time(), failed_reason, study))
+            db.execute("UPDATE jobs SET state = ?, finished_at = ?, reason = ?, series = ? WHERE "
+                       "study_instance_uid = ? AND state = 'running'", (state, time.time(), failed_reason, series,
+                                                                        study))
 
     def stop_processing(self, study: str, reason: str) -> None:
         """The node is shutting down mid-study: the job is closed as stopped, the attempt is not counted, and the
@@ -229,6 +235,13 @@ class Store:
         with self.transaction() as db:
             return db.execute("UPDATE studies SET processed_instances = 0, state = 'receiving', attempts = 0, "
                               "last_received_at = 0 WHERE study_instance_uid = ?", (study,)).rowcount > 0
+
+    def last_series(self, study: str) -> list[dict]:
+        """Each series of the study with the reason it was (not) chosen, from its last finished job."""
+        with self.transaction() as db:
+            row = db.execute("SELECT series FROM jobs WHERE study_instance_uid = ? AND series != '' ORDER BY id DESC "
+                             "LIMIT 1", (study,)).fetchone()
+        return json.loads(row[0]) if row else []
 
     def jobs(self, study: str) -> list[tuple]:
         """(generation, state, instances, reason) of every job of a study, oldest first."""

@@ -7,6 +7,7 @@ study between two such steps, leaving it due for the next start."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 from livernode.config import DaemonConfig
 from livernode.daemon.health import Liveness, work_loop
 from livernode.daemon.metrics import AuditLog, Metrics
-from livernode.daemon.pipeline import StudyResult, process_files
+from livernode.daemon.pipeline import StudyResult, process_all
 from livernode.daemon.spool import fsync_dir, uid_key
 from livernode.daemon.store import Store
 from livernode.errors import LivernodeError, StudyInterrupted
@@ -88,8 +89,9 @@ class Worker:
                      row.instances - row.processed_instances, extra=extra)
         try:
             shutil.rmtree(out, ignore_errors=True)  # a crash may have left a half-written attempt
-            result = process_files([Path(p) for p in self.store.instance_paths(study)], self.segmenter, out,
-                                   series_number_offset=row.generation, progress=self._progress(key))
+            results = process_all([Path(p) for p in self.store.instance_paths(study)], self.segmenter, out,
+                                  series_number_offset=row.generation, progress=self._progress(key),
+                                  rules=self.settings().selection)
             output = self.settings().paths.output
             if output is not None:
                 publish(out, Path(output) / key / out.name)
@@ -104,11 +106,12 @@ class Worker:
             log.error("study %s: unexpected %s while processing", key, type(exc).__name__, exc_info=True,
                       extra=extra)
             return self._fail(study, row.instances, f"{type(exc).__name__}: {exc}", "exception", extra)
-        self._record(result)
-        outbox = [(dest, str(path)) for dest in self.destinations() for path in (result.seg_path, result.sr_path)]
-        self.store.finish(study, row.instances, outbox=outbox)
-        self.audit.write("study_done", study_instance_uid=study, generation=job, slices=result.slices,
-                         destinations=len(outbox) // 2)
+        for result in results:
+            self._record(result)
+        outbox = [(dest, str(path)) for dest in self.destinations() for r in results for path in (r.seg_path, r.sr_path)]
+        self.store.finish(study, row.instances, outbox=outbox, series=_series_json(results[0].decisions))
+        self.audit.write("study_done", study_instance_uid=study, generation=job, series=len(results),
+                         slices=sum(r.slices for r in results), destinations=len(self.destinations()))
         if outbox:
             self.on_result()
         return "done"
@@ -138,6 +141,12 @@ class Worker:
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         if result.timings.get("infer"):
             self.metrics.slices_per_second.set(result.slices / result.timings["infer"])
+
+
+def _series_json(decisions: tuple[dict, ...]) -> str:
+    """What `livernode status --study` shows of each series: description, images, chosen, reason."""
+    keep = ("description", "images", "chosen", "accepted", "reason", "slice_thickness_mm", "liver_share")
+    return json.dumps([{k: d.get(k) for k in keep} for d in decisions])
 
 
 def publish(src: Path, dst: Path) -> None:

@@ -41,12 +41,15 @@ def _ellipsoid_section(x, y, z, c, r) -> np.ndarray:
     return _ellipse(x, y, c[0], c[1], r[0] * s, r[1] * s)
 
 
-def make_phantom(rng: np.random.Generator, size: int = 512, slices: int = 64) -> Phantom:
+def make_phantom(rng: np.random.Generator, size: int = 512, slices: int = 64,
+                 thickness: float | None = None) -> Phantom:
     """One synthetic abdomen: body wall, fat, muscle, spine, ribs, aorta and IVC, kidneys, spleen, stomach,
-    bowel, and a liver with hepatic vessels and 0-6 hypodense tumours of 5-40 mm diameter."""
+    bowel, and a liver with hepatic vessels and 0-6 hypodense tumours of 5-40 mm diameter. `thickness` (mm) fixes
+    the slice step, which is otherwise drawn from 1 to 5 mm; every other draw is the same either way."""
     spacing_512 = rng.uniform(0.6, 0.9)
     px = spacing_512 * 512 / size  # same field of view as a 512 matrix
-    thickness = float(np.round(rng.uniform(1.0, 5.0) * 2) / 2)
+    drawn = float(np.round(rng.uniform(1.0, 5.0) * 2) / 2)
+    thickness = drawn if thickness is None else float(thickness)
     coords = (np.arange(size) - (size - 1) / 2) * px
     x, y = np.meshgrid(coords, coords)  # x along columns (patient left), y along rows (posterior)
 

@@ -15,7 +15,7 @@ from livernode.imaging.phantom import Phantom, make_phantom
 from livernode.imaging.volume import LIVER, TUMOUR, CtVolume
 
 log = logging.getLogger(__name__)
-Layout = Literal["dicom", "chaos", "lits"]
+Layout = Literal["dicom", "chaos", "lits", "study"]
 
 
 def phantom_volume(ph: Phantom) -> CtVolume:
@@ -54,10 +54,17 @@ def write_lits(ph: Phantom, out: Path, index: int) -> None:
 
 
 def synthesize(out: Path, *, cases: int, slices: int, size: int, seed: int, layout: Layout) -> list[Path]:
-    """Write `cases` phantoms under `out`; returns the per-case paths. Deterministic for a given seed."""
+    """Write `cases` phantoms under `out`; returns the per-case paths. Deterministic for a given seed. The study
+    layout writes a whole study per case (`synth_study.abdomen_study`; `slices` of 1 mm, at least 240)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for i in tqdm(range(cases), desc=f"synth {layout}", unit="case"):
+        if layout == "study":
+            from livernode.imaging.synth_study import abdomen_study
+
+            abdomen_study(out / f"study_{i:03d}", seed=seed * 1000 + i, size=size, slices=slices)
+            written.append(out / f"study_{i:03d}")
+            continue
         ph = make_phantom(case_rng(seed, i), size=size, slices=slices)
         study = StudyInfo(seed_key=f"livernode-synth-{seed}-{i}", patient_id=f"PHANTOM{seed:04d}{i:04d}",
                           patient_name=f"PHANTOM^{seed}^{i}")

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livernode.errors import ManifestError
+from livernode.imaging.orient import CONVENTION
 from livernode.imaging.preprocess import PreprocessSpec
 
 METADATA_KEY = "livernode.manifest"
@@ -61,6 +62,9 @@ class Preprocessing(_Frozen):
     normalisation: str = "clip HU to [low, high], then (HU - low) / (high - low), giving [0, 1]"
     bilateral: bool = False
     resize: str = "pad to a square with the window low value, resize to preferred_size; outputs resized back"
+    # Models exported before this field existed were trained on data in this orientation too (phantoms, CHAOS and
+    # LiTS in display order), so a manifest without it means the same.
+    orientation: str = CONVENTION
 
 
 class Architecture(_Frozen):

@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 
 from livernode.errors import ManifestError
+from livernode.imaging.orient import Orientation
 from livernode.imaging.preprocess import prepare_slices, restore_probabilities
 from livernode.inference.manifest import METADATA_KEY, Manifest, parse_manifest
 
@@ -67,17 +68,20 @@ class Segmenter:
                 for i in range(0, len(x), self.batch_size)]
         return np.concatenate(outs).astype(np.float32, copy=False)
 
-    def probabilities(self, hu: np.ndarray) -> np.ndarray:
-        """(n, rows, cols) HU -> (n, rows, cols, k) probabilities at the original resolution."""
-        return restore_probabilities(self.run(prepare_slices(hu, self.spec)), hu.shape[1:])
+    def probabilities(self, hu: np.ndarray, orientation: Orientation = Orientation()) -> np.ndarray:
+        """(n, rows, cols) HU -> (n, rows, cols, k) probabilities at the original resolution; the network sees
+        the slices turned to the convention by `orientation`."""
+        seen = orientation.forward(hu)
+        prob = restore_probabilities(self.run(prepare_slices(seen, self.spec)), seen.shape[1:])
+        return np.ascontiguousarray(orientation.inverse(prob.transpose(3, 0, 1, 2)).transpose(1, 2, 3, 0))
 
-    def segment(self, hu: np.ndarray) -> np.ndarray:
+    def segment(self, hu: np.ndarray, orientation: Orientation = Orientation()) -> np.ndarray:
         """(n, rows, cols) HU -> (n, rows, cols) uint8 labels (argmax)."""
-        return self.probabilities(hu).argmax(-1).astype(np.uint8)
+        return self.probabilities(hu, orientation).argmax(-1).astype(np.uint8)
 
     def segment_streamed(self, n: int, shape: tuple[int, int], decode: Callable[[int], np.ndarray],
-                         dtype=np.int16, on_batch: Callable[[int, int], None] | None = None
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         dtype=np.int16, on_batch: Callable[[int, int], None] | None = None,
+                         orientation: Orientation = Orientation()) -> tuple[np.ndarray, np.ndarray]:
         """Decode, infer and restore `n` slices in overlapping stages; returns (HU volume, uint8 labels).
 
         A reader thread fills the HU volume slice by slice with `decode(i)`; this thread runs the network on each
@@ -87,7 +91,8 @@ class Segmenter:
         in half the memory of float32.
 
         `on_batch(done, n)` is called after each batch has run. An exception it raises (the node stopping) ends
-        the call between batches: the reader stops decoding and the exception reaches the caller."""
+        the call between batches: the reader stops decoding and the exception reaches the caller. The network sees
+        each slice turned to the convention by `orientation`; the labels come back as the slices are stored."""
         hu = np.empty((n, *shape), dtype)
         labels = np.empty((n, *shape), np.uint8)
         bs, errors = self.batch_size, []
@@ -108,11 +113,13 @@ class Segmenter:
             finally:
                 decoded.put(None)
 
+        seen = orientation.shape(shape)
+
         def restorer() -> None:
             while (item := probs.get()) is not None:
                 start, prob = item
                 try:
-                    labels[start:start + len(prob)] = restore_probabilities(prob, shape).argmax(-1)
+                    labels[start:start + len(prob)] = orientation.inverse(restore_probabilities(prob, seen).argmax(-1))
                 except BaseException as exc:
                     errors.append(exc)
 
@@ -122,7 +129,8 @@ class Segmenter:
             t.start()
         try:
             while (start := decoded.get()) is not None:
-                probs.put((start, self.run(prepare_slices(hu[start:start + bs].astype(np.float32), self.spec))))
+                batch = orientation.forward(hu[start:start + bs]).astype(np.float32)
+                probs.put((start, self.run(prepare_slices(batch, self.spec))))
                 if on_batch is not None:
                     on_batch(min(n, start + bs), n)
         except BaseException:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from livernode.config import SplitConfig, TrainConfig
 from livernode.errors import DatasetError
+from livernode.imaging.orient import Orientation
 from livernode.imaging.preprocess import PreprocessSpec, prepare_labels, prepare_slices
 from livernode.training.datasets import CaseRef, list_cases, load_case
 
@@ -55,11 +56,12 @@ def load_split(name: str, refs: list[CaseRef], spec: PreprocessSpec) -> SplitArr
     xs, ys, known, idx, spacings = [], [], [], [], []
     for i, ref in enumerate(tqdm(refs, desc=f"load {name}", unit="case", leave=False)):
         case = load_case(ref)
-        xs.append(prepare_slices(case.volume.hu, spec))
-        ys.append(prepare_labels(case.labels, spec.size))
+        turn = Orientation.from_iop(case.volume.orientation)  # every case the way the node will show it
+        xs.append(prepare_slices(turn.forward(case.volume.hu), spec))
+        ys.append(prepare_labels(turn.forward(case.labels), spec.size))
         known.append(np.full(len(case.labels), case.tumour_labelled))
         idx.append(np.full(len(case.labels), i))
-        spacings.append(case.volume.spacing)
+        spacings.append(turn.spacing(case.volume.spacing))
     if not xs:
         empty = np.zeros((0, spec.size, spec.size, spec.channels), np.float32)
         return SplitArrays(name, (), empty, np.zeros((0, spec.size, spec.size), np.uint8),

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from livernode.imaging import metrics as M
+from livernode.imaging.orient import Orientation
 from livernode.inference.runner import Segmenter
 from livernode.training.datasets import list_cases, load_case
 
@@ -70,7 +71,7 @@ def evaluate(model: Path, data: Path, fmt: str, out: Path) -> dict:
     rows = []
     for ref in tqdm(refs, desc="evaluate", unit="case"):
         case = load_case(ref)
-        pred = seg.segment(case.volume.hu)
+        pred = seg.segment(case.volume.hu, Orientation.from_iop(case.volume.orientation))
         rows += score_case(case.case_id, pred, case.labels, case.volume.spacing, case.tumour_labelled)
     report = {"model": str(model), "data": str(data), "format": fmt, "providers": seg.providers_used,
               "summary": summarise(rows), "cases": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}

@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import pytest
 
+from livernode.config import SelectionConfig
 from livernode.daemon.select import select_series
 from livernode.errors import SeriesRejected
 from livernode.imaging.ctwrite import StudyInfo, ct_datasets
@@ -23,7 +24,7 @@ def test_prefers_thin_soft_tissue_series_and_records_every_decision():
     thin_lung = _series("lung", thickness=1.0, kernel="B70f LUNG")
     thin_soft = _series("soft", thickness=1.0)
     few = _series("few", n=3)
-    uid, decisions = select_series(thick + thin_lung + thin_soft + few)
+    [uid], decisions = select_series(thick + thin_lung + thin_soft + few)
     assert uid == thin_soft[0][1].SeriesInstanceUID
     by_uid = {d.series_instance_uid: d for d in decisions}
     assert by_uid[uid].chosen and sum(d.chosen for d in decisions) == 1
@@ -50,5 +51,90 @@ def test_rejects_non_axial_gap_and_tilt_with_reasons():
 
 def test_duplicate_positions_are_dropped_not_fatal():
     s = _series("dup")
-    uid, decisions = select_series(s + [("dup/copy", copy.deepcopy(s[3][1]))])
+    [uid], decisions = select_series(s + [("dup/copy", copy.deepcopy(s[3][1]))])
     assert decisions[0].accepted and uid == s[0][1].SeriesInstanceUID
+
+
+def _axial(name: str, z0: float, n: int, step: float = 3.0, **attrs):
+    vol = CtVolume(hu=np.zeros((n, 16, 16), np.float32), spacing=(step, 1.0, 1.0), origin=(0.0, 0.0, z0),
+                   series_instance_uid=StudyInfo(name).uid("series"),
+                   sop_instance_uids=tuple(StudyInfo(name).uid(f"i{k}") for k in range(n)))
+    ds = ct_datasets(vol, StudyInfo("study"))
+    for d in ds:
+        for k, v in attrs.items():
+            setattr(d, k, v)
+    return [(f"{name}/{i}", d) for i, d in enumerate(ds)]
+
+
+def _probe_of(liver_from: float, liver_to: float, calls: list):
+    """A stand-in for the network: 5000 mm² of liver on slices between two heights, none elsewhere."""
+    def probe(c, idx):
+        calls.extend((c.decision.description, i) for i in idx)
+        z = np.asarray(c.positions_mm)[idx]
+        return np.where((z >= liver_from) & (z <= liver_to), 5000.0, 0.0)
+    return probe
+
+
+def test_coverage_decides_before_thickness_and_every_loser_says_why():
+    from livernode.daemon.coverage import measure
+
+    whole = _axial("whole", -150, 101, SeriesDescription="Abdomen 3mm")  # -150 .. 150
+    thorax = _axial("thorax", 30, 121, step=1.0, SeriesDescription="Thorax 1mm")  # 30 .. 150: cuts the dome
+    pelvis = _axial("pelvis", -150, 31, SeriesDescription="Pelvis 3mm")  # -150 .. -60: cuts the lower liver
+    legs = _axial("legs", -400, 30, SeriesDescription="Legs 3mm")  # -400 .. -313: no liver
+    calls = []
+    cover = lambda cands: measure(cands, _probe_of(-80, 80, calls), 20.0)  # noqa: E731
+    [uid], decisions = select_series(whole + thorax + pelvis + legs, coverage=cover)
+    by = {d.description: d for d in decisions}
+    assert uid == whole[0][1].SeriesInstanceUID  # 3 mm with the whole liver beats 1 mm that cuts it
+    assert by["Abdomen 3mm"].reason == "chosen: holds the whole liver (3 mm)"
+    assert by["Thorax 1mm"].reason == ("usable, not chosen: cuts the liver off at its first slice; another series "
+                                       "holds the whole liver")
+    assert "cuts the liver off at its last slice" in by["Pelvis 3mm"].reason
+    assert "shows no liver" in by["Legs 3mm"].reason
+    # each height is looked at once (series that reach the same height share it): the abdomen's top end is the
+    # thorax's, the pelvis' bottom end the abdomen's; a series with liver inside needs one middle slice, only the
+    # legs are searched through
+    assert len(calls) == len(set(calls)), calls
+    assert [i for d, i in calls if d == "Abdomen 3mm"] == [0, 50]
+    assert [i for d, i in calls if d == "Pelvis 3mm"] == [30]
+
+    calls.clear()  # without the whole-abdomen series: the most liver, and the reason says it is not complete
+    [uid], decisions = select_series(thorax + pelvis + legs, coverage=cover)
+    by = {d.description: d for d in decisions}
+    assert uid == thorax[0][1].SeriesInstanceUID
+    # of the liver the study shows (30..80 mm in the thorax, -80..-60 mm in the pelvis), 50 of 70 mm, at 20 mm steps
+    assert by["Thorax 1mm"].liver_share == pytest.approx(50 / 70, abs=0.1) and not by["Thorax 1mm"].liver_complete
+    assert "the liver is not completely covered" in by["Thorax 1mm"].reason
+    assert by["Pelvis 3mm"].reason.startswith("usable, not chosen: holds ")
+
+
+def test_projections_captures_and_reformats_are_never_segmented_and_rules_rank_the_rest():
+    pv = _axial("pv", -150, 101, SeriesDescription="Abdomen PV", SeriesNumber=3)
+    art = _axial("art", -150, 101, SeriesDescription="Abdomen arterial", SeriesNumber=2)
+    bone = _axial("bone", -150, 101, SeriesDescription="Abdomen PV", ConvolutionKernel="B70f", SeriesNumber=4)
+    mpr = _axial("mpr", -150, 101, SeriesDescription="Abdomen PV MPR", ImageType=["DERIVED", "SECONDARY", "AXIAL"],
+                 SeriesNumber=1)
+    mip = _axial("mip", -150, 101, ImageType=["DERIVED", "SECONDARY", "AXIAL", "MIP"])
+    minip = _axial("minip", -150, 101, ImageType=["DERIVED", "SECONDARY", "AXIAL", "MINIP"])
+    scout = _axial("scout", -150, 101, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    dose = _axial("dose", -150, 1, SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
+    study = pv + art + bone + mpr + mip + minip + scout + dose
+    by_uid = lambda ds: {d.series_instance_uid: d for d in ds}  # noqa: E731
+    [uid], plain = select_series(study)
+    assert uid == art[0][1].SeriesInstanceUID  # equal but for the series number: the lower one
+    [uid], ruled = select_series(study, SelectionConfig(prefer=["portal|PV"], avoid=["arterial"]))
+    assert uid == pv[0][1].SeriesInstanceUID
+    r = by_uid(ruled)
+    assert r[art[0][1].SeriesInstanceUID].reason == "usable, not chosen: avoided by rule 'arterial'"
+    assert "sharp kernel B70f" in r[bone[0][1].SeriesInstanceUID].reason
+    assert "derived reformat: ranks below original images" in r[mpr[0][1].SeriesInstanceUID].reason
+    assert r[mip[0][1].SeriesInstanceUID].reason.startswith("MIP: a projection")
+    assert r[minip[0][1].SeriesInstanceUID].reason.startswith("MinIP: a projection")
+    assert r[scout[0][1].SeriesInstanceUID].reason.startswith("localizer")
+    assert r[dose[0][1].SeriesInstanceUID].reason.startswith("secondary capture")
+    assert all(d.reason for d in ruled) and sum(d.chosen for d in ruled) == 1
+    [*uids], _ = select_series(study, SelectionConfig(segment_all=True),
+                               coverage=lambda cands: __import__("livernode.daemon.coverage", fromlist=["m"]).measure(
+                                   cands, _probe_of(-80, 80, []), 20.0))
+    assert set(uids) == {s[0][1].SeriesInstanceUID for s in (pv, art, bone, mpr)}  # every series with the whole liver

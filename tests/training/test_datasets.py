@@ -106,3 +106,26 @@ def test_split_is_by_patient_and_seeded(synth_dirs):
     ids = [set(r.case_id for r in a[k]) for k in ("train", "validation", "test")]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     assert sum(map(len, ids)) == 12 and len(ids[1]) >= 1 and len(ids[2]) >= 1
+
+
+def test_training_sees_every_case_the_way_the_node_does(synth_dirs, tmp_path):
+    """A CHAOS case stored feet first (columns mirrored, masks with them) gives the network the same arrays."""
+    import cv2
+
+    from livernode.imaging.preprocess import PreprocessSpec
+    from livernode.training.data import load_split
+    from livernode.imaging.synth_study import stored_another_way
+
+    src = synth_dirs["chaos"] / "1"
+    mirrored = tmp_path / "1"
+    stored_another_way(sorted((src / "DICOM_anon").iterdir()), mirrored / "DICOM_anon", mirror_columns=True)
+    (mirrored / "Ground").mkdir()
+    for png in sorted((src / "Ground").iterdir()):
+        cv2.imwrite(str(mirrored / "Ground" / png.name), cv2.imread(str(png), cv2.IMREAD_UNCHANGED)[:, ::-1])
+    spec = PreprocessSpec(size=64)
+    [as_is], [turned] = list_cases(src, "chaos"), list_cases(mirrored, "chaos")
+    assert not np.array_equal(load_case(as_is).volume.hu, load_case(turned).volume.hu)  # stored differently ...
+    a, b = load_split("t", [as_is], spec), load_split("t", [turned], spec)
+    # Mirroring the columns turns the slice normal (row x column) to the feet, so that case's slices come in the
+    # opposite order; each slice is seen the same way.
+    assert np.array_equal(a.x, b.x[::-1]) and np.array_equal(a.y, b.y[::-1]) and a.y.any()

@@ -62,6 +62,7 @@ def test_export_has_manifest_named_dims_and_parity(exported, trained_run):
     assert manifest["schema_version"] == 1
     assert manifest["input"]["preferred_size"] == 64 and manifest["input"]["size_multiple"] == 32
     assert manifest["preprocessing"]["window"] == {"low": -100.0, "high": 400.0}
+    assert manifest["preprocessing"]["orientation"].startswith("axial slices with columns running to patient left")
     assert [lab["name"] for lab in manifest["labels"]] == ["Background", "Liver", "Liver tumour"]
     assert manifest["labels"][2]["property_type"]["value"] == "108369006"
     assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["argmax_agreement"] >= 0.9999
