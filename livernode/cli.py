@@ -62,7 +62,12 @@ def _evaluate(a: argparse.Namespace) -> int:
 def _infer(a: argparse.Namespace) -> int:
     from livernode.daemon.pipeline import infer_folder
 
-    r = infer_folder(a.study, a.model, a.out, providers=a.providers)
+    rules = None
+    if a.config is not None:
+        from livernode.config import load_daemon_config
+
+        rules = load_daemon_config(a.config).selection
+    r = infer_folder(a.study, a.model, a.out, providers=a.providers, rules=rules)
     f = r.findings
     print(f"liver {f.liver_volume_ml:.1f} mL{'' if not f.liver_touches_scan_edge else ' (cut off by the scan edge)'}, "
           f"{len(f.lesions)} lesion(s), tumour {f.tumour_volume_ml:.1f} mL ({f.tumour_burden_percent:.2f} % of liver)")
@@ -187,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", type=Path, required=True)
     i.add_argument("--out", type=Path, required=True)
     i.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto")
+    i.add_argument("--config", type=Path, help="daemon TOML whose [selection] rules choose the series, as the node")
     i.set_defaults(func=_infer)
 
     sv = sub.add_parser("serve", help="run the DICOM node (C-STORE receiver and/or watched folder)")

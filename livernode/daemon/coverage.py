@@ -1,24 +1,26 @@
 """The coverage pass: where in a study the liver lies, from the model itself, on a few slices only.
 
 The network runs at its own input size on single slices, and the liver and tumour area of its output is measured.
-First each usable series' first and last slice: a series whose end slices show liver cuts the liver off. A series
-whose ends are clear is then looked into from its middle outwards, every `step_mm`, until the liver shows (it
-holds the whole liver) or it does not (no liver at all). Only when no series holds the whole liver is the study
-sampled every `step_mm` along the union of the series' ranges, to rank them by the share of the liver each holds.
-A position is looked at once, in the best-ranked series that reaches it: series of one Frame of Reference share
-their slices' positions.
+First each usable series' lowest and highest slice: a series whose end slice shows liver cuts the liver off there.
+A series whose ends are clear is then looked into from its middle outwards, about every `step_mm`, until the liver
+shows (it holds the whole liver) or it does not (no liver at all). Only when no series holds the whole liver is the
+study sampled every `step_mm` along the union of the series' ranges, to rank them by the share of the liver each
+holds. Heights are z of the slices' centres, one axis for every series however it is stored; series of one Frame
+of Reference share them, and a height is looked at once, in the best-ranked series that reaches it. A series
+whose pixels cannot be read is reported unusable, and the others go on.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from livernode.daemon.select import Candidate, Coverage
+from livernode.errors import InputError
 from livernode.imaging.dicomio import hu_of, read_dataset
 from livernode.imaging.labels import LABELS
 from livernode.imaging.preprocess import prepare_slices
@@ -32,19 +34,31 @@ AreaProbe = Callable[[Candidate, list[int]], np.ndarray]
 
 
 def _static_rank(c: Candidate) -> tuple:
+    """The order in which series are looked into: a height shared by several is looked at in the first."""
     d = c.decision
     return (c.avoided, c.prefer_rank, c.sharp, c.derived, d.slice_thickness_mm or 0.0, -d.images, c.series_number)
 
 
 def measure(candidates: Sequence[Candidate], probe: AreaProbe, step_mm: float) -> dict[str, Coverage]:
-    """The Coverage of every candidate; series that share a Frame of Reference are measured along one axis."""
+    """The Coverage of every candidate. Series that share a Frame of Reference are measured along one axis, each
+    such group on its own; shares are of the most liver any group shows (groups are separate acquisitions of the
+    same liver)."""
     groups: dict[str, list[Candidate]] = defaultdict(list)
     for c in candidates:
         groups[c.frame_of_reference].append(c)
+    measured = [_Group(group, probe, step_mm).measure() for group in groups.values()]
+    most = max((total for _, total in measured), default=0.0)
     out: dict[str, Coverage] = {}
-    for group in groups.values():
-        out.update(_Group(group, probe, step_mm).measure())
+    for found, _ in measured:
+        for uid, (cov, inside) in found.items():
+            out[uid] = cov if inside is None else replace(cov, share=inside / most if most else 0.0)
     return out
+
+
+def _range(c: Candidate) -> tuple[float, float]:
+    """The heights a series covers: its lowest and highest slice, half a slice step beyond each."""
+    half = (c.decision.step_mm or 1.0) / 2
+    return min(c.positions_mm) - half, max(c.positions_mm) + half
 
 
 @dataclass
@@ -55,15 +69,22 @@ class _Group:
 
     def __post_init__(self) -> None:
         self.ranked = sorted(self.candidates, key=_static_rank)
-        self.seen: list[tuple[float, float, float]] = []  # (position, half its slice step, liver area)
+        self.seen: list[tuple[float, float, float]] = []  # (height, half its slice step, liver area)
+        self.broken: dict[str, str] = {}
 
     def area(self, c: Candidate, i: int) -> float:
-        """Liver area at slice i of c, or at a slice already looked at in the same place."""
+        """Liver area at slice i of c, or at a slice already looked at in the same place (0 when c is broken)."""
         z = c.positions_mm[i]
         for zz, half, a in self.seen:
             if abs(zz - z) <= half:
                 return a
-        a = float(self.probe(c, [i])[0])
+        if c.uid in self.broken:
+            return 0.0
+        try:
+            a = float(self.probe(c, [i])[0])
+        except InputError as exc:  # a damaged file: this series cannot be used, the study goes on
+            self.broken[c.uid] = f"pixel data cannot be used: {exc}"
+            return 0.0
         self.seen.append((z, max(0.5, (c.decision.step_mm or 1.0) / 2), a))
         return a
 
@@ -77,39 +98,46 @@ class _Group:
             out += [i for i in (mid + j, mid - j) if 0 <= i < n]
         return out
 
-    def measure(self) -> dict[str, Coverage]:
+    def measure(self) -> tuple[dict[str, tuple[Coverage, float | None]], float]:
+        """({uid: (Coverage, liver area x height inside it, or None when not measured)}, the group's liver area x
+        height). When a series holds the whole liver, the others are not sampled: they lose whatever their share."""
         cut: dict[str, str] = {}
         for c in self.ranked:
-            first, last = (self.area(c, i) >= MIN_LIVER_MM2 for i in (0, len(c.positions_mm) - 1))
-            cut[c.uid] = {(True, True): "cuts the liver off at both ends", (True, False): "cuts the liver off at its "
-                          "first slice", (False, True): "cuts the liver off at its last slice"}.get((first, last), "")
+            pos = np.asarray(c.positions_mm)
+            low, high = (self.area(c, int(i)) >= MIN_LIVER_MM2 for i in (np.argmin(pos), np.argmax(pos)))
+            cut[c.uid] = {(True, True): "cuts the liver off at both ends",
+                          (True, False): "cuts the liver off at its lower end (toward the feet)",
+                          (False, True): "cuts the liver off at its upper end (toward the head)"}.get((low, high), "")
         complete = {c.uid: not cut[c.uid] and any(self.area(c, i) >= MIN_LIVER_MM2 for i in self._indices(c))
                     for c in self.ranked}
-        if any(complete.values()):
-            return {c.uid: Coverage(1.0 if complete[c.uid] else None, complete[c.uid],
-                                    cut[c.uid] or ("" if complete[c.uid] else "shows no liver")) for c in self.ranked}
-        return self._shares(cut)
-
-    def _shares(self, cut: dict[str, str]) -> dict[str, Coverage]:
-        """No series holds the whole liver: the share of the liver the study shows that lies in each."""
-        lo = min(c.positions_mm[0] for c in self.ranked)
-        hi = max(c.positions_mm[-1] for c in self.ranked)
-        liver: list[tuple[float, float]] = []
-        for z in np.arange(lo, hi + self.step_mm / 2, self.step_mm):
-            for c in self.ranked:
-                pos = np.asarray(c.positions_mm)
-                if pos[0] - self.step_mm / 2 <= z <= pos[-1] + self.step_mm / 2:
-                    i = int(np.argmin(np.abs(pos - z)))
-                    if (a := self.area(c, i)) >= MIN_LIVER_MM2:
-                        liver.append((float(pos[i]), a))
-                    break
-        total = sum(a for _, a in liver)
+        if any(complete[c.uid] and c.uid not in self.broken for c in self.ranked):
+            inside: dict[str, float | None] = {c.uid: None for c in self.ranked}
+            total = 0.0
+        else:
+            self._sample()
+            liver = [(z, a) for z, _, a in self.seen if a >= MIN_LIVER_MM2]
+            total = sum(a for _, a in liver) * self.step_mm
+            inside = {c.uid: sum(a for z, a in liver if _range(c)[0] <= z <= _range(c)[1]) * self.step_mm
+                      for c in self.ranked}
         out = {}
         for c in self.ranked:
-            first, last = c.positions_mm[0], c.positions_mm[-1]
-            inside = sum(a for z, a in liver if first - self.step_mm / 2 <= z <= last + self.step_mm / 2)
-            out[c.uid] = Coverage(inside / total if total else 0.0, False, cut[c.uid] or "shows no liver")
-        return out
+            if c.uid in self.broken:
+                out[c.uid] = (Coverage(None, False, unusable=self.broken[c.uid]), None)
+            elif complete[c.uid]:
+                out[c.uid] = (Coverage(1.0, True), None)
+            else:
+                out[c.uid] = (Coverage(None, False, cut[c.uid] or "shows no liver"), inside[c.uid])
+        return out, total
+
+    def _sample(self) -> None:
+        """No series holds the whole liver: look at the study every step_mm, each height once."""
+        lo = min(_range(c)[0] for c in self.ranked)
+        hi = max(_range(c)[1] for c in self.ranked)
+        for z in np.arange(lo, hi + self.step_mm / 2, self.step_mm):
+            for c in self.ranked:
+                if c.uid not in self.broken and _range(c)[0] <= z <= _range(c)[1]:
+                    self.area(c, int(np.argmin(np.abs(np.asarray(c.positions_mm) - z))))
+                    break
 
 
 def model_probe(segmenter: Segmenter, progress: Callable[[int, int], None] = lambda done, total: None

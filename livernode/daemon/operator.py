@@ -72,8 +72,8 @@ def check_study(study_dir: Path, cfg_path: Path | None, overrides: dict | None =
     pass included), without segmenting it: a rule tester."""
     from livernode.config import load_daemon_config
     from livernode.daemon.coverage import coverage_pass
-    from livernode.daemon.select import select_series
-    from livernode.errors import InputError, SeriesRejected
+    from livernode.daemon.select import NoUsableSeries, select_series
+    from livernode.errors import InputError
     from livernode.imaging.dicomio import dicom_files, read_dataset
     from livernode.inference.runner import Segmenter
 
@@ -92,8 +92,8 @@ def check_study(study_dir: Path, cfg_path: Path | None, overrides: dict | None =
     rules = cfg.selection
     try:
         chosen, decisions = select_series(headers, rules, coverage_pass(seg, rules.coverage_step_mm))
-    except SeriesRejected as exc:
-        return False, f"no series would be segmented: {exc}"
+    except NoUsableSeries as exc:
+        chosen, decisions = [], exc.decisions
     rows = [(d.description or "-", d.images, f"{d.slice_thickness_mm:g} mm" if d.slice_thickness_mm else "",
              d.kernel or "-", _share(d.liver_share), "yes" if d.chosen else "", d.reason) for d in decisions]
     text = _table(["description", "images", "thickness", "kernel", "liver", "chosen", "reason"], rows)

@@ -30,6 +30,8 @@ from livernode.imaging.volume import CtVolume
 from livernode.inference.runner import Segmenter
 
 log = logging.getLogger(__name__)
+# Stages of the study as a whole, in every series' timings (`StudyResult.timings`) but spent once.
+STUDY_STAGES = ("coverage", "select")
 # progress(stage, done, total): called as each file is read, after each inference batch, and with (0, 0) as each
 # stage ends. The daemon's worker uses it as its heartbeat and raises from it (StudyInterrupted) to stop between
 # batches.
@@ -98,12 +100,13 @@ def process_all(files: list[Path], segmenter: Segmenter, out_dir: Path, *, serie
             clock.timings["coverage"] = round(time.perf_counter() - t, 3)
     chosen, decisions = select_series(headers, rules, timed_coverage)
     clock.lap("select")
+    clock.timings["select"] = round(clock.timings["select"] - clock.timings.get("coverage", 0.0), 3)
     shared = {"chosen": chosen, "decisions": [asdict(d) for d in decisions], "skipped_files": skipped}
     results = []
     for i, uid in enumerate(chosen):
         target = out_dir if len(chosen) == 1 else out_dir / f"series-{i + 1}"
         results.append(_process_series(headers, uid, segmenter, target, clock.fork(),
-                                       series_number=9001 + 2 * series_number_offset + 200 * i, series=shared))
+                                       series_number=9001 + 2 * series_number_offset + 10000 * i, series=shared))
     return results
 
 
@@ -209,8 +212,9 @@ def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segm
     return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels, slices
 
 
-def infer_folder(study_dir: Path, model: Path, out_dir: Path, providers: str = "auto") -> StudyResult:
-    """`livernode infer`: the daemon's pipeline on a folder, no network."""
-    return process_study(Path(study_dir), Segmenter(model, providers=providers), Path(out_dir))
+def infer_folder(study_dir: Path, model: Path, out_dir: Path, providers: str = "auto",
+                 rules: SelectionConfig | None = None) -> StudyResult:
+    """`livernode infer`: the daemon's pipeline on a folder, no network; `rules` as the node's [selection]."""
+    return process_study(Path(study_dir), Segmenter(model, providers=providers), Path(out_dir), rules)
 
 

@@ -21,8 +21,9 @@ class SegCheckFailed(LivernodeError):
 def write_result_seg(source: Sequence[Dataset], labels: np.ndarray, path: Path, *, algorithm: Algorithm,
                      series_uid: str, sop_uid: str, series_number: int = 9001, note: str = "") -> hd.seg.Segmentation:
     """Build, write and check the SEG; `note` ends its series description (e.g. that the liver is cut off)."""
+    name = f"{algorithm.name} liver segmentation"
     seg = build_seg(source, labels, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number,
-                    algorithm=algorithm, series_description=f"{algorithm.name} liver segmentation{note}")
+                    algorithm=algorithm, series_description=name[:64 - len(note)] + note)  # LO: 64; the note stays
     tmp = path.with_suffix(".tmp")
     seg.save_as(tmp, enforce_file_format=True)
     verify_seg(tmp, source, labels)

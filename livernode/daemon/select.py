@@ -33,6 +33,7 @@ MIN_SLICES = 8
 # Reconstruction kernels for lung or bone: sharp, noisy, a poor input for soft-tissue segmentation.
 SHARP_KERNEL_HINTS = ("LUNG", "BONE", "B60", "B70", "B80", "BR64", "FC51", "YC", "SHARP")
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame kinds, .7.1 to .7.4
+NO_NUMBER = 1 << 31  # a series without a SeriesNumber sorts after every numbered one
 # ImageType values whose voxels are not the patient's CT values at one place: never segmented.
 PROJECTIONS = {"MIP": "MIP: a projection, not CT values at one place",
                "MINIP": "MinIP: a projection, not CT values at one place",
@@ -57,8 +58,8 @@ class SeriesDecision:
     orientation: str = ""  # how the slices are turned for the model ("as stored", "columns flipped", ...)
     rule: str = ""  # the site rule that matched: "preferred by rule 'portal'", "avoided by rule 'arterial'"
     liver_share: float | None = None  # share of the liver the study shows that lies in this series (coverage pass)
-    liver_complete: bool | None = None  # the liver lies wholly inside: it touches neither the first nor last slice
-    liver_note: str = ""  # how it falls short: "cuts the liver off at its first slice", "shows no liver"
+    liver_complete: bool | None = None  # the liver lies wholly inside: it touches neither its lowest nor highest slice
+    liver_note: str = ""  # how it falls short: "cuts the liver off at its upper end (toward the head)", "shows no liver"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Coverage:
     share: float | None  # of the liver the study shows, the part in this series; None when not measured
     complete: bool
     note: str = ""
+    unusable: str = ""  # why the series cannot be used after all (its pixels cannot be read)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Candidate:
     decision: SeriesDecision
     items: tuple[tuple[str, pydicom.Dataset], ...]  # (source, header) in slice order
     orientation: Orientation
-    positions_mm: tuple[float, ...]  # each slice's position along the slice normal
+    positions_mm: tuple[float, ...]  # each slice's height (z of its centre, mm), in the series' slice order
     frame_of_reference: str
     avoided: bool
     prefer_rank: int
@@ -122,7 +124,9 @@ def _judge(uid: str, items: Sequence[tuple[str, pydicom.Dataset]], rules: Select
     kernel = str(getattr(ref, "ConvolutionKernel", "") or "")
     if isinstance(getattr(ref, "ConvolutionKernel", None), pydicom.multival.MultiValue):
         kernel = "\\".join(ref.ConvolutionKernel)
-    image_type = [str(v).upper() for v in (getattr(ref, "ImageType", None) or [])]
+    raw_type = getattr(ref, "ImageType", None)
+    # pydicom gives one value as a str: "MIP" must not become "M", "I", "P"
+    image_type = [str(v).upper() for v in ([raw_type] if isinstance(raw_type, str) else (raw_type or []))]
     base = dict(series_instance_uid=uid, description=desc, images=len(items), kernel=kernel,
                 image_type="\\".join(image_type))
 
@@ -160,16 +164,27 @@ def _judge(uid: str, items: Sequence[tuple[str, pydicom.Dataset]], rules: Select
     derived = bool(image_type) and (image_type[0] == "DERIVED" or "SECONDARY" in image_type[1:2])
     avoided, prefer_rank, rule = _rule(rules, f"{desc} | {kernel} | {base['image_type']}")
     kept = tuple(items[i] for i in order.kept)
-    normal = slice_normal(order.orientation)
-    positions = tuple(float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for _, ds in kept)
     decision = SeriesDecision(**base, accepted=True, reason="usable", slice_thickness_mm=thickness,
                               step_mm=order.step, orientation=turn.describe(), rule=rule)
     try:
-        number = int(getattr(ref, "SeriesNumber", 0) or 0)
+        number = int(getattr(ref, "SeriesNumber", None))
     except (TypeError, ValueError):
-        number = 0
-    return Candidate(decision, kept, turn, positions, str(getattr(ref, "FrameOfReferenceUID", "") or uid),
+        number = NO_NUMBER
+    return Candidate(decision, kept, turn, _heights(kept), str(getattr(ref, "FrameOfReferenceUID", "") or uid),
                      avoided, prefer_rank, _sharp(kernel), derived, number)
+
+
+def _heights(kept: Sequence[tuple[str, pydicom.Dataset]]) -> tuple[float, ...]:
+    """Each slice's height along the patient's feet-to-head axis (z of the slice's centre, mm). One axis for every
+    series of a study, whichever way a series' own slice normal points."""
+    out = []
+    for _, ds in kept:
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        row_mm, col_mm = (float(v) for v in ds.PixelSpacing)
+        centre = (np.array([float(v) for v in ds.ImagePositionPatient]) + iop[:3] * col_mm * (int(ds.Columns) - 1) / 2
+                  + iop[3:] * row_mm * (int(ds.Rows) - 1) / 2)
+        out.append(float(centre[2]))
+    return tuple(out)
 
 
 def _key(c: Candidate) -> tuple:
@@ -202,14 +217,17 @@ def _why_not(c: Candidate, best: Candidate) -> str:
         return f"{d.slice_thickness_mm:g} mm slices, the chosen series has {b.slice_thickness_mm:g} mm"
     if k[7] != kb[7]:
         return f"{d.images} images, the chosen series has {b.images}"
-    return (f"equal to the chosen series in coverage, rules, kernel, thickness and images; series {c.series_number} "
-            f"comes after series {best.series_number}")
+    number = "without a number" if c.series_number == NO_NUMBER else str(c.series_number)
+    return (f"equal to the chosen series in coverage, rules, kernel, thickness and images; series {number} comes "
+            f"after series {best.series_number}")
 
 
 def _why_chosen(c: Candidate, others: int) -> str:
     d = c.decision
     if d.liver_complete:
         what = "holds the whole liver"
+    elif d.liver_complete is False and not d.liver_share:
+        what = "no series shows liver to the coverage pass; ranked by its headers"
     elif d.liver_complete is False:
         what = (f"holds {100 * (d.liver_share or 0):.0f} % of the liver the study shows, the most of any series; "
                 f"it {d.liver_note}: the liver is not completely covered")
@@ -220,40 +238,56 @@ def _why_chosen(c: Candidate, others: int) -> str:
     return f"chosen: {what} ({', '.join(extra)})"
 
 
+class NoUsableSeries(SeriesRejected):
+    """No series of the study can be segmented; `decisions` holds every series' reason."""
+
+    def __init__(self, decisions: Sequence[SeriesDecision]) -> None:
+        self.decisions = list(decisions)
+        super().__init__("no usable CT series (" + "; ".join(
+            f"{d.description or short_key(d.series_instance_uid)}: {d.reason}" for d in self.decisions) + ")")
+
+
 def select_series(items: Sequence[tuple[str, pydicom.Dataset]], rules: SelectionConfig | None = None,
                   coverage: CoveragePass | None = None) -> tuple[list[str], list[SeriesDecision]]:
     """Choose the series to segment from (source, header) pairs of one study.
 
-    Returns the chosen Series Instance UIDs (one; with `rules.segment_all`, every usable series that holds the whole
-    liver) and a decision with its reason for every series. `coverage` runs the model's coverage pass over the
-    usable series when there is more than one to choose from. SeriesRejected with every series' reason when none
-    is usable."""
+    Returns the chosen Series Instance UIDs and a decision with its reason for every series. One series; with
+    `rules.segment_all`, also every other soft-tissue, original, not avoided series that holds the whole liver.
+    `coverage` runs the model's coverage pass over the usable series when there is more than one to choose from;
+    a series whose pixels it cannot read is rejected with the reason. NoUsableSeries, with every series' reason,
+    when none is usable."""
     rules = rules or SelectionConfig()
     by_series: dict[str, list[tuple[str, pydicom.Dataset]]] = defaultdict(list)
     for src, ds in items:
         by_series[str(getattr(ds, "SeriesInstanceUID", ""))].append((src, ds))
-    judged = [_judge(uid, group, rules) for uid, group in by_series.items()]
+    judged: list[SeriesDecision | Candidate] = [_judge(uid, group, rules) for uid, group in by_series.items()]
     candidates = [j for j in judged if isinstance(j, Candidate)]
-    if not candidates:
-        reasons = "; ".join(f"{j.series_instance_uid}: {j.reason}" for j in judged)
-        raise SeriesRejected(f"no usable CT series ({reasons})")
     if coverage is not None and (len(candidates) > 1 or rules.segment_all):
         seen = coverage(candidates)
+        judged = [replace(j.decision, accepted=False, reason=seen[j.uid].unusable)
+                  if isinstance(j, Candidate) and seen[j.uid].unusable else j for j in judged]
         candidates = [replace(c, decision=replace(c.decision, liver_share=seen[c.uid].share,
                                                   liver_complete=seen[c.uid].complete, liver_note=seen[c.uid].note))
-                      for c in candidates]
+                      for c in candidates if not seen[c.uid].unusable]
+    if not candidates:
+        decisions = [j for j in judged if isinstance(j, SeriesDecision)]
+        _log(decisions)
+        raise NoUsableSeries(decisions)
     ranked = sorted(candidates, key=_key)
     best = ranked[0]
     chosen = [best]
-    if rules.segment_all:
-        chosen += [c for c in ranked[1:] if c.decision.liver_complete]
+    if rules.segment_all:  # every phase that holds the whole liver, not the sharp or derived copies of one
+        chosen += [c for c in ranked[1:] if c.decision.liver_complete and not (c.sharp or c.derived or c.avoided)]
     final: dict[str, SeriesDecision] = {}
     for c in ranked:
         reason = _why_chosen(c, len(ranked) - 1) if c in chosen else f"usable, not chosen: {_why_not(c, best)}"
         final[c.uid] = replace(c.decision, chosen=c in chosen, reason=reason)
-    decisions = [final.get(j.uid, None) if isinstance(j, Candidate) else j for j in judged]
+    decisions = [final[j.uid] if isinstance(j, Candidate) else j for j in judged]
+    _log(decisions)
+    return [c.uid for c in chosen], decisions
+
+
+def _log(decisions: Sequence[SeriesDecision]) -> None:
     for d in decisions:
         log.info("series %s (%s, %d images): %s", short_key(d.series_instance_uid), d.description or "-", d.images,
                  d.reason)
-    return [c.uid for c in chosen], decisions
-

@@ -13,6 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from livernode.imaging.dicomio import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+
+CT_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -27,7 +31,7 @@ CREATE TABLE IF NOT EXISTS studies (
     study_instance_uid TEXT PRIMARY KEY,
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL,
-    instances INTEGER NOT NULL DEFAULT 0,
+    instances INTEGER NOT NULL DEFAULT 0,      -- CT images; other instances are indexed but do not count
     state TEXT NOT NULL DEFAULT 'receiving',   -- receiving | processing | done | failed
     processed_instances INTEGER NOT NULL DEFAULT 0,
     generation INTEGER NOT NULL DEFAULT 0,     -- times processed; a reprocess supersedes the earlier results
@@ -138,8 +142,11 @@ class Store:
 
     def add_instance(self, sop: str, study: str, series: str, sop_class: str, path: str,
                      now: float | None = None) -> bool:
-        """Index one stored instance; False when that SOP Instance UID was already indexed."""
+        """Index one stored instance; False when that SOP Instance UID was already indexed. Only CT images count
+        towards the study's instances: a dose screen or dose report that arrives after the result neither makes
+        the study due again nor delays it."""
         now = time.time() if now is None else now
+        image = int(sop_class in CT_CLASSES)
         with self.transaction(durable=False) as db:  # the spool file is fsynced; `reconcile` rebuilds the row
             cur = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
                              (sop, study, series, sop_class, path, now))
@@ -147,8 +154,9 @@ class Store:
                 return False
             db.execute(
                 "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at, instances) "
-                "VALUES (?, ?, ?, 1) ON CONFLICT(study_instance_uid) DO UPDATE SET "
-                "last_received_at = excluded.last_received_at, instances = instances + 1", (study, now, now))
+                "VALUES (?, ?, ?, ?) ON CONFLICT(study_instance_uid) DO UPDATE SET instances = instances + ?, "
+                "last_received_at = CASE WHEN ? THEN excluded.last_received_at ELSE last_received_at END",
+                (study, now, now, image, image, image))
             db.execute("INSERT INTO series VALUES (?, ?, 1) ON CONFLICT(series_instance_uid) DO UPDATE SET "
                        "instances = instances + 1", (series, study))
             return True

@@ -11,13 +11,15 @@ import json
 import logging
 import shutil
 import threading
+from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
 
 from livernode.config import DaemonConfig
 from livernode.daemon.health import Liveness, work_loop
 from livernode.daemon.metrics import AuditLog, Metrics
-from livernode.daemon.pipeline import StudyResult, process_all
+from livernode.daemon.pipeline import STUDY_STAGES, StudyResult, process_all
+from livernode.daemon.select import NoUsableSeries
 from livernode.daemon.spool import fsync_dir, uid_key
 from livernode.daemon.store import Store
 from livernode.errors import LivernodeError, StudyInterrupted
@@ -100,14 +102,17 @@ class Worker:
             log.info("study %s: stopped mid-way (%s); it is processed again at the next start", key, exc,
                      extra=extra)
             return "stopped"
+        except NoUsableSeries as exc:  # every series' reason goes to the index, for `livernode status --study`
+            return self._fail(study, row.instances, str(exc), "input", extra,
+                              series=_series_json(tuple(asdict(d) for d in exc.decisions)))
         except LivernodeError as exc:  # an expected failure: its message says what and why
             return self._fail(study, row.instances, str(exc), "input", extra)
         except Exception as exc:  # a bug or an environment fault: this study's failure, never the worker's end
             log.error("study %s: unexpected %s while processing", key, type(exc).__name__, exc_info=True,
                       extra=extra)
             return self._fail(study, row.instances, f"{type(exc).__name__}: {exc}", "exception", extra)
-        for result in results:
-            self._record(result)
+        for i, result in enumerate(results):
+            self._record(result, study_stages=i == 0)
         outbox = [(dest, str(path)) for dest in self.destinations() for r in results for path in (r.seg_path, r.sr_path)]
         self.store.finish(study, row.instances, outbox=outbox, series=_series_json(results[0].decisions))
         self.audit.write("study_done", study_instance_uid=study, generation=job, series=len(results),
@@ -129,16 +134,18 @@ class Worker:
                 raise StudyInterrupted(f"the node is stopping ({self.doing})")
         return progress
 
-    def _fail(self, study: str, instances: int, reason: str, cause: str, extra: dict) -> str:
+    def _fail(self, study: str, instances: int, reason: str, cause: str, extra: dict, series: str = "") -> str:
         log.error("study %s failed: %s", extra["study"], reason, extra=extra)
-        self.store.finish(study, instances, failed_reason=reason)
+        self.store.finish(study, instances, failed_reason=reason, series=series)
         self.metrics.study_failures.labels(cause).inc()
         self.audit.write("study_failed", study_instance_uid=study, generation=extra["job"], reason=reason)
         return "failed"
 
-    def _record(self, result: StudyResult) -> None:
+    def _record(self, result: StudyResult, study_stages: bool) -> None:
+        """Stage durations into the histogram; the study's own stages (reading, selection) once per study."""
         for stage, seconds in result.timings.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
+            if study_stages or stage not in STUDY_STAGES:
+                self.metrics.stage_seconds.labels(stage).observe(seconds)
         if result.timings.get("infer"):
             self.metrics.slices_per_second.set(result.slices / result.timings["infer"])
 

@@ -126,13 +126,14 @@ def abdomen_study(root: Path, seed: int = 77, *, size: int = 128, slices: int = 
     return paths
 
 
-def stored_another_way(files: list[Path], out: Path, *, mirror_columns: bool = False,
-                       mirror_rows: bool = False) -> list[Path]:
+def stored_another_way(files: list[Path], out: Path, *, mirror_columns: bool = False, mirror_rows: bool = False,
+                       transpose: bool = False) -> list[Path]:
     """The same physical slices stored another way: columns mirrored (as feet-first scans are stored), rows
-    mirrored, or both (a 180-degree rotation, as prone scans are). New UIDs; pixel data, ImageOrientationPatient
-    and ImagePositionPatient changed together, so every voxel keeps its place in the patient."""
+    mirrored, both (a 180-degree rotation, as prone scans are), and/or transposed (rows and columns swapped).
+    New UIDs; pixel data, ImageOrientationPatient, ImagePositionPatient and PixelSpacing changed together, so every
+    voxel keeps its place in the patient."""
     out.mkdir(parents=True)
-    tag = f"{int(mirror_columns)}{int(mirror_rows)}"
+    tag = f"{int(mirror_columns)}{int(mirror_rows)}{int(transpose)}"
     study_series = pydicom.uid.generate_uid(entropy_srcs=[str(files[0]), tag])
     paths = []
     for k, f in enumerate(files):
@@ -146,6 +147,10 @@ def stored_another_way(files: list[Path], out: Path, *, mirror_columns: bool = F
             pos, row, px = pos + (ds.Columns - 1) * col_mm * row, -row, px[:, ::-1]
         if mirror_rows:
             pos, col, px = pos + (ds.Rows - 1) * row_mm * col, -col, px[::-1, :]
+        if transpose:  # the first pixel stays where it is; rows become columns
+            row, col, px = col, row, px.T
+            ds.Rows, ds.Columns = px.shape
+            ds.PixelSpacing = [f"{col_mm:.6g}", f"{row_mm:.6g}"]
         ds.ImageOrientationPatient = [f"{v:.6g}" for v in (*row, *col)]
         ds.ImagePositionPatient = [f"{v:.6g}" for v in pos]
         ds.PixelData = np.ascontiguousarray(px).tobytes()

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from livernode.errors import ManifestError
-from livernode.imaging.orient import Orientation
+from livernode.imaging.orient import CONVENTION, Orientation
 from livernode.imaging.preprocess import prepare_slices, restore_probabilities
 from livernode.inference.manifest import METADATA_KEY, Manifest, parse_manifest
 
@@ -54,6 +54,9 @@ class Segmenter:
             raise ManifestError(f"{self.path}: CUDA requested but the session runs on {self.providers_used}")
         meta = self.session.get_modelmeta().custom_metadata_map
         self.manifest: Manifest = parse_manifest(meta.get(METADATA_KEY), str(self.path))
+        if self.manifest.preprocessing.orientation != CONVENTION:  # the node can turn slices one way only
+            raise ManifestError(f"{self.path}: trained on slices oriented as "
+                                f"'{self.manifest.preprocessing.orientation}'; this node feeds {CONVENTION}")
         self.spec = self.manifest.preprocess_spec()
         self.input_name = self.session.get_inputs()[0].name
         # On the CPU a batch buys no speed (the benchmark's ms per slice at batch 1 is no worse than at 8) and its

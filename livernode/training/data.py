@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from livernode.config import SplitConfig, TrainConfig
-from livernode.errors import DatasetError
+from livernode.errors import DatasetError, SeriesRejected
 from livernode.imaging.orient import Orientation
 from livernode.imaging.preprocess import PreprocessSpec, prepare_labels, prepare_slices
 from livernode.training.datasets import CaseRef, list_cases, load_case
@@ -53,10 +53,16 @@ def split_cases(refs: list[CaseRef], cfg: SplitConfig) -> dict[str, list[CaseRef
 
 
 def load_split(name: str, refs: list[CaseRef], spec: PreprocessSpec) -> SplitArrays:
-    xs, ys, known, idx, spacings = [], [], [], [], []
-    for i, ref in enumerate(tqdm(refs, desc=f"load {name}", unit="case", leave=False)):
+    xs, ys, known, idx, spacings, loaded = [], [], [], [], [], []
+    for ref in tqdm(refs, desc=f"load {name}", unit="case", leave=False):
         case = load_case(ref)
-        turn = Orientation.from_iop(case.volume.orientation)  # every case the way the node will show it
+        try:
+            turn = Orientation.from_iop(case.volume.orientation)  # every case the way the node will show it
+        except SeriesRejected as exc:  # an oblique or non-axial case: the node would refuse such a study too
+            log.warning("skipping case %s: %s", ref.case_id, exc)
+            continue
+        i = len(loaded)
+        loaded.append(ref.case_id)
         xs.append(prepare_slices(turn.forward(case.volume.hu), spec))
         ys.append(prepare_labels(turn.forward(case.labels), spec.size))
         known.append(np.full(len(case.labels), case.tumour_labelled))
@@ -66,7 +72,7 @@ def load_split(name: str, refs: list[CaseRef], spec: PreprocessSpec) -> SplitArr
         empty = np.zeros((0, spec.size, spec.size, spec.channels), np.float32)
         return SplitArrays(name, (), empty, np.zeros((0, spec.size, spec.size), np.uint8),
                            np.zeros(0, bool), np.zeros(0, int), ())
-    return SplitArrays(name, tuple(r.case_id for r in refs), np.concatenate(xs), np.concatenate(ys),
+    return SplitArrays(name, tuple(loaded), np.concatenate(xs), np.concatenate(ys),
                        np.concatenate(known), np.concatenate(idx), tuple(spacings))
 
 

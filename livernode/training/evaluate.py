@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from livernode.errors import SeriesRejected
 from livernode.imaging import metrics as M
 from livernode.imaging.orient import Orientation
 from livernode.inference.runner import Segmenter
@@ -68,12 +69,19 @@ def evaluate(model: Path, data: Path, fmt: str, out: Path) -> dict:
     """Score `model` on every case under `data`; writes metrics.json and metrics.csv into `out`."""
     seg = Segmenter(model, providers="auto")
     refs = list_cases(data, fmt)
-    rows = []
+    rows, skipped = [], []
     for ref in tqdm(refs, desc="evaluate", unit="case"):
         case = load_case(ref)
-        pred = seg.segment(case.volume.hu, Orientation.from_iop(case.volume.orientation))
+        try:
+            turn = Orientation.from_iop(case.volume.orientation)
+        except SeriesRejected as exc:  # not axial: the node would refuse such a study, so it is not scored
+            log.warning("skipping case %s: %s", ref.case_id, exc)
+            skipped.append({"case": ref.case_id, "reason": str(exc)})
+            continue
+        pred = seg.segment(case.volume.hu, turn)
         rows += score_case(case.case_id, pred, case.labels, case.volume.spacing, case.tumour_labelled)
     report = {"model": str(model), "data": str(data), "format": fmt, "providers": seg.providers_used,
+              "skipped": skipped,
               "summary": summarise(rows), "cases": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=1, default=_json_default).replace("NaN", "null"))

@@ -5,6 +5,8 @@ from livernode.daemon.ingest_scp import StoreSCP
 from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
 
+CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage: counts towards a study
+
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "livernode.cli", *args], capture_output=True, text=True, timeout=60)
@@ -12,10 +14,10 @@ def _cli(*args):
 
 def test_status_and_retry_of_dead_letters_and_failed_studies(tmp_path):
     store = Store(tmp_path / "index.sqlite")
-    store.add_instance("1.1", "9.9", "8.8", "c", "a", now=0)
+    store.add_instance("1.1", "9.9", "8.8", CT, "a", now=0)
     store.start_processing("9.9")
     store.finish("9.9", 1, failed_reason="no usable CT series")
-    store.add_instance("1.2", "7.7", "6.6", "c", "b", now=0)
+    store.add_instance("1.2", "7.7", "6.6", CT, "b", now=0)
     store.start_processing("7.7")
     store.finish("7.7", 1)
     store.enqueue("7.7", "PACS@127.0.0.1:4242", ["seg", "sr"])
@@ -31,6 +33,12 @@ def test_status_and_retry_of_dead_letters_and_failed_studies(tmp_path):
     r = _cli("retry", "9.9", "--state", str(tmp_path))
     assert "queued for reprocessing; 1 earlier outbox item(s) queued for sending again" in r.stdout, r.stdout
     assert store.due_studies(30, 600) == ["9.9"]
+    store.start_processing("9.9")
+    store.finish("9.9", 1, failed_reason="no usable CT series (Abdomen MIP: MIP: a projection)",
+                 series='[{"description": "Abdomen MIP", "images": 40, "chosen": false, "accepted": false, '
+                        '"reason": "MIP: a projection, not CT values at one place", "liver_share": null}]')
+    r = _cli("status", "--state", str(tmp_path), "--study", "9.9")
+    assert r.returncode == 0 and "Abdomen MIP" in r.stdout and "MIP: a projection" in r.stdout, r.stdout + r.stderr
     r = _cli("retry", "1.2.3", "--state", str(tmp_path))
     assert r.returncode != 0 and "not known to this node" in r.stderr
 

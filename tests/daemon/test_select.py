@@ -66,11 +66,17 @@ def _axial(name: str, z0: float, n: int, step: float = 3.0, **attrs):
     return [(f"{name}/{i}", d) for i, d in enumerate(ds)]
 
 
-def _probe_of(liver_from: float, liver_to: float, calls: list):
-    """A stand-in for the network: 5000 mm² of liver on slices between two heights, none elsewhere."""
+def _probe_of(liver_from: float, liver_to: float, calls: list, broken: str = ""):
+    """A stand-in for the network: 5000 mm² of liver on slices whose centre lies between two heights (read from
+    the slice's own header, whatever the series' order), none elsewhere. The series described `broken` has a
+    damaged file."""
+    from livernode.errors import InputError
+
     def probe(c, idx):
+        if c.decision.description == broken:
+            raise InputError(f"{c.items[idx[0]][0]}: pixel data cannot be decoded (truncated)")
         calls.extend((c.decision.description, i) for i in idx)
-        z = np.asarray(c.positions_mm)[idx]
+        z = np.array([float(c.items[i][1].ImagePositionPatient[2]) for i in idx])
         return np.where((z >= liver_from) & (z <= liver_to), 5000.0, 0.0)
     return probe
 
@@ -88,9 +94,9 @@ def test_coverage_decides_before_thickness_and_every_loser_says_why():
     by = {d.description: d for d in decisions}
     assert uid == whole[0][1].SeriesInstanceUID  # 3 mm with the whole liver beats 1 mm that cuts it
     assert by["Abdomen 3mm"].reason == "chosen: holds the whole liver (3 mm)"
-    assert by["Thorax 1mm"].reason == ("usable, not chosen: cuts the liver off at its first slice; another series "
-                                       "holds the whole liver")
-    assert "cuts the liver off at its last slice" in by["Pelvis 3mm"].reason
+    assert by["Thorax 1mm"].reason == ("usable, not chosen: cuts the liver off at its lower end (toward the feet); "
+                                       "another series holds the whole liver")
+    assert "cuts the liver off at its upper end (toward the head)" in by["Pelvis 3mm"].reason
     assert "shows no liver" in by["Legs 3mm"].reason
     # each height is looked at once (series that reach the same height share it): the abdomen's top end is the
     # thorax's, the pelvis' bottom end the abdomen's; a series with liver inside needs one middle slice, only the
@@ -137,4 +143,58 @@ def test_projections_captures_and_reformats_are_never_segmented_and_rules_rank_t
     [*uids], _ = select_series(study, SelectionConfig(segment_all=True),
                                coverage=lambda cands: __import__("livernode.daemon.coverage", fromlist=["m"]).measure(
                                    cands, _probe_of(-80, 80, []), 20.0))
-    assert set(uids) == {s[0][1].SeriesInstanceUID for s in (pv, art, bone, mpr)}  # every series with the whole liver
+    # every phase that holds the whole liver; not the bone-kernel or derived copies of one
+    assert set(uids) == {s[0][1].SeriesInstanceUID for s in (pv, art)}
+
+
+def _stored_feet_first(items):
+    """The same slices stored with columns mirrored: the slice normal points to the feet."""
+    out = []
+    for src, ds in items:
+        ds = copy.deepcopy(ds)
+        pos = np.array([float(v) for v in ds.ImagePositionPatient])
+        ds.ImagePositionPatient = list(pos + np.array([(ds.Columns - 1) * float(ds.PixelSpacing[1]), 0, 0]))
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+        out.append((src, ds))
+    return out
+
+
+def test_heights_are_one_axis_whatever_the_storage_and_a_damaged_series_is_set_aside():
+    from livernode.daemon.coverage import measure
+
+    chest = _axial("chest", 70, 44, SeriesDescription="Chest 3mm")  # 70 .. 199: no liver
+    abdomen = _stored_feet_first(_axial("abd", -199, 44, SeriesDescription="Abdomen 3mm"))  # -199 .. -70, feet first
+    pelvis = _axial("pel", -300, 30, SeriesDescription="Pelvis 3mm")
+    calls = []
+    [uid], decisions = select_series(chest + abdomen + pelvis, coverage=lambda cands: measure(
+        cands, _probe_of(-180, -100, calls, broken="Pelvis 3mm"), 20.0))
+    by = {d.description: d for d in decisions}
+    assert uid == abdomen[0][1].SeriesInstanceUID, [d.reason for d in decisions]
+    assert by["Abdomen 3mm"].reason.startswith("chosen: holds the whole liver")
+    assert "shows no liver" in by["Chest 3mm"].reason
+    assert not by["Pelvis 3mm"].accepted and "pixel data cannot be used" in by["Pelvis 3mm"].reason
+    assert any(d == "Abdomen 3mm" for d, _ in calls)  # looked into, not taken from the chest's mirrored heights
+
+
+def test_shares_compare_series_of_separate_acquisitions():
+    from livernode.daemon.coverage import measure
+
+    thorax = _axial("thx", 30, 121, step=1.0, SeriesDescription="Thorax 1mm", FrameOfReferenceUID="1.2.3.1")
+    pelvis = _axial("pel", -150, 31, SeriesDescription="Pelvis 3mm", FrameOfReferenceUID="1.2.3.2")
+    [uid], decisions = select_series(thorax + pelvis, coverage=lambda cands: measure(
+        cands, _probe_of(-80, 80, []), 20.0))
+    by = {d.description: d for d in decisions}
+    assert uid == thorax[0][1].SeriesInstanceUID  # 50 mm of liver against 20 mm, though each is its own group
+    assert by["Thorax 1mm"].liver_share == 1.0 and by["Pelvis 3mm"].liver_share < 1.0  # not each 100 % of its own
+
+
+def test_a_single_valued_image_type_and_a_study_with_nothing_usable():
+    from livernode.daemon.select import NoUsableSeries
+
+    mip = _axial("mip1", -150, 20, ImageType="MIP")  # pydicom reads one value as a str
+    scout = _axial("sc1", 0, 1, ImageType="LOCALIZER")
+    with pytest.raises(NoUsableSeries) as info:
+        select_series(mip + scout)
+    reasons = [d.reason for d in info.value.decisions]
+    assert reasons[0].startswith("MIP: a projection") and reasons[1].startswith("localizer")
+    assert "no usable CT series (" in str(info.value) and mip[0][1].SeriesInstanceUID not in str(info.value)

@@ -1,5 +1,7 @@
 from livernode.daemon.store import Store
 
+CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage: counts towards a study
+
 
 def test_instances_are_indexed_once_and_studies_become_due_after_quiet(tmp_path):
     s = Store(tmp_path / "index.sqlite")
@@ -10,18 +12,23 @@ def test_instances_are_indexed_once_and_studies_become_due_after_quiet(tmp_path)
     assert s.due_studies(quiet_s=30, max_wait_s=600, now=120) == []
     assert s.due_studies(quiet_s=30, max_wait_s=600, now=141) == ["9.9"]
     assert s.due_studies(quiet_s=30, max_wait_s=15, now=120) == ["9.9"]  # maximum wait reached
+    s.start_processing("9.9")
+    s.finish("9.9", 2)
+    # a dose report arriving after the result is indexed, but makes nothing due again
+    assert s.add_instance("1.3", "9.9", "7.7", "1.2.840.10008.5.1.4.1.1.88.67", "c", now=500)
+    assert s.study("9.9").instances == 2 and s.due_studies(quiet_s=30, max_wait_s=600, now=1000) == []
 
 
 def test_crash_during_processing_makes_the_study_due_again_and_late_instances_reprocess(tmp_path):
     s = Store(tmp_path / "index.sqlite")
-    s.add_instance("1.1", "9.9", "8.8", "c", "a", now=0)
+    s.add_instance("1.1", "9.9", "8.8", CT, "a", now=0)
     s.start_processing("9.9")
     s2 = Store(tmp_path / "index.sqlite")  # a restart opens the same file
     assert s2.due_studies(30, 600, now=1) == ["9.9"]
     s2.start_processing("9.9")
     s2.finish("9.9", instances_seen=1)
     assert s2.due_studies(30, 600, now=1000) == []
-    s2.add_instance("1.2", "9.9", "8.8", "c", "b", now=1000)
+    s2.add_instance("1.2", "9.9", "8.8", CT, "b", now=1000)
     assert s2.due_studies(30, 600, now=1031) == ["9.9"]
     s2.start_processing("9.9")
     s2.finish("9.9", instances_seen=2)
@@ -54,7 +61,7 @@ def test_reconcile_reindexes_spooled_files_missing_from_the_index(tmp_path, synt
 
 def test_attempts_recover_stop_and_poison(tmp_path):
     s = Store(tmp_path / "index.sqlite")
-    s.add_instance("1.1", "9.9", "8.8", "c", "a", now=0)
+    s.add_instance("1.1", "9.9", "8.8", CT, "a", now=0)
     s.start_processing("9.9")
     s.stop_processing("9.9", "the node is stopping")  # SIGTERM: not a crash, the study stays due
     assert s.study("9.9").attempts == 0 and s.due_studies(30, 600, now=1) == ["9.9"]
@@ -79,9 +86,18 @@ def test_an_index_from_before_attempts_is_migrated(tmp_path):
             state TEXT NOT NULL DEFAULT 'receiving', processed_instances INTEGER NOT NULL DEFAULT 0,
             generation INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '');
         INSERT INTO studies VALUES ('9.9', 0, 0, 3, 'processing', 0, 0, '');
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, study_instance_uid TEXT NOT NULL,
+            generation INTEGER NOT NULL, state TEXT NOT NULL, instances INTEGER NOT NULL, started_at REAL NOT NULL,
+            finished_at REAL, reason TEXT NOT NULL DEFAULT '');
+        INSERT INTO jobs (study_instance_uid, generation, state, instances, started_at) VALUES
+            ('9.9', 1, 'running', 3, 0);
     """)
     old.commit()
     old.close()
     s = Store(tmp_path / "index.sqlite")
     assert s.study("9.9").attempts == 0 and s.due_studies(30, 600, now=1) == ["9.9"]
     assert Store(tmp_path / "index.sqlite").study("9.9").state == "processing"  # a second open changes nothing
+    assert s.recover(max_attempts=3) == (1, []) and s.last_series("9.9") == []
+    s.start_processing("9.9")
+    s.finish("9.9", 3, series='[{"description": "Abdomen", "chosen": true}]')
+    assert s.last_series("9.9") == [{"description": "Abdomen", "chosen": True}]

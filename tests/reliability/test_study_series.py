@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from livernode.config import SelectionConfig
 from livernode.daemon.pipeline import process_all, process_files
 from livernode.daemon.seg import verify_seg
 from livernode.inference.runner import Segmenter
@@ -77,8 +78,8 @@ def test_node_segments_the_preferred_phase_and_says_why_for_every_series(running
     assert reasons["Abdomen arterial 3.0 B30f"] == ("usable, not chosen: preferred by rule 'portal|venous|PV' chose "
                                                     "another series")
     assert reasons["Abdomen PV 3.0 B70f"] == "usable, not chosen: sharp kernel B70f: bone or lung reconstruction"
-    assert reasons["Thorax 1.0 B30f"].startswith("usable, not chosen: cuts the liver off at its first slice")
-    assert reasons["Pelvis 3.0 B30f"].startswith("usable, not chosen: cuts the liver off at its last slice")
+    assert reasons["Thorax 1.0 B30f"].startswith("usable, not chosen: cuts the liver off at its lower end")
+    assert reasons["Pelvis 3.0 B30f"].startswith("usable, not chosen: cuts the liver off at its upper end")
     assert reasons["Abdomen MIP 5/2"].startswith("MIP: a projection")
     assert reasons["Abdomen MINIP 5/2"].startswith("MinIP: a projection")
     assert reasons["Abdomen coronal MPR 3.0"].startswith("not axial")
@@ -88,7 +89,7 @@ def test_node_segments_the_preferred_phase_and_says_why_for_every_series(running
                              "--study", str(summary["study_instance_uid"])], capture_output=True, text=True, env=ENV,
                             timeout=60)
     assert status.returncode == 0, status.stderr
-    assert "cuts the liver off at its first slice" in status.stdout and "Dose Report" in status.stdout
+    assert "cuts the liver off at its lower end" in status.stdout and "Dose Report" in status.stdout
     figure("series_in_study", len(study))
     figure("chosen", "Abdomen PV 3.0 B30f")
     figure("reasons", reasons)
@@ -104,6 +105,18 @@ def test_without_rules_a_whole_liver_soft_tissue_series(liver_model, study, tmp_
     # both phases hold the whole liver and no rule tells them apart: the lower series number, the other says so
     reasons = {d["description"]: d["reason"] for d in result.decisions}
     assert reasons["Abdomen arterial 3.0 B30f"].endswith("series 3 comes after series 2")
+
+
+def test_segment_all_gives_every_phase_its_own_seg_and_sr(liver_model, study, tmp_path):
+    files = [f for name in ("thorax", "bone", "arterial", "portal") for f in study[name]]
+    results = process_all(files, Segmenter(liver_model, providers="cpu"), tmp_path / "out",
+                          series_number_offset=1, rules=SelectionConfig(segment_all=True))
+    assert [r.out_dir.name for r in results] == ["series-1", "series-2"]
+    for r, phase in zip(results, ("portal", "arterial")):  # the bone-kernel copy and the thorax series are not
+        _registered(r.seg_path, study[phase])
+    numbers = [(int(pydicom.dcmread(p, stop_before_pixels=True).SeriesNumber)) for r in results
+               for p in (r.seg_path, r.sr_path)]
+    assert numbers == [9003, 9004, 19003, 19004]  # a reprocess's numbers, and no two series share one
 
 
 def test_without_the_abdomen_series_the_most_liver_and_a_warning(liver_model, partial_study, tmp_path, figure):
@@ -133,7 +146,8 @@ def test_one_volume_stored_four_ways_gives_the_same_labels_in_patient_space(live
     ways = {"as is": portal,
             "columns mirrored (feet first)": stored_another_way(portal, tmp_path / "c", mirror_columns=True),
             "rows mirrored": stored_another_way(portal, tmp_path / "r", mirror_rows=True),
-            "rotated 180 (prone)": stored_another_way(portal, tmp_path / "p", mirror_columns=True, mirror_rows=True)}
+            "rotated 180 (prone)": stored_another_way(portal, tmp_path / "p", mirror_columns=True, mirror_rows=True),
+            "transposed": stored_another_way(portal, tmp_path / "t", transpose=True)}
     segmenter = Segmenter(liver_model, providers="cpu")
     masks, volumes = {}, {}
     for k, (way, files) in enumerate(ways.items()):
@@ -144,6 +158,8 @@ def test_one_volume_stored_four_ways_gives_the_same_labels_in_patient_space(live
         px = seg.get_pixels_by_source_instance([str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
                                                 for f in order], segment_numbers=[1, 2],
                                                assert_missing_frames_are_empty=True)
+        if way == "transposed":
+            px = px.transpose(0, 2, 1, 3)
         if "columns" in way or "180" in way:
             px = px[:, :, ::-1]
         if "rows" in way or "180" in way:

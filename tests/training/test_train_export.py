@@ -164,3 +164,19 @@ def test_infer_writes_a_valid_seg_that_matches_the_model(exported, trained_run, 
     assert volume.value == pytest.approx(summary["liver_volume_ml"], abs=0.01)
     assert len(groups) == 2 + min(MAX_SR_LESIONS, summary["lesion_count"])  # the largest lesions one by one
     assert liver.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+
+
+def test_a_model_trained_in_another_orientation_is_refused(exported, tmp_path):
+    from livernode.errors import ManifestError
+    from livernode.inference.manifest import parse_manifest
+    from livernode.inference.runner import Segmenter
+
+    model = onnx.load(str(exported))
+    entry = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+    manifest = parse_manifest(entry.value, "exported")
+    entry.value = manifest.model_copy(update={"preprocessing": manifest.preprocessing.model_copy(
+        update={"orientation": "as stored"})}).to_json()
+    other = tmp_path / "other.onnx"
+    onnx.save(model, str(other))
+    with pytest.raises(ManifestError, match="trained on slices oriented as 'as stored'"):
+        Segmenter(other, providers="cpu")
