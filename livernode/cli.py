@@ -11,6 +11,11 @@ from livernode import __version__
 from livernode.errors import LivernodeError
 
 log = logging.getLogger("livernode")
+DESCRIPTION = ("livernode segments the liver and liver tumours in abdominal CT. Offline it makes phantoms, trains, "
+               "exports and evaluates the model (synth, train, export, evaluate); online it is a DICOM node that takes "
+               "studies by C-STORE or from a folder and returns a DICOM SEG, an SR, summary.json and a preview to "
+               "PACS (serve, infer), with tools to run it (status, retry, purge, echo, check, version). `livernode "
+               "demo` runs it all end to end on phantoms.")
 
 
 def _synth(a: argparse.Namespace) -> int:
@@ -90,7 +95,7 @@ def _serve(a: argparse.Namespace) -> int:
 def _status(a: argparse.Namespace) -> int:
     from livernode.daemon.operator import status_text
 
-    print(status_text(_state(a), a.study))
+    print(status_text(_state(a), a.study, a.limit))
     return 0
 
 
@@ -98,6 +103,13 @@ def _retry(a: argparse.Namespace) -> int:
     from livernode.daemon.operator import retry
 
     print(retry(_state(a), a.study_uid))
+    return 0
+
+
+def _purge(a: argparse.Namespace) -> int:
+    from livernode.daemon.operator import purge
+
+    print(purge(a.config, a.state, a.dry_run))
     return 0
 
 
@@ -143,7 +155,8 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="livernode", description=__doc__)
+    p = argparse.ArgumentParser(prog="livernode", description=DESCRIPTION,
+                                epilog="`livernode COMMAND --help` for one command; README.md for the whole story.")
     p.add_argument("--version", action="version", version=f"livernode {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
@@ -217,9 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
             op.add_argument("study_uid")
         else:
             op.add_argument("--study", metavar="UID", help="one study: its jobs and why each series was (not) chosen")
+            op.add_argument("--limit", type=int, default=50, help="how many of the most recent studies to list")
         op.add_argument("--state", type=Path, help="the node's state folder (default: from --config)")
         op.add_argument("--config", type=Path)
         op.set_defaults(func=func)
+    pg = sub.add_parser("purge", help="apply the retention policy now: remove delivered and failed studies past "
+                                      "their time (the daemon does this on its own timer)")
+    pg.add_argument("--config", type=Path)
+    pg.add_argument("--state", type=Path, help="the node's state folder (default: from --config)")
+    pg.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    pg.set_defaults(func=_purge)
     ec = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     ec.add_argument("target", help="AET@HOST:PORT")
     ec.add_argument("--calling-ae", default="LIVERNODE")

@@ -51,7 +51,8 @@ class ModelConfig(_Strict):
 
 class AugmentConfig(_Strict):
     enabled: bool = True
-    flip: bool = True
+    flip: bool = Field(False, description="left-right flips; off: a mirrored abdomen puts the liver on the wrong "
+                                          "side, and the node turns every study the right way up")
     rotate_degrees: float = Field(10.0, ge=0, le=45)
     intensity_jitter: float = Field(0.05, ge=0, le=0.5)
 
@@ -205,6 +206,17 @@ class SelectionConfig(_Strict):
         return self
 
 
+class RetentionConfig(_Strict):
+    """How long patient data and results stay on the node once nobody is owed anything."""
+
+    keep_delivered_hours: float = Field(72.0, ge=0, description="spool and results of a study whose results were "
+                                                                "all delivered, after its last activity")
+    keep_failed_hours: float = Field(720.0, ge=0, description="the same for a study that failed")
+    max_spool_gb: float | None = Field(None, gt=0, description="above this much spool and results, the oldest "
+                                                               "delivered studies go first; None: no cap")
+    interval_seconds: float = Field(900.0, gt=0, description="how often the daemon applies the policy")
+
+
 class TlsConfig(_Strict):
     """TLS 1.2+ for one destination: the CA that signed the peer's certificate, and our client certificate."""
 
@@ -232,6 +244,8 @@ class ObservabilityConfig(_Strict):
     metrics_bind: str = "127.0.0.1"
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="None: no /metrics and /healthz")
     audit_log: Path | None = Path("audit.jsonl")  # relative paths are inside the state folder
+    audit_max_mb: float = Field(64.0, gt=0, description="the audit log is rotated at this size")
+    audit_backups: int = Field(8, ge=1, description="rotated audit logs kept: audit.jsonl.1 (newest) ... .N")
     stall_seconds: float | None = Field(
         None, gt=0, description="a worker or sender without progress for this long is stuck: /healthz fails and "
                                 "WATCHDOG=1 stops, so systemd restarts the node. None: 120 s, or twice "
@@ -246,6 +260,7 @@ class DaemonConfig(_Strict):
     inference: InferenceConfig = InferenceConfig()
     study: StudyConfig = StudyConfig()
     selection: SelectionConfig = SelectionConfig()
+    retention: RetentionConfig = RetentionConfig()
     send: SendConfig = SendConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
 

@@ -7,6 +7,8 @@ Environment variables:
   `postprocess`) for every study: a poison study that fails inside the process.
 - LIVERNODE_TEST_BREAK_SENDER=1: every pass of the sender thread raises at its top, outside any one item, so
   the thread dies after its retries.
+- LIVERNODE_TEST_KILL_AT_QUEUE=1: the process kills itself (SIGKILL) when a study's results are written and about
+  to be queued for sending: the moment a crash must not leave an outbox item pointing at a partial file.
 
 Used as `python tests/faulty_node.py serve ...` (tests/peers.py:start_node with `faults=`)."""
 
@@ -44,6 +46,19 @@ def _install() -> None:
         from livernode.daemon import worker
         worker.process_files = faulty
 
+
+    if os.environ.get("LIVERNODE_TEST_KILL_AT_QUEUE"):
+        import signal
+
+        from livernode.daemon.store import Store
+
+        finish = Store.finish
+
+        def killed(self, study, instances_seen, **kwargs):
+            if kwargs.get("outbox"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return finish(self, study, instances_seen, **kwargs)
+        Store.finish = killed
 
     if os.environ.get("LIVERNODE_TEST_BREAK_SENDER"):
         from livernode.daemon import sender

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from livernode.daemon.ingest_scp import STORAGE_CLASSES
 from livernode.daemon.metrics import AuditLog, Metrics
-from livernode.daemon.spool import Spool, atomic_write, check_uid
+from livernode.daemon.spool import Spool, check_uid
 from livernode.daemon.store import Store
 from livernode.errors import InputError
+from livernode.fsutil import atomic_write
 from livernode.imaging.dicomio import read_dataset
 
 log = logging.getLogger(__name__)

@@ -43,10 +43,12 @@ class Metrics:
 
 class AuditLog:
     """Append-only JSON lines: associations accepted and rejected, instances received, results sent, security
-    rejections. UIDs and AE titles only; no patient names or IDs."""
+    rejections, purges. UIDs and AE titles only; no patient names or IDs. Rotated by size under the same lock as
+    the writes, so no line is lost or split: audit.jsonl.1 is the newest rotated file, .N the oldest kept."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, max_bytes: int = 64 << 20, backups: int = 8) -> None:
         self.path = Path(path) if path else None
+        self.max_bytes, self.backups = max_bytes, backups
         self._lock = threading.Lock()
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,9 +56,21 @@ class AuditLog:
     def write(self, event: str, **fields) -> None:
         if self.path is None:
             return
-        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}, default=str)
+        line = (json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}, default=str)
+                + "\n").encode()
         try:
-            with self._lock, open(self.path, "a") as fh:
-                fh.write(line + "\n")
+            with self._lock:
+                size = self.path.stat().st_size if self.path.exists() else 0
+                if size and size + len(line) > self.max_bytes:
+                    self._rotate()
+                with open(self.path, "ab") as fh:
+                    fh.write(line)
         except OSError as exc:  # a full disk must not end the thread that reports the event
             log.error("audit log %s: cannot write %s event: %s", self.path, event, exc)
+
+    def _rotate(self) -> None:
+        for k in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{k}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{k + 1}"))
+        self.path.replace(self.path.with_name(f"{self.path.name}.1"))

@@ -27,22 +27,20 @@ def _table(headers: list[str], rows: list[tuple]) -> str:
     return "\n".join(out)
 
 
-def status_text(state: Path, study: str | None = None) -> str:
-    """Studies, jobs and outbox as tables; with `study`, that study's jobs and why each series was (not) chosen."""
+def status_text(state: Path, study: str | None = None, limit: int = 50) -> str:
+    """The `limit` most recent studies, jobs and outbox as tables; with `study`, that study's jobs and why each
+    series was (not) chosen."""
     store = open_store(state)
     if study is not None:
         return study_text(store, study)
-    with store.transaction() as db:
-        studies = db.execute("SELECT study_instance_uid, state, instances, processed_instances, generation, reason, "
-                             "last_received_at FROM studies ORDER BY last_received_at DESC").fetchall()
-        jobs = db.execute("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state").fetchall()
-        outbox = db.execute("SELECT destination, state, count(*), max(attempts), max(last_error) FROM outbox "
-                            "GROUP BY destination, state ORDER BY destination, state").fetchall()
+    studies = store.recent(limit)
+    jobs, outbox, total = store.summary()
     now = time.time()
     study_rows = [(uid, st, n, done, gen, f"{now - last:.0f} s ago", reason[:60])
                   for uid, st, n, done, gen, reason, last in studies]
-    parts = ["Studies", _table(["study", "state", "instances", "processed", "generation", "last instance",
-                                "reason"], study_rows),
+    shown = f"Studies (the {len(studies)} most recent of {total})" if total > len(studies) else "Studies"
+    parts = [shown, _table(["study", "state", "instances", "processed", "generation", "last instance", "reason"],
+                           study_rows),
              "", "Jobs", _table(["state", "count"], jobs),
              "", "Outbox", _table(["destination", "state", "items", "max attempts", "last error"],
                                   [(d, s, n, a, (e or "")[:60]) for d, s, n, a, e in outbox])]
@@ -100,6 +98,23 @@ def check_study(study_dir: Path, cfg_path: Path | None, overrides: dict | None =
     rule_text = f"prefer {list(rules.prefer)}, avoid {list(rules.avoid)}, segment_all {rules.segment_all}"
     extra = f"\n{len(unreadable)} unreadable file(s), first: {unreadable[0]}" if unreadable else ""
     return bool(chosen), f"{text}\n\nrules: {rule_text}; {len(chosen)} series would be segmented{extra}"
+
+
+def purge(cfg_path: Path | None, state: Path | None, dry_run: bool) -> str:
+    """`livernode purge`: apply the retention policy of the config once (as the daemon does on its timer)."""
+    from livernode.config import load_daemon_config
+    from livernode.daemon.metrics import AuditLog
+    from livernode.daemon.retention import Retention
+
+    cfg = load_daemon_config(cfg_path)
+    folder = Path(state) if state is not None else Path(cfg.paths.state)
+    store = open_store(folder)
+    obs = cfg.observability
+    audit = AuditLog(folder / obs.audit_log if obs.audit_log is not None else None,
+                     max_bytes=int(obs.audit_max_mb * 1e6), backups=obs.audit_backups)
+    report = Retention(cfg.retention, store, folder, audit).purge(dry_run=dry_run)
+    rows = [(uid, why) for uid, why in report.studies]
+    return f"{report.summary()}\n" + (_table(["study", "why"], rows) if rows else "nothing is due")
 
 
 def retry(state: Path, study_uid: str) -> str:
@@ -178,7 +193,8 @@ def check(cfg_path: Path | None, overrides: dict | None = None) -> tuple[bool, s
             seg = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
             m = seg.manifest
             add("model", True, f"{cfg.inference.model.name}: {m.architecture.name} {m.architecture.backbone}, "
-                f"{m.input.preferred_size} px, sha256 {m.weights_sha256[:12]}")
+                f"{m.input.preferred_size} px, trained on {m.training_data}, sha256 {m.weights_sha256[:12]}"
+                + (f"; {m.research_use}" if m.research_use else ""))
             add("providers", True, ", ".join(seg.providers_used))
         except LivernodeError as exc:
             add("model", False, str(exc))

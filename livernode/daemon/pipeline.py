@@ -16,7 +16,6 @@ from pydicom.uid import generate_uid
 from livernode import __version__
 from livernode.config import SelectionConfig
 from livernode.daemon.coverage import coverage_pass
-from livernode.daemon.postprocess import Findings, postprocess
 from livernode.daemon.report import preview, summary_dict, write_json
 from livernode.daemon.select import select_series, short_key
 from livernode.daemon.seg import write_result_seg
@@ -25,6 +24,7 @@ from livernode.errors import InputError, SeriesRejected
 from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_of, order_slices, ordered_volume,
                                       read_dataset)
 from livernode.imaging.orient import Orientation
+from livernode.imaging.postprocess import Findings, postprocess
 from livernode.imaging.segwrite import Algorithm
 from livernode.imaging.volume import CtVolume
 from livernode.inference.runner import Segmenter
@@ -149,26 +149,28 @@ def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segment
     m = segmenter.manifest
     algorithm = Algorithm(name=f"livernode {m.architecture.name}-{m.architecture.backbone}",
                           version=f"{m.livernode_version} ({m.weights_sha256[:12]})")
-    note = " (liver incomplete)" if findings.liver_touches_scan_edge else ""  # SeriesDescription holds 64
+    note = " (liver cut off)" if findings.liver_touches_scan_edge else ""  # SeriesDescription holds 64
+    statement = m.research_use  # a phantom-trained model says so in every result
     seg_path = out_dir / "seg.dcm"
     seg = write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
-                           sop_uid=generate_uid(), series_number=series_number, note=note)
+                           sop_uid=generate_uid(), series_number=series_number, note=note, description=statement)
     clock.lap("seg")
     sr_path = out_dir / "sr.dcm"
     write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid(),
-                      series_number=series_number + 1, note=note), sr_path)
+                      series_number=series_number + 1, note=note, description=statement), sr_path)
     clock.lap("sr")
     preview_path = preview(slices, findings, out_dir / "preview.png", turn)
     clock.lap("preview")
     summary = summary_dict(
         findings,
         livernode_version=__version__,
+        research_use=statement,
         study_instance_uid=str(source[0].StudyInstanceUID),
         series={**series, "chosen": series_uid},
         volume={"slices": int(shape[0]), "rows": int(shape[1]), "columns": int(shape[2]), "spacing_mm": list(spacing),
                 "orientation": turn.describe()},
         model={"file": segmenter.path.name, "architecture": m.architecture.name, "backbone": m.architecture.backbone,
-               "weights_sha256": m.weights_sha256, "created": m.created},
+               "weights_sha256": m.weights_sha256, "created": m.created, "training_data": m.training_data},
         providers=segmenter.providers_used,
         timings_s=clock.timings,
     )

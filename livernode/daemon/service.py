@@ -22,9 +22,10 @@ from pydantic import ValidationError
 from livernode.config import DaemonConfig
 from livernode.daemon import sender as sender_mod
 from livernode.daemon import worker as worker_mod
-from livernode.daemon.health import Health, Liveness, serve_http, supervised, watchdog_loop
+from livernode.daemon.health import Health, Liveness, serve_http, supervised, watchdog_loop, work_loop
 from livernode.daemon.listeners import FOLDER, Listeners
 from livernode.daemon.metrics import AuditLog, Metrics
+from livernode.daemon.retention import Retention
 from livernode.daemon.sdnotify import Notifier, watchdog_period
 from livernode.daemon.send import Destination
 from livernode.daemon.sender import Sender
@@ -36,6 +37,7 @@ from livernode.imaging.dicomio import read_dataset
 from livernode.inference.runner import Segmenter
 
 log = logging.getLogger(__name__)
+RETENTION = "retention"
 # Stopping takes at most this long (systemd's TimeoutStopSec in systemd/livernode.service is 90 s).
 STOP_BUDGET_S = 60.0
 
@@ -54,8 +56,11 @@ class Service:
         self.segmenter = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
         self.metrics = Metrics()
         obs = cfg.observability
-        self.audit = AuditLog(state / obs.audit_log if obs.audit_log is not None else None)
+        self.audit = AuditLog(state / obs.audit_log if obs.audit_log is not None else None,
+                              max_bytes=int(obs.audit_max_mb * 1e6), backups=obs.audit_backups)
         m = self.segmenter.manifest
+        if m.research_use:
+            log.warning("model %s: %s; its SEG, SR and summary say so", cfg.inference.model.name, m.research_use)
         self.metrics.info.labels(m.weights_sha256[:16], m.livernode_version,
                                  ",".join(self.segmenter.providers_used)).set(1)
         self.stop_event = threading.Event()
@@ -67,9 +72,11 @@ class Service:
                              **parts)
         self.sender = Sender(lambda: self.cfg, self.store, destinations=lambda: self.destinations,
                              on_requeue=self.worker.wake.set, **parts)
+        self.retention = Retention(cfg.retention, self.store, state, self.audit)
         self.health = Health({"listener": self.listeners.check, "worker": self._thread_check(worker_mod.NAME),
                               "sender": self._thread_check(sender_mod.NAME), "index": self.store.probe_writable,
                               "spool": self._spool_check, "model": self._model_check})
+        self.health.checks[RETENTION] = self._thread_check(RETENTION)
         if self.listeners.folder is not None:
             self.health.checks["folder"] = self._thread_check(FOLDER)
         self.http = None
@@ -118,6 +125,7 @@ class Service:
                    sender_mod.NAME: supervised(sender_mod.NAME, self.liveness, stop, lambda: self.sender.run(poll_s))}
         if self.listeners.folder is not None:
             threads[FOLDER] = supervised(FOLDER, self.liveness, stop, lambda: self.listeners.run_folder(poll_s))
+        threads[RETENTION] = supervised(RETENTION, self.liveness, stop, lambda: self._retain(poll_s))
         threading.Thread(target=watchdog_loop, name="watchdog", daemon=True,
                          args=(notifier, self.liveness, period, stop, self.status_line)).start()
         code = 0
@@ -168,6 +176,12 @@ class Service:
             self.store.stop_processing(busy, "the node stopped before the step in progress ended")
         log.info("worker and sender stopped %.1f s after the stop request", time.monotonic() - t0)
 
+    def _retain(self, poll_s: float) -> None:
+        """The retention thread: apply the policy every `retention.interval_seconds`; a heartbeat per study."""
+        beat = lambda: self.liveness.beat(RETENTION, "purging")  # noqa: E731
+        work_loop(RETENTION, self.liveness, self.stop_event, threading.Event(), poll_s,
+                  lambda: self.retention.purge(progress=beat) if self.retention.due() else None, "waiting")
+
     def request_stop(self) -> None:
         """From a signal handler: only a flag; `run_forever` acts on it."""
         self._stop_requested = True
@@ -192,11 +206,12 @@ class Service:
             log.error("reload refused, keeping the running configuration: %s", exc)
 
     def reload(self, cfg: DaemonConfig) -> None:
-        """SIGHUP: take new destinations, study timing, free-space threshold and send settings; listeners, model
-        and observability stay as they are. The merged configuration is validated as a whole before any of it is
+        """SIGHUP: take new destinations, study timing, free-space threshold, selection rules, retention and send
+        settings; listeners, model and observability stay as they are. The merged configuration is validated as a whole before any of it is
         used; the destination table is replaced in one assignment (the sender reads it once per send)."""
         merged = self.cfg.model_dump()
-        merged.update(study=cfg.study.model_dump(), send=cfg.send.model_dump())
+        merged.update(study=cfg.study.model_dump(), send=cfg.send.model_dump(), selection=cfg.selection.model_dump(),
+                      retention=cfg.retention.model_dump())
         try:
             new = DaemonConfig.model_validate(merged)
         except ValidationError as exc:
@@ -204,6 +219,7 @@ class Service:
         self.destinations = _destinations(new)
         self.cfg = new
         self.spool.min_free_bytes = int(new.study.min_free_mb * 1e6)
+        self.retention.policy = new.retention
         log.info("configuration reloaded: %d destination(s), quiet period %.0f s", len(self.destinations),
                  cfg.study.quiet_seconds)
 

@@ -4,14 +4,13 @@ directory fsync. UIDs are validated and never used raw as paths (file names are 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from livernode.errors import InputError
+from livernode.fsutil import atomic_write
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -33,37 +32,6 @@ def check_uid(uid: str, what: str = "UID") -> str:
 def uid_key(uid: str) -> str:
     """A fixed-length, path-safe name for a (validated) UID."""
     return hashlib.sha256(check_uid(uid).encode()).hexdigest()[:32]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
-    """Write `data` (bytes, or pieces written one after the other) so that after return it survives a crash, and
-    a crash before never leaves a partial file. The folder is made only when it is missing (not for every file)."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
-    try:
-        try:
-            fh = open(tmp, "wb")
-        except FileNotFoundError:  # a new folder, or one retention removed
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(tmp, "wb")
-        with fh:
-            for piece in pieces:
-                fh.write(piece)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk (ENOSPC) or an I/O error: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class Spool:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from livernode.daemon.store_retention import RetentionQueries
 from livernode.imaging.dicomio import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 
 CT_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
@@ -32,11 +33,12 @@ CREATE TABLE IF NOT EXISTS studies (
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL,
     instances INTEGER NOT NULL DEFAULT 0,      -- CT images; other instances are indexed but do not count
-    state TEXT NOT NULL DEFAULT 'receiving',   -- receiving | processing | done | failed
+    state TEXT NOT NULL DEFAULT 'receiving',   -- receiving | processing | done | failed | purged (a tombstone)
     processed_instances INTEGER NOT NULL DEFAULT 0,
     generation INTEGER NOT NULL DEFAULT 0,     -- times processed; a reprocess supersedes the earlier results
     reason TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0        -- processing runs begun and not finished (crashes count)
+    attempts INTEGER NOT NULL DEFAULT 0,       -- processing runs begun and not finished (crashes count)
+    purged_at REAL                             -- when retention removed its files (state 'purged')
 );
 CREATE TABLE IF NOT EXISTS series (
     series_instance_uid TEXT PRIMARY KEY,
@@ -82,10 +84,12 @@ class StudyRow:
     generation: int
     reason: str
     attempts: int
+    purged_at: float | None = None
 
 
-class Store:
-    """One connection per thread that uses it; SQLite serialises writers."""
+class Store(RetentionQueries):
+    """One connection per thread that uses it; SQLite serialises writers. Retention's queries live beside, in
+    `store_retention.py`."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -98,6 +102,8 @@ class Store:
             columns = {r[1] for r in tx.execute("PRAGMA table_info(studies)")}
             if "attempts" not in columns:  # an index written before attempts were counted
                 tx.execute("ALTER TABLE studies ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+            if "purged_at" not in columns:  # ... and before retention
+                tx.execute("ALTER TABLE studies ADD COLUMN purged_at REAL")
             if "series" not in {r[1] for r in tx.execute("PRAGMA table_info(jobs)")}:  # before series reasons
                 tx.execute("ALTER TABLE jobs ADD COLUMN series TEXT NOT NULL DEFAULT ''")
 
@@ -126,15 +132,32 @@ class Store:
             db.execute("ROLLBACK")
             raise
 
+    @contextmanager
+    def read(self):
+        """This thread's connection for reads: no write lock (in WAL, reads never wait for a writer); the
+        statements inside see one snapshot."""
+        db = self._connection()
+        db.execute("BEGIN")  # deferred: a read transaction, one consistent snapshot
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
     def reconcile(self, instances: Path, read_header) -> int:
-        """Index spooled files whose rows a power loss took from the index; returns how many."""
+        """Index spooled files whose rows a power loss took from the index; returns how many. Files of a purged
+        study older than its purge are what a crash mid-purge left: they are removed, not indexed."""
         with self.transaction() as db:
             known = {r[0] for r in db.execute("SELECT path FROM instances")}
+        unknown = [(path, read_header(path)) for path in sorted(Path(instances).rglob("*.dcm"))
+                   if str(path) not in known]
+        # Leftovers are judged before anything is added: adding an instance restarts a purged study.
+        leftovers = {path for path, ds in unknown
+                     if self.purged_before(str(ds.StudyInstanceUID), path.stat().st_mtime)}
         added = 0
-        for path in sorted(Path(instances).rglob("*.dcm")):
-            if str(path) in known:
+        for path, ds in unknown:
+            if path in leftovers:
+                path.unlink()  # retention's leftover from a crash mid-purge, not an instance the index lost
                 continue
-            ds = read_header(path)
             if self.add_instance(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                                  str(ds.SOPClassUID), str(path)):
                 added += 1
@@ -152,6 +175,9 @@ class Store:
                              (sop, study, series, sop_class, path, now))
             if cur.rowcount == 0:
                 return False
+            db.execute(  # a purged study that is sent again starts afresh: its earlier instances are gone
+                "UPDATE studies SET state = 'receiving', instances = 0, processed_instances = 0, attempts = 0, "
+                "first_received_at = ?, reason = '' WHERE study_instance_uid = ? AND state = 'purged'", (now, study))
             db.execute(
                 "INSERT INTO studies (study_instance_uid, first_received_at, last_received_at, instances) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT(study_instance_uid) DO UPDATE SET instances = instances + ?, "
@@ -162,12 +188,12 @@ class Store:
             return True
 
     def study(self, study: str) -> StudyRow | None:
-        with self.transaction() as db:
+        with self.read() as db:
             row = db.execute("SELECT * FROM studies WHERE study_instance_uid = ?", (study,)).fetchone()
         return StudyRow(*row) if row else None
 
     def instance_paths(self, study: str) -> list[str]:
-        with self.transaction() as db:
+        with self.read() as db:
             return [r[0] for r in db.execute(
                 "SELECT path FROM instances WHERE study_instance_uid = ? ORDER BY path", (study,))]
 
@@ -175,7 +201,7 @@ class Store:
         """Studies with instances not yet processed, quiet for `quiet_s` or waiting longer than `max_wait_s`.
         Studies left in 'processing' by a crash are due again."""
         now = time.time() if now is None else now
-        with self.transaction() as db:
+        with self.read() as db:
             rows = db.execute(
                 "SELECT study_instance_uid FROM studies WHERE "
                 "(state IN ('receiving', 'done', 'failed') AND instances > processed_instances AND "
@@ -197,7 +223,7 @@ class Store:
             return row
 
     def finish(self, study: str, instances_seen: int, *, failed_reason: str = "",
-               outbox: list[tuple[str, str]] = (), series: str = "") -> None:
+               outbox: list[tuple[str, str]] = (), series: str = "", now: float | None = None) -> None:
         """Close the running job as done (or failed, with the reason) and queue (destination, path) results to
         send, in one transaction: a crash leaves either the job running (it is redone) or both recorded.
         `series` (JSON) records why each series was or was not chosen."""
@@ -209,8 +235,8 @@ class Store:
                        "reason = ?, attempts = 0 WHERE study_instance_uid = ?",
                        (state, instances_seen, failed_reason, study))
             db.execute("UPDATE jobs SET state = ?, finished_at = ?, reason = ?, series = ? WHERE "
-                       "study_instance_uid = ? AND state = 'running'", (state, time.time(), failed_reason, series,
-                                                                        study))
+                       "study_instance_uid = ? AND state = 'running'",
+                       (state, time.time() if now is None else now, failed_reason, series, study))
 
     def stop_processing(self, study: str, reason: str) -> None:
         """The node is shutting down mid-study: the job is closed as stopped, the attempt is not counted, and the
@@ -246,14 +272,14 @@ class Store:
 
     def last_series(self, study: str) -> list[dict]:
         """Each series of the study with the reason it was (not) chosen, from its last finished job."""
-        with self.transaction() as db:
+        with self.read() as db:
             row = db.execute("SELECT series FROM jobs WHERE study_instance_uid = ? AND series != '' ORDER BY id DESC "
                              "LIMIT 1", (study,)).fetchone()
         return json.loads(row[0]) if row else []
 
     def jobs(self, study: str) -> list[tuple]:
         """(generation, state, instances, reason) of every job of a study, oldest first."""
-        with self.transaction() as db:
+        with self.read() as db:
             return db.execute("SELECT generation, state, instances, reason FROM jobs WHERE study_instance_uid = ? "
                               "ORDER BY id", (study,)).fetchall()
 
@@ -263,7 +289,7 @@ class Store:
                            [(study, destination, p) for p in paths])
 
     def outbox(self, state: str | None = None) -> list[tuple]:
-        with self.transaction() as db:
+        with self.read() as db:
             q = "SELECT id, study_instance_uid, destination, path, state, attempts, next_attempt_at, last_error " \
                 "FROM outbox" + (" WHERE state = ?" if state else "") + " ORDER BY id"
             return db.execute(q, (state,) if state else ()).fetchall()
@@ -271,7 +297,7 @@ class Store:
     def due_outbox(self, now: float | None = None) -> list[tuple[int, str, str, str, int]]:
         """(id, study, destination, path, attempts) of pending items whose next attempt is due."""
         now = time.time() if now is None else now
-        with self.transaction() as db:
+        with self.read() as db:
             return db.execute("SELECT id, study_instance_uid, destination, path, attempts FROM outbox "
                               "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id", (now,)).fetchall()
 
@@ -314,11 +340,28 @@ class Store:
     def counts(self) -> tuple[dict[str, int], dict[str, int], int]:
         """Studies by state, outbox items by state, and studies with instances not yet processed. Plain reads,
         which WAL never makes wait for a writer: the watchdog's status line and /metrics call this."""
-        db = self._connection()
-        studies = dict(db.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
-        outbox = dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
-        waiting = db.execute("SELECT count(*) FROM studies WHERE instances > processed_instances").fetchone()[0]
+        with self.read() as db:
+            studies = dict(db.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
+            outbox = dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+            waiting = db.execute("SELECT count(*) FROM studies WHERE instances > processed_instances").fetchone()[0]
         return studies, outbox, waiting
+
+    def recent(self, limit: int) -> list[tuple]:
+        """The `limit` studies with the latest instances: uid, state, instances, processed, generation, reason,
+        last received."""
+        with self.read() as db:
+            return db.execute("SELECT study_instance_uid, state, instances, processed_instances, generation, reason, "
+                              "last_received_at FROM studies ORDER BY last_received_at DESC LIMIT ?",
+                              (limit,)).fetchall()
+
+    def summary(self) -> tuple[list[tuple], list[tuple], int]:
+        """Jobs by state, outbox by destination and state (items, most attempts, one error), studies in all."""
+        with self.read() as db:
+            jobs = db.execute("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state").fetchall()
+            outbox = db.execute("SELECT destination, state, count(*), max(attempts), max(last_error) FROM outbox "
+                                "GROUP BY destination, state ORDER BY destination, state").fetchall()
+            total = db.execute("SELECT count(*) FROM studies").fetchone()[0]
+        return jobs, outbox, total
 
     def probe_writable(self) -> str:
         """Commit one small write on a connection of its own; raises sqlite3.Error when the index cannot be

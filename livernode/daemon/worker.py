@@ -20,9 +20,10 @@ from livernode.daemon.health import Liveness, work_loop
 from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.pipeline import STUDY_STAGES, StudyResult, process_all
 from livernode.daemon.select import NoUsableSeries
-from livernode.daemon.spool import fsync_dir, uid_key
+from livernode.daemon.spool import uid_key
 from livernode.daemon.store import Store
 from livernode.errors import LivernodeError, StudyInterrupted
+from livernode.fsutil import publish_dir
 from livernode.inference.runner import Segmenter
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Worker:
                                   rules=self.settings().selection)
             output = self.settings().paths.output
             if output is not None:
-                publish(out, Path(output) / key / out.name)
+                publish_dir(out, Path(output) / key / out.name)
         except StudyInterrupted as exc:
             self.store.stop_processing(study, str(exc))
             log.info("study %s: stopped mid-way (%s); it is processed again at the next start", key, exc,
@@ -154,14 +155,3 @@ def _series_json(decisions: tuple[dict, ...]) -> str:
     """What `livernode status --study` shows of each series: description, images, chosen, reason."""
     keep = ("description", "images", "chosen", "accepted", "reason", "slice_thickness_mm", "liver_share")
     return json.dumps([{k: d.get(k) for k in keep} for d in decisions])
-
-
-def publish(src: Path, dst: Path) -> None:
-    """Copy a finished result folder into the output folder atomically (readers never see half of it)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    fsync_dir(dst.parent)

@@ -56,7 +56,8 @@ def test_calling_and_called_ae_titles(tmp_path, one_file, figure):
     assert [(e["calling_ae"], e["reason"]) for e in rejected] == [
         ("INTRUDER", "calling AE title 'INTRUDER' is not on the allow-list"),
         ("PACS", "called AE title 'OTHERNODE' is not ours (LIVERNODE)")]
-    figure("accepted", 1)
+    figure("accepted", len([e for e in audit_events(tmp_path / "audit.jsonl")
+                            if e["event"] == "association_accepted"]))
     figure("rejected_and_audited", len(rejected))
 
 

@@ -65,7 +65,7 @@ def test_sigkill_while_receiving(tmp_path, exported, trained_run, pacs, figure):
     assert sorted(pydicom.dcmread(p).PixelData for p in stored) == originals
     figure("acknowledged_before_kill", half)
     figure("instances_on_disk_after_restart", len(stored))
-    figure("deliveries", 1)
+    figure("objects_at_pacs", len([p for p in pacs_out.iterdir() if p.is_file()]))
 
 
 # Each inference batch (2 slices) of the first node takes this much longer, so its 120-slice job runs for at least
@@ -96,7 +96,7 @@ def test_sigkill_while_processing(tmp_path, exported, long_study, pacs, figure):
     assert {str(u[2]) for u in seg.get_source_image_uids()} == \
         {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in long_study}
     figure("jobs", [f"{g}:{s}" for g, s in jobs])
-    figure("deliveries", 1)
+    figure("objects_at_pacs", len([p for p in pacs_out.iterdir() if p.is_file()]))
 
 
 def test_sigkill_while_sending(tmp_path, exported, trained_run, figure):
@@ -124,3 +124,34 @@ def test_sigkill_while_sending(tmp_path, exported, trained_run, figure):
     assert 2 <= len(pacs.received) <= 3
     figure("c_store_requests_at_pacs", len(pacs.received))
     figure("distinct_objects_at_pacs", len({uid for _, uid in pacs.received}))
+
+
+def test_sigkill_between_writing_results_and_queueing_them(tmp_path, exported, trained_run, pacs, figure):
+    """Killed after the SEG and SR are written and before the outbox row that names them is committed: after a
+    restart every outbox item names a complete, readable result, and the study is delivered once."""
+    from livernode.imaging.dicomio import read_dataset
+
+    pacs_port, pacs_out = pacs
+    port, state = free_port(), tmp_path / "state"
+    args = ("--port", str(port), "--destination", f"PACS@127.0.0.1:{pacs_port}", "--study-timeout", "0.5")
+    files = sorted((trained_run[0] / "data" / "case_003" / "ct").glob("*.dcm"))
+    node = start_node(state, exported, *args, faults={"LIVERNODE_TEST_KILL_AT_QUEUE": "1"})
+    wait_port(port, node)
+    storescu(port, files)
+    assert node.wait(timeout=120) == -signal.SIGKILL  # it died at the moment under test
+    assert db_rows(state, "SELECT count(*) FROM outbox") == [(0,)]
+    written = sorted(p.name for p in (state / "results").rglob("*") if p.is_file())
+    node = start_node(state, exported, *args)
+    try:
+        wait_for(lambda: received(pacs_out), 120, "SEG and SR at the PACS")
+        wait_for(lambda: settled(state), 60, "the study settled")
+    finally:
+        stop_node(node)
+    paths = [Path(p) for (p,) in db_rows(state, "SELECT path FROM outbox")]
+    assert len(paths) == 2
+    for p in paths:  # every queued result exists and is whole: read with every element's length checked
+        ds = read_dataset(p)
+        assert ds.Modality in ("SEG", "SR")
+    assert len([p for p in pacs_out.iterdir() if p.is_file()]) == 2
+    figure("results_written_before_the_kill", written)
+    figure("outbox_items_after_restart_all_readable", len(paths))

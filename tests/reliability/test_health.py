@@ -15,7 +15,7 @@ from tests.peers import scrape, wait_for
 
 pytestmark = pytest.mark.slow
 MARGIN = 1 << 30  # the threshold sits this far below the free space at the start
-CHECKS = ["index", "listener", "model", "sender", "spool", "worker"]
+CHECKS = ["index", "listener", "model", "retention", "sender", "spool", "worker"]
 
 
 def _health(node) -> tuple[int, dict]:

@@ -68,7 +68,7 @@ def test_study_killed_three_times_fails_and_the_next_is_delivered(tmp_path, expo
     assert poison in status.stdout and "interrupted 3 times" in status.stdout, status.stdout
     failed = [e for e in audit_events(state / "audit.jsonl") if e["event"] == "study_failed"]
     assert [e["study_instance_uid"] for e in failed] == [poison]
-    figure("kills", 3)
+    figure("interrupted_jobs", len(jobs))
     figure("seconds_from_start_to_running_job", restarts)
     figure("poison_study", f"{st}: {reason[:40]}")
     figure("next_study_delivered", len(got))

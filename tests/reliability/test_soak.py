@@ -17,6 +17,7 @@ import pytest
 
 from livernode.imaging.synth import synthesize
 from tests.peers import ENV, free_port, restamp, start_node, stop_node, storescu, wait_for, wait_port
+from tests.reliability.conftest import audit_events
 
 pytestmark = pytest.mark.slow
 SOAK_S = float(os.environ.get("LIVERNODE_SOAK_S", "150"))
@@ -34,7 +35,13 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _window(samples: list[tuple[float, int, int]], start: float, end: float, index: int, how=statistics.median):
+def _disk_bytes(state: Path) -> int:
+    """Bytes of patient data and results on the node: the spool and the results folders."""
+    return sum(p.stat().st_size for folder in ("spool", "results") for p in (state / folder).rglob("*")
+               if p.is_file())
+
+
+def _window(samples: list[tuple], start: float, end: float, index: int, how=statistics.median):
     chosen = [s[index] for s in samples if start <= s[0] <= end]
     assert len(chosen) >= 3, f"too few samples between {start:.0%} and {end:.0%}"
     return how(chosen)
@@ -44,8 +51,10 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
     pacs_port, pacs_out = pacs
     port = free_port()
     config = tmp_path / "livernode.toml"
+    # Retention as a busy node runs it, compressed in time: delivered studies go 2 s after their last activity.
     config.write_text(f'[node]\nallowed_calling_ae_titles = ["STORESCU", "ECHOSCU"]\n'
-                      f'[study]\nquiet_seconds = 0.3\n[send]\ndestinations = ["PACS@127.0.0.1:{pacs_port}"]\n')
+                      f'[study]\nquiet_seconds = 0.3\n[send]\ndestinations = ["PACS@127.0.0.1:{pacs_port}"]\n'
+                      f'[retention]\nkeep_delivered_hours = {2 / 3600}\ninterval_seconds = 1\n')
     synthesize(tmp_path / "src", cases=1, slices=10, size=64, seed=5, layout="dicom")
     template = sorted((tmp_path / "src" / "case_000" / "ct").glob("*.dcm"))
     node = start_node(tmp_path / "state", exported, "--config", str(config), "--port", str(port),
@@ -67,7 +76,7 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
             studies += 1
             associations += 2
             wait_for(lambda: len(list(pacs_out.iterdir())) >= 2 * studies, 60, f"study {studies} delivered", 0.05)
-            samples.append((done(), _rss_kib(node.pid), _fds(node.pid)))
+            samples.append((done(), _rss_kib(node.pid), _fds(node.pid), _disk_bytes(tmp_path / "state")))
         seconds = time.monotonic() - t0
     finally:
         err = stop_node(node)
@@ -76,6 +85,10 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
     # Descriptors: the floor of each window. A leak raises the floor; an association still closing does not.
     fd_start, fd_end = _window(samples, 0.25, 0.40, 2, min), _window(samples, 0.85, 1.0, 2, min)
     rss_growth, fd_growth = rss_end / rss_start - 1, fd_end / fd_start - 1
+    # Disk: the most held in each window. Without retention it grows with every study (about 3x from the first
+    # window to the last); with it, only the studies of the last few seconds are on disk.
+    disk_start, disk_end = _window(samples, 0.25, 0.40, 3, max), _window(samples, 0.85, 1.0, 3, max)
+    purged = len([e for e in audit_events(tmp_path / "state" / "audit.jsonl") if e["event"] == "purge"])
     figure("duration_s", round(seconds))
     figure("studies", studies)
     figure("associations", associations)
@@ -83,6 +96,9 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
     figure("rss_growth_percent", round(100 * rss_growth, 2))
     figure("open_fds_floor_after_warmup_and_at_end", [fd_start, fd_end])
     figure("open_fds_max", max(s[2] for s in samples))
+    figure("disk_mib_most_in_window_after_warmup_and_at_end", [round(disk_start / 2**20, 2), round(disk_end / 2**20, 2)])
+    figure("purge_runs", purged)
     assert studies >= 20
     assert rss_growth < 0.05, f"RSS grew {100 * rss_growth:.1f} % ({rss_start} -> {rss_end} KiB)"
     assert fd_growth < 0.05, f"open descriptors grew {fd_start} -> {fd_end}"
+    assert purged > 0 and disk_end <= 1.5 * disk_start, f"disk use grew {disk_start} -> {disk_end} bytes"

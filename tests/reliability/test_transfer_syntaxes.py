@@ -51,6 +51,6 @@ def test_received_in_each_syntax_decodes_to_the_reference(scp, synth_dirs, tmp_p
     assert {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in received} == \
         {EXPECTED_TS[syntax]}  # stored as it arrived
     decoded = read_ct_series(received)
-    assert np.array_equal(decoded.hu, reference.hu)
+    assert reference.hu.std() > 0 and np.array_equal(decoded.hu, reference.hu)
     assert decoded.sop_instance_uids == reference.sop_instance_uids
     figure("slices_bit_exact", len(received))
