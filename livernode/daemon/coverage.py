@@ -22,8 +22,8 @@ import numpy as np
 from livernode.daemon.select import Candidate, Coverage
 from livernode.errors import InputError
 from livernode.imaging.dicomio import hu_of, read_dataset
-from livernode.imaging.labels import LABELS
 from livernode.imaging.preprocess import prepare_slices
+from livernode.imaging.volume import LIVER, TUMOUR
 from livernode.inference.runner import Segmenter
 
 # A slice shows liver from 3 cm² of it: less is a sliver at the dome's tip or a stray pixel of another organ.
@@ -144,7 +144,6 @@ def model_probe(segmenter: Segmenter, progress: Callable[[int, int], None] = lam
                 ) -> AreaProbe:
     """An AreaProbe that decodes the requested slices, turns them the model's way and runs the network at its input
     size: liver plus tumour pixels of the argmax, times the area one such pixel covers."""
-    values = [li.value for li in LABELS]
     size = segmenter.spec.size
     done = [0]
 
@@ -153,10 +152,10 @@ def model_probe(segmenter: Segmenter, progress: Callable[[int, int], None] = lam
         ref = c.items[0][1]
         row_mm, col_mm = (float(v) for v in ref.PixelSpacing)
         pixel_mm2 = (max(hu.shape[1:]) / size) ** 2 * row_mm * col_mm  # square padding keeps pixels' aspect
-        labels = segmenter.run(prepare_slices(c.orientation.forward(hu), segmenter.spec)).argmax(-1)
+        labels = segmenter.labels_of(segmenter.run(prepare_slices(c.orientation.forward(hu), segmenter.spec)))
         done[0] += len(idx)
         progress(done[0], 0)
-        return np.isin(labels, values).reshape(len(idx), -1).sum(axis=1) * pixel_mm2
+        return np.isin(labels, (LIVER, TUMOUR)).reshape(len(idx), -1).sum(axis=1) * pixel_mm2
     return probe
 
 

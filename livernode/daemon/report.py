@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -11,12 +10,15 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from livernode.daemon.postprocess import Findings
+from livernode import fsutil
+from livernode.imaging.labels import LABEL_BY_VALUE
 from livernode.imaging.orient import Orientation
+from livernode.imaging.postprocess import Findings
 from livernode.imaging.preprocess import window
+from livernode.imaging.volume import LIVER, TUMOUR
 
-LIVER_BGR = (60, 200, 40)
-TUMOUR_BGR = (40, 40, 230)
+# The segments' colours, as viewers draw them from the SEG (`imaging/labels.py`), in OpenCV's BGR order.
+LIVER_BGR, TUMOUR_BGR = (tuple(LABEL_BY_VALUE[v].rgb[::-1]) for v in (LIVER, TUMOUR))
 BOX_BGR = (0, 230, 255)
 
 
@@ -33,9 +35,7 @@ def summary_dict(findings: Findings, **extra) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    fsutil.write_json(path, data, indent=1, default=str)
 
 
 def preview(hu: np.ndarray, findings: Findings, path: Path, turn: Orientation = Orientation(), *, tiles: int = 12,
@@ -53,11 +53,11 @@ def preview(hu: np.ndarray, findings: Findings, path: Path, turn: Orientation = 
         img = np.ascontiguousarray((window(turn.forward(hu[k]), -160, 240) * 255).astype(np.uint8))
         lab = turn.forward(labels[k])
         rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR).astype(np.float32)
-        for value, colour in ((1, LIVER_BGR), (2, TUMOUR_BGR)):
+        for value, colour in ((LIVER, LIVER_BGR), (TUMOUR, TUMOUR_BGR)):
             m = lab == value
             rgb[m] = 0.6 * rgb[m] + 0.4 * np.array(colour, np.float32)
         rgb = rgb.astype(np.uint8)
-        comp, _ = ndimage.label(lab == 2)  # boxes around each lesion's footprint on this slice
+        comp, _ = ndimage.label(lab == TUMOUR)  # boxes around each lesion's footprint on this slice
         for sl in ndimage.find_objects(comp):
             if sl is not None:
                 cv2.rectangle(rgb, (sl[1].start - 1, sl[0].start - 1), (sl[1].stop, sl[0].stop), BOX_BGR, 1)
@@ -65,5 +65,5 @@ def preview(hu: np.ndarray, findings: Findings, path: Path, turn: Orientation = 
         cv2.putText(tile, f"slice {k + 1}/{len(labels)}", (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
         r, c = divmod(n, cols)
         canvas[r * tile_px : (r + 1) * tile_px, c * tile_px : (c + 1) * tile_px] = tile
-    cv2.imwrite(str(path), canvas)
+    fsutil.write_png(path, canvas)
     return path

@@ -10,6 +10,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from livernode.errors import LivernodeError
+from livernode.fsutil import replacing
 from livernode.imaging.labels import LABELS
 from livernode.imaging.segwrite import Algorithm, build_seg
 
@@ -19,15 +20,16 @@ class SegCheckFailed(LivernodeError):
 
 
 def write_result_seg(source: Sequence[Dataset], labels: np.ndarray, path: Path, *, algorithm: Algorithm,
-                     series_uid: str, sop_uid: str, series_number: int = 9001, note: str = "") -> hd.seg.Segmentation:
-    """Build, write and check the SEG; `note` ends its series description (e.g. that the liver is cut off)."""
-    name = f"{algorithm.name} liver segmentation"
+                     series_uid: str, sop_uid: str, series_number: int = 9001, note: str = "",
+                     description: str = "") -> hd.seg.Segmentation:
+    """Build, write and check the SEG. Its series description is `description` (the model's research-use
+    statement, when it has one) or the algorithm's name, ended by `note` (e.g. that the liver is cut off)."""
+    name = description or f"{algorithm.name} liver segmentation"
     seg = build_seg(source, labels, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number,
                     algorithm=algorithm, series_description=name[:64 - len(note)] + note)  # LO: 64; the note stays
-    tmp = path.with_suffix(".tmp")
-    seg.save_as(tmp, enforce_file_format=True)
-    verify_seg(tmp, source, labels)
-    tmp.replace(path)
+    with replacing(path) as tmp:  # checked before it takes the final name; durable once it has
+        seg.save_as(tmp, enforce_file_format=True)
+        verify_seg(tmp, source, labels)
     return seg
 
 

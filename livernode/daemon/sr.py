@@ -6,13 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from livernode import __version__
-from livernode.daemon.postprocess import Findings
+from livernode.fsutil import write_dataset
+from livernode.imaging.postprocess import Findings
 from livernode.imaging.segwrite import Algorithm
+from livernode.imaging.volume import LIVER as LIVER_LABEL
+from livernode.imaging.volume import TUMOUR as TUMOUR_LABEL
 
 VOLUME = Code("118565006", "SCT", "Volume")
 LONG_AXIS = Code("103339001", "SCT", "Long axis")
@@ -35,7 +39,8 @@ MAX_SR_LESIONS = 20
 
 
 def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algorithm: Algorithm, *,
-             series_uid: str, sop_uid: str, series_number: int = 9002, note: str = "") -> hd.sr.Comprehensive3DSR:
+             series_uid: str, sop_uid: str, series_number: int = 9002, note: str = "",
+             description: str = "") -> hd.sr.Comprehensive3DSR:
     """Liver volume, total tumour volume, tumour burden, lesion count and completeness on the liver segment;
     volume and longest axial diameter per lesion on the tumour segment, for the MAX_SR_LESIONS largest."""
     algo = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
@@ -51,7 +56,7 @@ def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algori
     site = [hd.sr.FindingSite(anatomic_location=LIVER)]
     groups = [hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Liver"),
-        referenced_segment=segment(1), finding_type=LIVER, algorithm_id=algo,
+        referenced_segment=segment(LIVER_LABEL), finding_type=LIVER, algorithm_id=algo,
         measurements=[measure(VOLUME, findings.liver_volume_ml, ML),
                       measure(TUMOUR_BURDEN, findings.tumour_burden_percent, PERCENT),
                       measure(LESION_COUNT, len(findings.lesions), COUNT)],
@@ -60,17 +65,25 @@ def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algori
     )]
     groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="All liver tumours"),
-        referenced_segment=segment(2), finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,
+        referenced_segment=segment(TUMOUR_LABEL), finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,
         measurements=[measure(VOLUME, findings.tumour_volume_ml, ML)],
     ))
     largest = sorted(findings.lesions, key=lambda le: (-le.voxels, le.index))[:MAX_SR_LESIONS]
     for lesion in sorted(largest, key=lambda le: le.index):
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"Lesion {lesion.index}"),
-            referenced_segment=segment(2), finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,
+            referenced_segment=segment(TUMOUR_LABEL), finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,
             measurements=[measure(VOLUME, lesion.volume_ml, ML),
                           measure(LONG_AXIS, lesion.longest_axial_diameter_mm, MM)],
         ))
+        line = _diameter_line(lesion, source)
+        if line is not None:  # the same diameter drawn on its slice (TID 1410): viewers show it on the image
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
+                                                             identifier=f"Lesion {lesion.index} long axis"),
+                referenced_region=line, finding_type=NEOPLASM, finding_sites=site, algorithm_id=algo,
+                measurements=[measure(LONG_AXIS, lesion.longest_axial_diameter_mm, MM)],
+            ))
     observer = hd.sr.ObserverContext(
         observer_type=Code("121007", "DCM", "Device"),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -85,10 +98,22 @@ def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algori
         sop_instance_uid=sop_uid, instance_number=1, manufacturer="livernode",
         is_complete=True, is_final=False, is_verified=False,
     )
-    sr.SeriesDescription = f"livernode liver measurements{note}"[:64]
+    name = description or "livernode liver measurements"  # the research-use statement, when the model has one
+    sr.SeriesDescription = name[:64 - len(note)] + note
     sr.SoftwareVersions = __version__
     sr.CodingSchemeIdentificationSequence = _private_scheme()
     return sr
+
+
+def _diameter_line(lesion, source: Sequence[Dataset]) -> hd.sr.ImageRegion | None:
+    """The lesion's longest axial diameter as a two-point POLYLINE on its source slice, in that image's pixel
+    coordinates (column, row; a pixel's centre is at +0.5); None for a lesion of one pixel in every slice."""
+    k, r0, c0, r1, c1 = lesion.diameter_line
+    if (r0, c0) == (r1, c1):
+        return None
+    points = np.array([[c0 + 0.5, r0 + 0.5], [c1 + 0.5, r1 + 0.5]], np.float32)
+    return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
+                             source_image=hd.sr.SourceImageForRegion.from_source_image(source[k]))
 
 
 def _private_scheme():
@@ -100,6 +125,4 @@ def _private_scheme():
 
 
 def write_sr(sr: hd.sr.Comprehensive3DSR, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    sr.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
+    write_dataset(path, sr)

@@ -14,6 +14,7 @@ import numpy as np
 
 from livernode import __version__
 from livernode.errors import ExportError, MissingExtra
+from livernode.fsutil import replacing, write_json
 from livernode.imaging.labels import LABELS
 from livernode.inference.manifest import METADATA_KEY, Manifest, Parity
 
@@ -145,14 +146,23 @@ def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
                           f"agreement {100 * result.agreement:.4f} %); not written")
     manifest = make_manifest(model, pre, summary, result, precision)
     save_with_manifest(model, manifest, Path(out))
-    (run / "parity.json").write_text(json.dumps(result.__dict__, indent=1))
+    write_json(run / "parity.json", result.__dict__, indent=1)
     return ExportResult(Path(out), manifest, result)
 
 
-def make_manifest(model, pre: dict, summary: dict, result: ParityResult, precision: str) -> Manifest:
-    """Everything inference needs, from the run's preprocessing settings and summary and the parity check."""
-    import tf2onnx
+def make_manifest(model, pre: dict, summary: dict, result: ParityResult | None, precision: str) -> Manifest:
+    """Everything inference needs, from the run's preprocessing settings and summary and the parity check (None:
+    not measured, and the manifest says nothing about parity)."""
+    from importlib.metadata import version
 
+    data = summary["data"] if isinstance(summary["data"], dict) else {}
+    synthetic, real = data.get("synthetic_cases"), data.get("real_cases")
+    if summary.get("epochs_run", 0) == 0:
+        trained_on = "untrained"
+    elif synthetic is None or real is None:
+        trained_on = "unknown"  # a run from before cases were told apart
+    else:
+        trained_on = "phantoms" if not real else "real" if not synthetic else "mixed"
     return Manifest(
         input={"name": model.graph.input[0].name, "channels": pre["channels"], "size_multiple": pre["size_multiple"],
                "preferred_size": pre["size"]},
@@ -163,13 +173,15 @@ def make_manifest(model, pre: dict, summary: dict, result: ParityResult, precisi
              "property_type": li.property_type.__dict__,
              "anatomic_region": li.anatomic_region.__dict__ if li.anatomic_region else None} for li in LABELS],
         architecture={"name": summary["architecture"], "backbone": summary["backbone"],
-                      "framework": f"segmentation-models 1.0.1, tf_keras, tf2onnx {tf2onnx.__version__}",
+                      "framework": ", ".join(f"{p} {version(p)}" for p in ("segmentation-models", "tf_keras",
+                                                                             "tensorflow", "tf2onnx")),
                       "opset": OPSET, "precision": precision},
         training={"data": summary["data"], "best_epoch": summary["best_epoch"],
                   "epochs_run": summary["epochs_run"], "train_seconds": summary["train_seconds"]},
         test_metrics=summary["test_metrics"],
-        parity=Parity(slices=result.slices, max_abs_diff=result.max_abs_diff, argmax_agreement=result.agreement,
-                      tolerance=result.tolerance),
+        training_data=trained_on,
+        parity=None if result is None else Parity(slices=result.slices, max_abs_diff=result.max_abs_diff,
+                                                  argmax_agreement=result.agreement, tolerance=result.tolerance),
         livernode_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         weights_sha256=weights_sha256(model),
@@ -184,8 +196,6 @@ def save_with_manifest(model, manifest: Manifest, out: Path) -> None:
     entry.key, entry.value = METADATA_KEY, manifest.to_json()
     model.producer_name, model.producer_version = "livernode", __version__
     onnx.checker.check_model(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        onnx.save(model, str(tmp))
 

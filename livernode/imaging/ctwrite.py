@@ -11,10 +11,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 from livernode import __version__
+from livernode.fsutil import write_dataset
 from livernode.imaging.dicomio import CT_IMAGE_STORAGE
 from livernode.imaging.volume import CtVolume
 
 RESCALE_INTERCEPT = -1024.0
+# What marks a synthetic case in every layout (DICOM Manufacturer, NIfTI descrip): the training loaders read it, so
+# a model knows, and says, that it was trained on phantoms.
+PHANTOM_MARK = "livernode phantom"
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def ct_datasets(volume: CtVolume, study: StudyInfo, *, series_number: int = 1,
         ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = now.strftime("%H%M%S")
         ds.AccessionNumber = study.accession
         ds.Modality = "CT"
-        ds.Manufacturer = "livernode phantom"
+        ds.Manufacturer = PHANTOM_MARK
         ds.ReferringPhysicianName = ""
         ds.StudyDescription = "CT ABDOMEN (synthetic phantom)"
         ds.SeriesDescription = "Abdomen soft tissue"
@@ -105,6 +109,6 @@ def write_series(datasets: list[Dataset], folder: Path, names: list[str]) -> lis
     paths = []
     for ds, name in zip(datasets, names, strict=True):
         p = folder / name
-        ds.save_as(p, enforce_file_format=True)
+        write_dataset(p, ds)
         paths.append(p)
     return paths

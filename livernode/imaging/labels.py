@@ -19,17 +19,20 @@ class LabelInfo:
     category: CodedConcept
     property_type: CodedConcept
     anatomic_region: CodedConcept | None = None
+    rgb: tuple[int, int, int] = (128, 128, 128)  # how viewers and the preview draw it
 
 
 SCT_LIVER = CodedConcept("10200004", "SCT", "Liver")
 LABELS: tuple[LabelInfo, ...] = (
-    LabelInfo(1, "Liver", CodedConcept("91723000", "SCT", "Anatomical Structure"), SCT_LIVER),
+    LabelInfo(1, "Liver", CodedConcept("91723000", "SCT", "Anatomical Structure"), SCT_LIVER, rgb=(40, 200, 60)),
     LabelInfo(
         2,
         "Liver tumour",
         CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure"),
         CodedConcept("108369006", "SCT", "Neoplasm"),
         SCT_LIVER,
+        rgb=(230, 40, 40),
     ),
 )
 LABEL_NAMES = {0: "Background", **{li.value: li.name for li in LABELS}}
+LABEL_BY_VALUE = {li.value: li for li in LABELS}

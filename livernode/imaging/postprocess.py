@@ -22,6 +22,7 @@ class Lesion:
     volume_ml: float
     longest_axial_diameter_mm: float
     bbox: tuple[int, int, int, int, int, int]  # slice0, row0, col0, slice1, row1, col1 (exclusive)
+    diameter_line: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # slice, row0, col0, row1, col1: its ends
 
 
 @dataclass(frozen=True)
@@ -37,20 +38,25 @@ class Findings:
         return 100.0 * self.tumour_volume_ml / self.liver_volume_ml if self.liver_volume_ml else 0.0
 
 
-def _longest_axial_diameter(mask: np.ndarray, row_mm: float, col_mm: float) -> float:
-    """Largest in-plane distance between two voxels of the lesion on any one slice (voxel centres, mm)."""
-    best = 0.0
-    for sl in mask:
+def _longest_axial_diameter(mask: np.ndarray, row_mm: float, col_mm: float
+                            ) -> tuple[float, tuple[int, int, int, int, int]]:
+    """Largest in-plane distance between two voxels of the lesion on any one slice (voxel centres, mm), and
+    where: (slice, row0, col0, row1, col1) of its ends, in `mask`'s coordinates."""
+    best, line = 0.0, (0, 0, 0, 0, 0)
+    for k, sl in enumerate(mask):
         pts = np.argwhere(sl)
         if len(pts) < 2:
-            best = max(best, min(row_mm, col_mm) if len(pts) else 0.0)
+            if len(pts) and min(row_mm, col_mm) > best:
+                best, line = min(row_mm, col_mm), (k, *pts[0], *pts[0])
             continue
         if len(pts) > 64:  # the farthest pair are vertices of the convex hull (scaling the axes keeps it a hull)
             pts = cv2.convexHull(pts.astype(np.int32)).reshape(-1, 2)
         xy = pts * np.array([row_mm, col_mm])
-        d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)).max()
-        best = max(best, float(d))
-    return best
+        dist = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
+        i, j = np.unravel_index(int(dist.argmax()), dist.shape)
+        if dist[i, j] > best:
+            best, line = float(dist[i, j]), (k, *pts[i], *pts[j])
+    return best, tuple(int(v) for v in line)
 
 
 def _near(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float, slab: int = 32) -> np.ndarray:
@@ -175,8 +181,10 @@ def postprocess(labels: np.ndarray, spacing: tuple[float, float, float], *, min_
     out = np.zeros_like(labels, np.uint8)
     out[box] = inner.labels
     offset = tuple(b.start for b in box) * 2
+    at = (box[0].start, box[1].start, box[2].start, box[1].start, box[2].start)
     lesions = tuple(Lesion(le.index, le.voxels, le.volume_ml, le.longest_axial_diameter_mm,
-                           tuple(int(a + o) for a, o in zip(le.bbox, offset))) for le in inner.lesions)
+                           tuple(int(a + o) for a, o in zip(le.bbox, offset)),
+                           tuple(int(a + o) for a, o in zip(le.diameter_line, at))) for le in inner.lesions)
     return Findings(out, inner.liver_volume_ml, inner.tumour_volume_ml, lesions,
                     bool(out[0].any() or out[-1].any()))
 
@@ -215,10 +223,12 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
             sl = tuple(slice(t.start + b.start, t.start + b.stop) for t, b in zip(tbox, local))
             vox = int(m.sum())
             out[sl][m] = TUMOUR
+            diameter, (k, r0, c0, r1, c1) = _longest_axial_diameter(m, spacing[1], spacing[2])
             lesions.append(Lesion(
-                index=len(lesions) + 1, voxels=vox, volume_ml=vox * voxel_ml,
-                longest_axial_diameter_mm=_longest_axial_diameter(m, spacing[1], spacing[2]),
-                bbox=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop)))
+                index=len(lesions) + 1, voxels=vox, volume_ml=vox * voxel_ml, longest_axial_diameter_mm=diameter,
+                bbox=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop),
+                diameter_line=(sl[0].start + k, sl[1].start + r0, sl[2].start + c0, sl[1].start + r1,
+                               sl[2].start + c1)))
     counts = _bincount(out, max(LIVER, TUMOUR) + 1)
     return Findings(
         labels=out,

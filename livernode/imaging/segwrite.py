@@ -42,6 +42,9 @@ def segment_descriptions(algorithm: Algorithm | None) -> list[hd.seg.SegmentDesc
             algorithm_type="AUTOMATIC" if algorithm else "MANUAL",
             algorithm_identification=algo_id,
             anatomic_regions=[_code(li.anatomic_region)] if li.anatomic_region else None,
+            # RecommendedDisplayCIELabValue: without it dcmqi and Slicer fall back to a default colour, and some
+            # OHIF versions hang
+            display_color=hd.color.CIELabColor.from_rgb(*li.rgb),
         )
         for li in LABELS
     ]

@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from livernode.imaging.ctwrite import StudyInfo, ct_datasets, write_series
+from livernode.fsutil import replacing, write_dataset, write_png
+from livernode.imaging.ctwrite import PHANTOM_MARK, StudyInfo, ct_datasets, write_series
 from livernode.imaging.phantom import Phantom, make_phantom
 from livernode.imaging.volume import LIVER, TUMOUR, CtVolume
 
@@ -32,7 +32,7 @@ def write_seg(datasets, labels: np.ndarray, path: Path, study: StudyInfo) -> Non
 
     seg = build_seg(datasets, labels, series_uid=study.uid("seg-series"), sop_uid=study.uid("seg"),
                     series_number=100, algorithm=None, series_description="Ground truth (synthetic)")
-    seg.save_as(path, enforce_file_format=True)
+    write_dataset(path, seg)
 
 
 def write_lits(ph: Phantom, out: Path, index: int) -> None:
@@ -49,8 +49,11 @@ def write_lits(ph: Phantom, out: Path, index: int) -> None:
     affine[:3, 3] = [-ph.origin[0], -ph.origin[1], ph.origin[2]]
     vol = np.ascontiguousarray(ph.hu.transpose(2, 1, 0))
     seg = np.ascontiguousarray(ph.labels.transpose(2, 1, 0))
-    nib.save(nib.Nifti1Image(vol, affine), out / f"volume-{index}.nii.gz")
-    nib.save(nib.Nifti1Image(seg, affine), out / f"segmentation-{index}.nii.gz")
+    for name, data in ((f"volume-{index}.nii.gz", vol), (f"segmentation-{index}.nii.gz", seg)):
+        img = nib.Nifti1Image(data, affine)
+        img.header["descrip"] = PHANTOM_MARK.encode()  # read back by the loader: this case is synthetic
+        with replacing(out / name) as tmp:
+            nib.save(img, str(tmp))
 
 
 def synthesize(out: Path, *, cases: int, slices: int, size: int, seed: int, layout: Layout) -> list[Path]:
@@ -87,7 +90,7 @@ def synthesize(out: Path, *, cases: int, slices: int, size: int, seed: int, layo
             ground.mkdir(parents=True, exist_ok=True)
             for k, lab in enumerate(ph.labels[::-1]):
                 mask = np.where(np.isin(lab, (LIVER, TUMOUR)), 255, 0).astype(np.uint8)
-                cv2.imwrite(str(ground / f"liver_GT_{k:03d}.png"), mask)
+                write_png(ground / f"liver_GT_{k:03d}.png", mask)
             written.append(case_dir)
         else:
             raise ValueError(f"unknown layout {layout!r}")

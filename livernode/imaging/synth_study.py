@@ -12,6 +12,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from livernode.fsutil import write_dataset
 from livernode.imaging.ctwrite import StudyInfo, ct_datasets, write_series
 from livernode.imaging.phantom import Phantom, make_phantom
 from livernode.imaging.synth import case_rng
@@ -157,6 +158,6 @@ def stored_another_way(files: list[Path], out: Path, *, mirror_columns: bool = F
         ds.SeriesInstanceUID = study_series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
             entropy_srcs=[str(f), tag])
-        ds.save_as(out / f.name, enforce_file_format=True)
+        write_dataset(out / f.name, ds)
         paths.append(out / f.name)
     return paths

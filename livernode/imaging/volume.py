@@ -47,6 +47,7 @@ class Case:
     volume: CtVolume
     labels: np.ndarray
     tumour_labelled: bool = True
+    synthetic: bool = False  # a livernode phantom (its files carry the phantom mark), not a patient
 
     def __post_init__(self) -> None:
         if self.labels.shape != self.volume.hu.shape:

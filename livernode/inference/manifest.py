@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livernode.errors import ManifestError
+from livernode.imaging.labels import LABELS
 from livernode.imaging.orient import CONVENTION
 from livernode.imaging.preprocess import PreprocessSpec
+from livernode.imaging.volume import BACKGROUND
 
 METADATA_KEY = "livernode.manifest"
 SCHEMA_VERSION = 1
@@ -91,13 +94,53 @@ class Manifest(_Frozen):
     labels: tuple[Label, ...]
     architecture: Architecture
     training: dict
+    # What the network learned from: livernode phantoms only, real scans, both, or nothing (a benchmark network).
+    # A model that never saw a patient must say so wherever its results go.
+    training_data: Literal["phantoms", "real", "mixed", "untrained", "unknown"] = "unknown"
     test_metrics: dict
-    parity: Parity
+    parity: Parity | None = None  # absent when not measured
     livernode_version: str
     created: str
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def label_lut(self) -> np.ndarray:
+        """Output channel -> livernode's label (0 background, then LABELS' values), from the manifest's label map:
+        a channel is the liver or the tumour by its SNOMED property type (by its name when it has none), the
+        background by having neither. ManifestError naming a channel that maps to none of these, or a class that
+        is missing or doubled."""
+        by_code = {li.property_type.value: li.value for li in LABELS}
+        by_name = {li.name.lower(): li.value for li in LABELS}
+        lut = np.full(self.output.classes, -1, np.int16)
+        for label in self.labels:
+            if not 0 <= label.value < self.output.classes:
+                raise ManifestError(f"label '{label.name}' is output channel {label.value}, but the model has "
+                                    f"{self.output.classes}")
+            code = label.property_type.value if label.property_type else None
+            if code is not None:
+                target = by_code.get(code)
+            else:
+                target = by_name.get(label.name.lower(), BACKGROUND if label.name.lower() == "background" else None)
+            if target is None:
+                what = f"{label.property_type.scheme} {code} {label.property_type.meaning}" if code else "no code"
+                raise ManifestError(f"label '{label.name}' (output channel {label.value}, {what}) is neither liver, "
+                                    "liver tumour nor background: this node cannot use the model")
+            lut[label.value] = target
+        wanted = [BACKGROUND, *by_code.values()]
+        if sorted(lut.tolist()) != sorted(wanted):
+            raise ManifestError(f"the label map gives channels {lut.tolist()}; it needs background, liver and "
+                                "liver tumour once each")
+        return lut.astype(np.uint8)
+
+    @property
+    def research_use(self) -> str:
+        """The statement results of a phantom-trained (or untrained) model carry, or ''."""
+        if self.training_data == "phantoms":
+            return "research use: trained on synthetic phantoms only"
+        if self.training_data == "untrained":
+            return "research use: untrained benchmark network"
+        return ""
 
     def preprocess_spec(self) -> PreprocessSpec:
         return PreprocessSpec(window_low=self.preprocessing.window.low, window_high=self.preprocessing.window.high,

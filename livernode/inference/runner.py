@@ -58,6 +58,7 @@ class Segmenter:
             raise ManifestError(f"{self.path}: trained on slices oriented as "
                                 f"'{self.manifest.preprocessing.orientation}'; this node feeds {CONVENTION}")
         self.spec = self.manifest.preprocess_spec()
+        self.lut = self.manifest.label_lut()  # output channel -> livernode's label; refuses a map it cannot use
         self.input_name = self.session.get_inputs()[0].name
         # On the CPU a batch buys no speed (the benchmark's ms per slice at batch 1 is no worse than at 8) and its
         # activations stay in ONNX Runtime's arena: 200 slices at 256 px peaked at 1541 MiB with 8, 883 with 2.
@@ -78,9 +79,13 @@ class Segmenter:
         prob = restore_probabilities(self.run(prepare_slices(seen, self.spec)), seen.shape[1:])
         return np.ascontiguousarray(orientation.inverse(prob.transpose(3, 0, 1, 2)).transpose(1, 2, 3, 0))
 
+    def labels_of(self, prob: np.ndarray) -> np.ndarray:
+        """(..., k) network output -> (...) uint8 labels in livernode's values (the manifest's label map)."""
+        return self.lut[prob.argmax(-1)]
+
     def segment(self, hu: np.ndarray, orientation: Orientation = Orientation()) -> np.ndarray:
-        """(n, rows, cols) HU -> (n, rows, cols) uint8 labels (argmax)."""
-        return self.probabilities(hu, orientation).argmax(-1).astype(np.uint8)
+        """(n, rows, cols) HU -> (n, rows, cols) uint8 labels."""
+        return self.labels_of(self.probabilities(hu, orientation))
 
     def segment_streamed(self, n: int, shape: tuple[int, int], decode: Callable[[int], np.ndarray],
                          dtype=np.int16, on_batch: Callable[[int, int], None] | None = None,
@@ -122,7 +127,7 @@ class Segmenter:
             while (item := probs.get()) is not None:
                 start, prob = item
                 try:
-                    labels[start:start + len(prob)] = orientation.inverse(restore_probabilities(prob, seen).argmax(-1))
+                    labels[start:start + len(prob)] = orientation.inverse(self.labels_of(restore_probabilities(prob, seen)))
                 except BaseException as exc:
                     errors.append(exc)
 

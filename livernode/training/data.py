@@ -30,6 +30,7 @@ class SplitArrays:
     known: np.ndarray
     case_index: np.ndarray
     spacings: tuple[tuple[float, float, float], ...]
+    synthetic: tuple[bool, ...] = ()  # per case: a livernode phantom
 
     @property
     def n(self) -> int:
@@ -53,7 +54,7 @@ def split_cases(refs: list[CaseRef], cfg: SplitConfig) -> dict[str, list[CaseRef
 
 
 def load_split(name: str, refs: list[CaseRef], spec: PreprocessSpec) -> SplitArrays:
-    xs, ys, known, idx, spacings, loaded = [], [], [], [], [], []
+    xs, ys, known, idx, spacings, loaded, synthetic = [], [], [], [], [], [], []
     for ref in tqdm(refs, desc=f"load {name}", unit="case", leave=False):
         case = load_case(ref)
         try:
@@ -63,6 +64,7 @@ def load_split(name: str, refs: list[CaseRef], spec: PreprocessSpec) -> SplitArr
             continue
         i = len(loaded)
         loaded.append(ref.case_id)
+        synthetic.append(case.synthetic)
         xs.append(prepare_slices(turn.forward(case.volume.hu), spec))
         ys.append(prepare_labels(turn.forward(case.labels), spec.size))
         known.append(np.full(len(case.labels), case.tumour_labelled))
@@ -73,7 +75,7 @@ def load_split(name: str, refs: list[CaseRef], spec: PreprocessSpec) -> SplitArr
         return SplitArrays(name, (), empty, np.zeros((0, spec.size, spec.size), np.uint8),
                            np.zeros(0, bool), np.zeros(0, int), ())
     return SplitArrays(name, tuple(loaded), np.concatenate(xs), np.concatenate(ys),
-                       np.concatenate(known), np.concatenate(idx), tuple(spacings))
+                       np.concatenate(known), np.concatenate(idx), tuple(spacings), tuple(synthetic))
 
 
 def load_splits(data: Path, fmt: str, spec: PreprocessSpec, cfg: SplitConfig) -> dict[str, SplitArrays]:

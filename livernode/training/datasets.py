@@ -18,6 +18,7 @@ import numpy as np
 
 from livernode.errors import DatasetError, InputError, MissingExtra
 from livernode.imaging.dicomio import SEGMENTATION_STORAGE as SEG_STORAGE, dicom_files, read_dataset, volume_from_datasets
+from livernode.imaging.ctwrite import PHANTOM_MARK
 from livernode.imaging.labels import LABELS
 from livernode.imaging.volume import LIVER, Case, CtVolume
 
@@ -66,7 +67,7 @@ def _load_chaos(ref: CaseRef) -> Case:
         masks[str(ds.SOPInstanceUID)] = np.where(m > 0, LIVER, 0).astype(np.uint8)
     vol = volume_from_datasets(datasets, series_label=str(case_dir))
     labels = np.stack([masks[uid] for uid in vol.sop_instance_uids])
-    return Case(ref.case_id, vol, labels, tumour_labelled=False)
+    return Case(ref.case_id, vol, labels, tumour_labelled=False, synthetic=_phantom(datasets[0][1]))
 
 
 # ---------------------------------------------------------------- LiTS: volume-N.nii.gz + segmentation-N.nii.gz
@@ -121,7 +122,8 @@ def _load_lits(ref: CaseRef) -> Case:
     if bad.size:
         raise DatasetError(f"{seg_path}: unexpected label values {bad.tolist()} (LiTS uses 0, 1, 2)")
     volume = CtVolume(hu=hu.astype(np.float32), spacing=spacing, origin=origin, source=str(vol_path))
-    return Case(ref.case_id, volume, lab.astype(np.uint8), tumour_labelled=True)
+    descrip = bytes(np.asarray(vimg.header["descrip"])).rstrip(b"\0").decode("latin-1")
+    return Case(ref.case_id, volume, lab.astype(np.uint8), tumour_labelled=True, synthetic=descrip == PHANTOM_MARK)
 
 
 # ---------------------------------------------------------------- DICOM CT + DICOM SEG, grouped by study
@@ -179,7 +181,12 @@ def _load_dicom(ref: CaseRef) -> Case:
         if m.shape != labels.shape:
             raise DatasetError(f"{seg_path}: segment {seg_no} has shape {m.shape}, CT has {labels.shape}")
         labels[(m > 0) & (labels == 0) | ((m > 0) & (value > LIVER))] = value
-    return Case(ref.case_id, vol, labels, tumour_labelled=len(numbers) > 1)
+    return Case(ref.case_id, vol, labels, tumour_labelled=len(numbers) > 1, synthetic=_phantom(series[0][1]))
+
+
+def _phantom(ds) -> bool:
+    """A case written by `livernode synth` (its DICOM files carry the phantom mark as Manufacturer)."""
+    return str(getattr(ds, "Manufacturer", "")) == PHANTOM_MARK
 
 
 _LISTERS = {"chaos": _list_chaos, "lits": _list_lits, "dicom": _list_dicom}

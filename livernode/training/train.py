@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from livernode.config import PreprocessConfig, TrainingConfig
 from livernode.errors import TrainingError
+from livernode.fsutil import replacing, write_json
 from livernode.imaging import metrics as M
 from livernode.imaging.preprocess import PreprocessSpec
 from livernode.training import plots
@@ -99,8 +100,9 @@ def _validation_callback(tf, val: SplitArrays, out: Path, start_best: float, los
             logs["val_score"] = score
             if score > self.best:
                 self.best = score
-                self.model.save(str(out / CHECKPOINT), include_optimizer=False)
-                (out / STATE).write_text(json.dumps({"epoch": epoch + 1, "val_score": score}))
+                with replacing(out / CHECKPOINT) as tmp:
+                    self.model.save(str(tmp), include_optimizer=False)
+                write_json(out / STATE, {"epoch": epoch + 1, "val_score": score})
                 log.info("epoch %d: validation score %.4f (liver %.4f, tumour %.4f), checkpoint saved",
                          epoch + 1, score, liver, tumour)
 
@@ -128,7 +130,7 @@ def _read_history(path: Path) -> dict[str, list[float]]:
 def _write_history(path: Path, history: dict[str, list[float]]) -> None:
     keys = sorted(history)
     n = len(history.get("loss", []))
-    with path.open("w", newline="") as fh:
+    with replacing(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["epoch", *keys])
         for i in range(n):
@@ -216,7 +218,7 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     for s in (_sample(train_s, REPORT_TRAIN_SLICES, cfg.split.seed), val_s, test_s):
         r, probs[s.name] = split_report(best_model, loss_fn, s)
         rows += r
-    with (out / "metrics.csv").open("w", newline="") as fh:
+    with replacing(out / "metrics.csv") as tmp, tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -230,7 +232,9 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
         "data": {"path": str(data), "format": fmt,
                  "cases": {s.name: list(s.case_ids) for s in (train_s, val_s, test_s)},
                  "slices": {s.name: s.n for s in (train_s, val_s, test_s)},
-                 "tumour_labelled": bool(train_s.known.any())},
+                 "tumour_labelled": bool(train_s.known.any()),
+                 "synthetic_cases": sum(sum(s.synthetic) for s in (train_s, val_s, test_s)),
+                 "real_cases": sum(len(s.synthetic) - sum(s.synthetic) for s in (train_s, val_s, test_s))},
         "config": cfg.model_dump(),
         "preprocess": asdict(spec),
         "architecture": "Unet",
@@ -241,7 +245,7 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
         "test_metrics": {"dice_liver": test_liver, "dice_tumour": test_tumour,
                          "rows": [r for r in rows if r["split"] == "test"]},
     }
-    (out / "run.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_json(out / "run.json", summary, indent=2, default=float)
     return TrainResult(out, train_seconds, len(history.get("loss", [])), state["epoch"], test_liver, test_tumour)
 
 
@@ -250,13 +254,14 @@ def _sample(split: SplitArrays, n: int, seed: int) -> SplitArrays:
         return split
     pick = np.sort(np.random.default_rng(seed).choice(split.n, n, replace=False))
     return SplitArrays(split.name, split.case_ids, split.x[pick], split.y[pick], split.known[pick],
-                       split.case_index[pick], split.spacings)
+                       split.case_index[pick], split.spacings, split.synthetic)
 
 
 def _save_parity_sample(split: SplitArrays, out: Path, n: int = 64) -> None:
     """Keep real validation slices in the run folder so `export` can check ONNX against Keras on them."""
     pick = np.linspace(0, split.n - 1, min(n, split.n)).round().astype(int)
-    np.savez_compressed(out / PARITY_SAMPLE, x=split.x[pick])
+    with replacing(out / PARITY_SAMPLE) as tmp:
+        np.savez_compressed(tmp, x=split.x[pick])
 
 
 def _overlays(split: SplitArrays, prob: np.ndarray, out: Path, n: int = 4) -> None:

@@ -1,6 +1,7 @@
 """The result SEG is read back before sending: misregistration or a changed mask fails the job."""
 
 import copy
+import re
 import subprocess
 
 import numpy as np
@@ -51,7 +52,7 @@ def test_misregistered_frame_is_caught(synth_dirs, tmp_path):
 
 def test_sr_measures_the_largest_lesions_and_counts_them_all(synth_dirs, tmp_path):
     """25 lesions of different sizes: the SR has one group per lesion for the 20 largest, and the count is 25."""
-    from livernode.daemon.postprocess import postprocess
+    from livernode.imaging.postprocess import postprocess
     from livernode.daemon.sr import MAX_SR_LESIONS, build_sr
 
     source = _source(synth_dirs)
@@ -68,7 +69,8 @@ def test_sr_measures_the_largest_lesions_and_counts_them_all(synth_dirs, tmp_pat
     groups = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
     lesion_groups = []
     for g in groups[0].ContentSequence:
-        ids = [x.TextValue for x in g.ContentSequence if getattr(x, "TextValue", "").startswith("Lesion ")]
+        ids = [x.TextValue for x in g.ContentSequence  # the tracking identifier, not the long-axis line's label
+               if re.fullmatch(r"Lesion \d+", getattr(x, "TextValue", ""))]
         lesion_groups += ids
     want = sorted(findings.lesions, key=lambda le: -le.voxels)[:MAX_SR_LESIONS]
     assert sorted(lesion_groups) == sorted(f"Lesion {le.index}" for le in want)

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -98,11 +99,14 @@ def test_evaluate_writes_tables(exported, trained_run):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "global Dice" in r.stdout
+    assert "delivered (post-processed, what PACS receives):" in r.stdout and "network (raw labels" in r.stdout
     report = json.loads((out / "metrics.json").read_text())
     assert report["providers"] == ["CPUExecutionProvider"]
     assert {c["structure"] for c in report["cases"]} == {"liver", "tumour"}
+    assert {c["output"] for c in report["cases"]} == {"delivered", "network"}
+    assert set(report["summary"]) == set(report["network_summary"]) == {"liver", "tumour"}
     with (out / "metrics.csv").open() as fh:
-        assert len(list(csv.DictReader(fh))) == 8  # 4 cases x (liver, tumour)
+        assert len(list(csv.DictReader(fh))) == 16  # 4 cases x (liver, tumour) x (delivered, network)
 
 
 def test_one_channel_model_accepts_local_imagenet_style_weights(tmp_path):
@@ -127,7 +131,7 @@ def test_infer_writes_a_valid_seg_that_matches_the_model(exported, trained_run, 
     import highdicom as hd
     import pydicom
 
-    from livernode.daemon.postprocess import postprocess
+    from livernode.imaging.postprocess import postprocess
     from livernode.imaging.dicomio import read_ct_series
 
     root, _ = trained_run
@@ -146,7 +150,7 @@ def test_infer_writes_a_valid_seg_that_matches_the_model(exported, trained_run, 
     back = seg.get_pixels_by_source_instance(list(vol.sop_instance_uids), segment_numbers=[1, 2],
                                              assert_missing_frames_are_empty=True)
     got = np.where(back[..., 1] > 0, 2, np.where(back[..., 0] > 0, 1, 0))
-    assert np.array_equal(got, expected)
+    assert expected.any() and np.array_equal(got, expected)
     ct = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
     assert seg.StudyInstanceUID == ct.StudyInstanceUID
     assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
@@ -180,3 +184,64 @@ def test_a_model_trained_in_another_orientation_is_refused(exported, tmp_path):
     onnx.save(model, str(other))
     with pytest.raises(ManifestError, match="trained on slices oriented as 'as stored'"):
         Segmenter(other, providers="cpu")
+
+
+def _with_manifest(src: Path, out: Path, change, graph=None) -> Path:
+    """A copy of the exported model with its manifest changed by `change(manifest) -> manifest` (and its graph by
+    `graph(model)`)."""
+    from livernode.inference.manifest import parse_manifest
+
+    model = onnx.load(str(src))
+    if graph is not None:
+        graph(model)
+    entry = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+    entry.value = change(parse_manifest(entry.value, str(src))).to_json()
+    onnx.save(model, str(out))
+    return out
+
+
+def _permute_outputs(model) -> None:
+    """One extra node: the output's channels reordered (background, tumour, liver)."""
+    from onnx import TensorProto, helper
+
+    out = model.graph.output[0]
+    old = out.name
+    model.graph.initializer.append(helper.make_tensor("channel_order", TensorProto.INT64, [3], [0, 2, 1]))
+    for node in model.graph.node:
+        node.output[:] = [f"{old}_unpermuted" if o == old else o for o in node.output]
+    model.graph.node.append(helper.make_node("Gather", [f"{old}_unpermuted", "channel_order"], [old], axis=3))
+
+
+def test_the_label_map_comes_from_the_manifest(exported, trained_run, tmp_path):
+    """Output channels permuted in the graph, with a manifest that says so: the same SEG. A label the node cannot
+    map: refused at start with one line."""
+    import highdicom as hd
+
+    def swapped(m):
+        labels = [lab.model_copy(update={"value": {1: 2, 2: 1}.get(lab.value, lab.value)}) for lab in m.labels]
+        return m.model_copy(update={"labels": tuple(labels)})
+    permuted = _with_manifest(exported, tmp_path / "permuted.onnx", swapped, _permute_outputs)
+    study = trained_run[0] / "data" / "case_001"
+    segs = {}
+    for name, model in (("original", exported), ("permuted", permuted)):
+        r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(study / "ct"), "--model", str(model),
+                            "--out", str(tmp_path / name), "--providers", "cpu"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        seg = hd.seg.segread(tmp_path / name / "seg.dcm")
+        uids = [str(u[2]) for u in seg.get_source_image_uids()]
+        segs[name] = seg.get_pixels_by_source_instance(sorted(uids), segment_numbers=[1, 2],
+                                                       assert_missing_frames_are_empty=True)
+    assert segs["original"].any() and np.array_equal(segs["original"], segs["permuted"])
+
+    def spleen(m):
+        labels = list(m.labels)
+        labels[2] = labels[2].model_copy(update={"name": "Spleen", "property_type": labels[2].property_type.model_copy(
+            update={"value": "78961009", "meaning": "Spleen"})})
+        return m.model_copy(update={"labels": tuple(labels)})
+    foreign = _with_manifest(exported, tmp_path / "spleen.onnx", spleen)
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "serve", "--model", str(foreign), "--port", "0",
+                        "--state", str(tmp_path / "state")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert "label 'Spleen' (output channel 2, SCT 78961009 Spleen) is neither liver, liver tumour nor background" \
+        in line, r.stderr
