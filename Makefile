@@ -7,7 +7,7 @@ ORT_GPU  := onnxruntime-gpu==1.32.0
 DEB_PKGS := dcmtk dicom3tools orthanc
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu deb-deps demo test test-fast bench gpu-wheels lock clean
+.PHONY: setup setup-gpu deb-deps demo test test-fast bench gpu-wheels lock clean reliability-figures
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ test: setup deb-deps
 # Everything except the tests that train or export a network.
 test-fast: setup deb-deps
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# RELIABILITY.md's appendix of measured figures, from the last `make test` (build/reliability-figures.json).
+reliability-figures: setup
+	$(BIN)/python tests/reliability/render_figures.py
 
 bench: setup deb-deps
 	$(BIN)/python bench/run.py

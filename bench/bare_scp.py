@@ -12,7 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from livernode.daemon.spool import atomic_write
+from livernode.fsutil import atomic_write
 
 
 def main(out: Path, port: int) -> None:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 # The documented phantom recipe: 16 training cases at 128 px, held-out cases from another seed.
 TRAIN_CASES, HELD_OUT_CASES, SLICES, SIZE = 16, 6, 48, 128
 TRAIN_SEED, HELD_OUT_SEED = 0, 1000
-CONFIG = Path(__file__).resolve().parent.parent / "config" / "training.toml"
+CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
 
 
 def demo_model(workdir: Path, *, fresh: bool = False, epochs: int | None = None) -> tuple[Path, Path, Path]:
@@ -33,17 +33,37 @@ def demo_model(workdir: Path, *, fresh: bool = False, epochs: int | None = None)
         synthesize(train_dir, cases=TRAIN_CASES, slices=SLICES, size=SIZE, seed=TRAIN_SEED, layout="dicom")
     if not held_dir.exists():
         synthesize(held_dir, cases=HELD_OUT_CASES, slices=SLICES, size=SIZE, seed=HELD_OUT_SEED, layout="dicom")
-    if fresh or not model.exists():
+    cfg = load_training_config(CONFIG if CONFIG.exists() else None, {"train.epochs": epochs})
+    if fresh or not _cached(model, run, cfg):
         from livernode.export.onnx_export import export_run
         from livernode.training.train import train
 
-        cfg = load_training_config(CONFIG if CONFIG.exists() else None, {"train.epochs": epochs})
         r = train(train_dir, "dicom", run, cfg)
         print(f"trained in {r.seconds:.0f} s ({r.epochs_run} epochs, best {r.best_epoch})")
         export_run(run, model)
     else:
         print(f"using the cached model {model} (run `livernode demo --fresh` to train again)")
     return model, run, held_dir
+
+
+def _cached(model: Path, run: Path, cfg) -> bool:
+    """A model trained by this recipe and exported by a livernode that records what it was trained on."""
+    import json
+
+    from livernode.errors import LivernodeError
+    from livernode.inference.manifest import METADATA_KEY, parse_manifest
+
+    if not model.exists() or not (run / "run.json").exists():
+        return False
+    if json.loads((run / "run.json").read_text()).get("config") != json.loads(cfg.model_dump_json()):
+        return False
+    try:
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+        return parse_manifest(meta.get(METADATA_KEY), str(model)).training_data != "unknown"
+    except (LivernodeError, OSError, ValueError):
+        return False
 
 
 def run_demo(workdir: Path, *, fresh: bool = False) -> int:

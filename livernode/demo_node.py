@@ -18,6 +18,7 @@ from livernode.config import load_daemon_config
 from livernode.daemon.send import Destination, send_files
 from livernode.daemon.service import Service
 from livernode.errors import LivernodeError
+from livernode.fsutil import write_dataset
 
 
 def _free_port() -> int:
@@ -36,18 +37,21 @@ def _pacs_stand_in(folder: Path):
     def on_store(event):
         ds = event.dataset
         ds.file_meta = event.file_meta
-        ds.save_as(folder / f"{ds.Modality}.dcm", enforce_file_format=True)
+        write_dataset(folder / f"{ds.Modality}.dcm", ds)
         return 0x0000
     return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 
 def _validate(path: Path) -> str:
+    """dciodvfy's verdict (or highdicom's read-back where dciodvfy is missing); LivernodeError on any error."""
     if shutil.which("dciodvfy") or Path("/usr/bin/dciodvfy").exists():
         r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
         errors = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
-        return f"dciodvfy: {len(errors)} errors"
+        if errors:
+            raise LivernodeError(f"{path}: dciodvfy reports {len(errors)} error(s), first: {errors[0]}")
+        return "dciodvfy: 0 errors"
     (hd.seg.segread if "SEG" in path.name else hd.sr.srread)(path)
-    return "read back by highdicom"
+    return "read back by highdicom (dciodvfy not installed)"
 
 
 def run_node_demo(workdir: Path, model: Path, study: Path) -> None:
@@ -90,6 +94,7 @@ def run_node_demo(workdir: Path, model: Path, study: Path) -> None:
             ("tumour burden", f"{s['tumour_burden_percent']:.2f} %"),
             ("lesions", str(s["lesion_count"])),
             ("providers", ", ".join(s["providers"])),
+            *([("statement", s["research_use"])] if s.get("research_use") else []),
             ("stages", ", ".join(f"{k} {v:.2f} s" for k, v in s["timings_s"].items()))]
     rows += [(f"  lesion {les['index']}", f"{les['volume_ml']:.2f} mL, long axis {les['longest_axial_diameter_mm']:.1f} mm")
              for les in s["lesions"]]

@@ -76,3 +76,11 @@ def test_train_extra_missing(tmp_path, synth_dirs, cli_env):
     env = dict(cli_env, PYTHONPATH=str(block))
     r = _run(["train", "--data", str(synth_dirs["lits"]), "--format", "lits", "--out", str(tmp_path / "run")], env)
     _one_line_error(r, "'train' extra", "pip install 'livernode[train]'")
+
+
+def test_help_describes_the_product():
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "segments the liver and liver tumours in abdominal CT" in r.stdout
+    assert "argument parsing" not in r.stdout
+    for command in ("synth", "train", "export", "evaluate", "infer", "serve", "status", "purge", "demo"):
+        assert command in r.stdout

@@ -36,3 +36,44 @@ def test_size_must_be_multiple_of_32():
 def test_overrides_apply():
     cfg = load_training_config(REPO / "config" / "training.toml", {"train.epochs": 2, "preprocess.size": 64})
     assert cfg.train.epochs == 2 and cfg.preprocess.size == 64
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def _normal(value):
+    if isinstance(value, list | tuple):
+        return [_normal(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@pytest.mark.parametrize("name,model", [("training.toml", "TrainingConfig"), ("livernode.toml", "DaemonConfig")])
+def test_example_files_show_exactly_the_defaults(name, model):
+    """Each example file says its values are the defaults: every key it sets equals the code's default."""
+    import tomllib
+
+    import livernode.config as config
+
+    defaults = getattr(config, model)().model_dump()
+    shown = dict(_leaves(tomllib.loads((REPO / "config" / name).read_text())))
+    assert len(shown) > 15
+    for path, value in shown.items():
+        node = defaults
+        for part in path.split("."):
+            node = node[part]
+        assert _normal(node) == _normal(value), f"{name}: {path} = {value!r}, but the default is {node!r}"
+    getattr(config, model).model_validate(tomllib.loads((REPO / "config" / name).read_text()))  # and it loads
+
+
+def test_flips_are_off_by_default_and_the_demo_recipe_loads():
+    assert load_training_config(None).train.augment.flip is False
+    demo = load_training_config(REPO / "config" / "demo.toml")
+    assert demo.preprocess.size == 128 and demo.train.augment.flip is False

@@ -1,4 +1,5 @@
-"""`livernode evaluate`: run an exported ONNX model over labelled cases and score it as LiTS and CHAOS do."""
+"""`livernode evaluate`: run an exported ONNX model over labelled cases and score it as LiTS and CHAOS do: what
+the node delivers (after post-processing) and the raw network, side by side."""
 
 from __future__ import annotations
 
@@ -12,26 +13,31 @@ import numpy as np
 from tqdm import tqdm
 
 from livernode.errors import SeriesRejected
+from livernode.fsutil import replacing, write_text
 from livernode.imaging import metrics as M
 from livernode.imaging.orient import Orientation
+from livernode.imaging.postprocess import postprocess
+from livernode.imaging.volume import TUMOUR
 from livernode.inference.runner import Segmenter
 from livernode.training.datasets import list_cases, load_case
 
 log = logging.getLogger(__name__)
-CSV_COLUMNS = ["case", "structure", "dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm", "msd_mm",
+OUTPUTS = ("delivered", "network")  # what PACS receives (post-processed), and the network's raw labels
+CSV_COLUMNS = ["case", "output", "structure", "dice", "iou", "voe", "rvd", "assd_mm", "hd95_mm", "msd_mm",
                "lesions_ref", "lesions_pred", "lesion_recall", "lesion_precision"]
 
 
-def score_case(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing, tumour_labelled: bool) -> list[dict]:
-    """Rows for liver (label > 0, as LiTS scores it) and, where labelled, tumour (label 2)."""
+def score_case(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing, tumour_labelled: bool,
+               output: str = "delivered") -> list[dict]:
+    """Rows for liver (label > 0, as LiTS scores it) and, where labelled, tumour."""
     rows = []
     structures = [("liver", pred > 0, ref > 0)]
     if tumour_labelled:
-        structures.append(("tumour", pred == 2, ref == 2))
+        structures.append(("tumour", pred == TUMOUR, ref == TUMOUR))
     for name, p, r in structures:
         o = M.overlap(p, r)
         s = M.surface(p, r, spacing)
-        row = {"case": case_id, "structure": name, "dice": o.dice, "iou": o.iou, "voe": o.voe, "rvd": o.rvd,
+        row = {"case": case_id, "output": output, "structure": name, "dice": o.dice, "iou": o.iou, "voe": o.voe, "rvd": o.rvd,
                "assd_mm": s.assd, "hd95_mm": s.hd95, "msd_mm": s.msd,
                "_inter": int(np.logical_and(p, r).sum()), "_sum": int(p.sum() + r.sum())}
         if name == "tumour":
@@ -43,11 +49,12 @@ def score_case(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing, tumour_
     return rows
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Per structure: mean per case (NaN left out), global Dice (all voxels pooled), pooled lesion detection."""
+def summarise(rows: list[dict], output: str = "delivered") -> dict:
+    """Per structure, for one output: mean per case (NaN left out), global Dice (all voxels pooled), pooled lesion
+    detection."""
     out = {}
     for name in ("liver", "tumour"):
-        rs = [r for r in rows if r["structure"] == name]
+        rs = [r for r in rows if r["structure"] == name and r.get("output", "delivered") == output]
         if not rs:
             continue
         total_sum = sum(r["_sum"] for r in rs)
@@ -78,14 +85,17 @@ def evaluate(model: Path, data: Path, fmt: str, out: Path) -> dict:
             log.warning("skipping case %s: %s", ref.case_id, exc)
             skipped.append({"case": ref.case_id, "reason": str(exc)})
             continue
-        pred = seg.segment(case.volume.hu, turn)
-        rows += score_case(case.case_id, pred, case.labels, case.volume.spacing, case.tumour_labelled)
+        raw = seg.segment(case.volume.hu, turn)
+        delivered = postprocess(raw, case.volume.spacing).labels  # as the node sends it
+        for output, pred in (("delivered", delivered), ("network", raw)):
+            rows += score_case(case.case_id, pred, case.labels, case.volume.spacing, case.tumour_labelled, output)
     report = {"model": str(model), "data": str(data), "format": fmt, "providers": seg.providers_used,
-              "skipped": skipped,
-              "summary": summarise(rows), "cases": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+              "skipped": skipped, "summary": summarise(rows, "delivered"),
+              "network_summary": summarise(rows, "network"),
+              "cases": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=1, default=_json_default).replace("NaN", "null"))
-    with (out / "metrics.csv").open("w", newline="") as fh:
+    write_text(out / "metrics.json", json.dumps(report, indent=1, default=_json_default).replace("NaN", "null"))
+    with replacing(out / "metrics.csv") as tmp, tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -105,13 +115,21 @@ def _fmt(v) -> str:
 
 
 def format_table(report: dict) -> str:
-    """Per-case rows, then the summary, as a fixed-width text table."""
+    """Per-case rows, then the summaries of what PACS receives and of the raw network, side by side in one
+    fixed-width text table."""
     cols = CSV_COLUMNS
     lines = [" ".join(f"{c:>14}" for c in cols)]
     for r in report["cases"]:
         lines.append(" ".join(f"{_fmt(r.get(c, '')):>14}" for c in cols))
-    lines.append("")
-    for name, agg in report["summary"].items():
+    for output, summary in (("delivered (post-processed, what PACS receives)", report["summary"]),
+                            ("network (raw labels, before post-processing)", report["network_summary"])):
+        lines += ["", f"{output}:", *_summary_lines(summary)]
+    return "\n".join(lines)
+
+
+def _summary_lines(summary: dict) -> list[str]:
+    lines = []
+    for name, agg in summary.items():
         lines.append(f"{name:>8}: global Dice {_fmt(agg['dice_global'])}, mean Dice {_fmt(agg['dice_mean'])}, "
                      f"IoU {_fmt(agg['iou_mean'])}, VOE {_fmt(agg['voe_mean'])}, RVD {_fmt(agg['rvd_mean'])}, "
                      f"ASSD {_fmt(agg['assd_mm_mean'])} mm, HD95 {_fmt(agg['hd95_mm_mean'])} mm, "
@@ -119,4 +137,4 @@ def format_table(report: dict) -> str:
         if name == "tumour":
             lines.append(f"{'':>8}  lesions: {agg['lesions_ref']} reference, {agg['lesions_pred']} predicted, "
                          f"recall {_fmt(agg['lesion_recall'])}, precision {_fmt(agg['lesion_precision'])}")
-    return "\n".join(lines)
+    return lines

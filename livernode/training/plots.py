@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from livernode.errors import MissingExtra
+from livernode.fsutil import replacing
 
 LIVER_RGB = (0.1, 0.8, 0.2)
 TUMOUR_RGB = (0.95, 0.15, 0.1)
@@ -49,7 +50,8 @@ def learning_curves(history: dict[str, list[float]], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with replacing(out) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return out
 
@@ -74,7 +76,8 @@ def metrics_table(rows: list[dict], columns: list[str], out: Path, title: str) -
     table.scale(1, 1.4)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with replacing(out) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return out
 
@@ -115,6 +118,7 @@ def overlay_figure(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, titl
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with replacing(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out
