@@ -65,6 +65,8 @@ def test_example_files_show_exactly_the_defaults(name, model):
     defaults = getattr(config, model)().model_dump()
     shown = dict(_leaves(tomllib.loads((REPO / "config" / name).read_text())))
     assert len(shown) > 15
+    sections = {k for k, v in defaults.items() if isinstance(v, dict)}
+    assert sections <= {path.split(".")[0] for path in shown}, f"{name} leaves out {sections - set(shown)}"
     for path, value in shown.items():
         node = defaults
         for part in path.split("."):
