@@ -40,9 +40,32 @@ def _natural_key(p: Path) -> list:
 
 
 # ---------------------------------------------------------------- CHAOS: <case>/DICOM_anon/*.dcm + <case>/Ground/*.png
+def _is_mr(case_dir: Path, root: Path) -> bool:
+    """CHAOS as distributed keeps CT under .../CT/N and MR under .../MR/N/T1DUAL|T2SPIR: a folder named MR on
+    the way from the root marks an MR case."""
+    parts = case_dir.relative_to(root).parts if case_dir != root else ()
+    return any(p.upper() == "MR" or p.upper() in ("T1DUAL", "T2SPIR") for p in parts)
+
+
 def _list_chaos(root: Path) -> list[CaseRef]:
-    dirs = [root] if (root / "DICOM_anon").is_dir() else sorted(p.parent for p in root.rglob("DICOM_anon") if p.is_dir())
-    return [CaseRef(d.name if d != root else root.name, "chaos", (d,)) for d in sorted(dirs, key=_natural_key)]
+    """Every case folder with DICOM_anon + Ground under `root`: one case folder, a folder of cases, or the
+    download (CHAOS_Train_Sets/Train_Sets/CT/N); MR cases and folders without masks are skipped with a line."""
+    if (root / "DICOM_anon").is_dir():
+        dirs = [root]
+    else:
+        dirs = sorted({p.parent for p in root.rglob("DICOM_anon") if p.is_dir()}, key=lambda d: d.parts)
+    refs = []
+    for d in dirs:
+        if _is_mr(d, root):
+            log.info("skipping %s: an MR case (CHAOS CT cases only)", d)
+            continue
+        if not (d / "Ground").is_dir():
+            log.info("skipping %s: no Ground folder with liver masks beside DICOM_anon", d)
+            continue
+        rel = d.relative_to(root).parts if d != root else (root.name,)
+        case_id = d.name if len([x for x in dirs if x.name == d.name]) == 1 else "-".join(rel)
+        refs.append(CaseRef(case_id, "chaos", (d,)))
+    return sorted(refs, key=lambda r: _natural_key(Path(r.case_id)))
 
 
 def _load_chaos(ref: CaseRef) -> Case:
@@ -71,17 +94,33 @@ def _load_chaos(ref: CaseRef) -> Case:
 
 
 # ---------------------------------------------------------------- LiTS: volume-N.nii.gz + segmentation-N.nii.gz
+_LITS_NAME = re.compile(r"(volume|segmentation)-(\d+)\.nii(\.gz)?$")
+
+
 def _list_lits(root: Path) -> list[CaseRef]:
-    refs = []
-    for vol in sorted(root.rglob("volume-*.nii*"), key=_natural_key):
-        n = re.match(r"volume-(\d+)\.nii(\.gz)?$", vol.name)
-        if not n:
+    """Pair volume-N with segmentation-N by number anywhere under `root`: the download's two "Training Batch"
+    folders, or volumes and segmentations re-packed into separate folders. A volume without its segmentation
+    (the test set) is skipped with a line; a number found twice is an error naming both files."""
+    found: dict[str, dict[str, Path]] = {"volume": {}, "segmentation": {}}
+    for p in sorted(root.rglob("*.nii*"), key=lambda q: q.parts):
+        m = _LITS_NAME.match(p.name)
+        if not m or not p.is_file():
             continue
-        seg = [p for p in vol.parent.glob(f"segmentation-{n.group(1)}.nii*")]
-        if not seg:
-            raise DatasetError(f"{vol}: no matching segmentation-{n.group(1)}.nii(.gz) beside it")
-        refs.append(CaseRef(f"lits-{n.group(1)}", "lits", (vol, seg[0])))
-    return refs
+        kind, n = m.group(1), m.group(2)
+        if n in found[kind]:
+            raise DatasetError(f"{p}: {kind}-{n} is also at {found[kind][n]}; keep one of them")
+        found[kind][n] = p
+    refs = []
+    for n, vol in found["volume"].items():
+        seg = found["segmentation"].get(n)
+        if seg is None:
+            log.info("skipping %s: no segmentation-%s.nii(.gz) anywhere under %s", vol, n, root)
+            continue
+        refs.append(CaseRef(f"lits-{n}", "lits", (vol, seg)))
+    for n, seg in found["segmentation"].items():
+        if n not in found["volume"]:
+            log.info("skipping %s: no volume-%s.nii(.gz) anywhere under %s", seg, n, root)
+    return sorted(refs, key=lambda r: int(r.case_id.split("-")[1]))
 
 
 def nifti_to_lps_slices(img) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float]]:
