@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from livernode import __version__
@@ -40,9 +41,43 @@ def _train(a: argparse.Namespace) -> int:
                                           "train.steps_per_epoch": a.steps_per_epoch,
                                           "model.backbone": a.backbone, "model.encoder_weights": a.encoder_weights,
                                           "split.seed": a.seed})
-    r = train(a.data, a.format, a.out, cfg, resume=a.resume)
+    if a.logical_cpus:  # before TensorFlow touches its devices: MirroredStrategy without GPUs
+        from livernode.training.distribute import split_cpu
+        from livernode.training.model import import_tf
+
+        split_cpu(import_tf()[1], a.logical_cpus)
+    r = train(a.data, a.format, a.out, cfg, resume=a.resume, cache=a.cache, workers=a.workers,
+              pipeline_workers=a.pipeline_workers, strategy=a.strategy, precision=a.precision, folds=a.folds,
+              fold=a.fold)
+    if not r.chief:
+        print(f"trained {r.epochs_run} epochs in {r.seconds:.0f} s as a worker; the chief's --out holds the run")
+        return 0
     print(f"trained {r.epochs_run} epochs in {r.seconds:.0f} s; best epoch {r.best_epoch}; "
           f"test Dice liver {r.test_dice_liver:.4f}, tumour {r.test_dice_tumour:.4f}; run folder {r.run}")
+    return 0
+
+
+def _cache_args(p: argparse.ArgumentParser, out: bool = False) -> None:
+    p.add_argument("--out" if out else "--cache", dest="cache", type=Path,
+                   help="prepared cache folder (default: $LIVERNODE_CACHE or ~/.cache/livernode/prepared)")
+    p.add_argument("--workers", type=int, help="processes preparing cases (default: the number of cores)")
+
+
+def _prepare(a: argparse.Namespace) -> int:
+    from livernode.config import load_training_config
+    from livernode.training.cache import default_cache_dir, prepare
+    from livernode.training.datasets import list_cases
+    from livernode.training.train import spec_from_config
+
+    cfg = load_training_config(a.config, {"preprocess.size": a.size})
+    t0 = time.monotonic()
+    refs = list_cases(a.data, a.format)
+    p = prepare(refs, spec_from_config(cfg.preprocess), a.cache, a.workers)
+    slices = sum(c.n for c in p.cases.values())
+    size = sum(c.nbytes() for c in p.cases.values())
+    print(f"{len(p.cases)} cases ({slices} slices, {size / 2**20:.1f} MiB) in {a.cache or default_cache_dir()}: "
+          f"{p.built} prepared now in {time.monotonic() - t0:.1f} s, {len(p.cases) - p.built} were ready; "
+          f"{len(p.skipped)} skipped")
     return 0
 
 
@@ -184,8 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone")
     t.add_argument("--encoder-weights", help="local .h5 file with ImageNet weights for the backbone")
     t.add_argument("--seed", type=int)
-    t.add_argument("--resume", action="store_true", help="continue from the run folder's best checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (every epoch, and on Ctrl-C)")
+    _cache_args(t)
+    t.add_argument("--pipeline-workers", type=int, default=4, help="batches made in parallel (default 4)")
+    t.add_argument("--strategy", choices=["auto", "default", "mirrored", "multi-worker"], default="auto",
+                   help="auto: every GPU of this machine, or the machines in TF_CONFIG (default auto)")
+    t.add_argument("--precision", choices=["auto", "mixed", "float32"], default="auto",
+                   help="auto: mixed (float16 compute) on a GPU, float32 on the CPU")
+    t.add_argument("--folds", type=int, help="patient-level cross-validation: this many folds ...")
+    t.add_argument("--fold", type=int, help="... and this one (0 to folds-1) is the test set")
+    t.add_argument("--logical-cpus", type=int, help=argparse.SUPPRESS)  # tests: MirroredStrategy over CPU parts
     t.set_defaults(func=_train)
+
+    pr = sub.add_parser("prepare", help="write a data set's cases at training resolution into the prepared cache")
+    pr.add_argument("--data", type=Path, required=True)
+    pr.add_argument("--format", choices=["chaos", "lits", "dicom"], required=True)
+    pr.add_argument("--config", type=Path, help="training TOML: its [preprocess] section decides the entries")
+    pr.add_argument("--size", type=int)
+    _cache_args(pr, out=True)
+    pr.set_defaults(func=_prepare)
 
     e = sub.add_parser("export", help="export a run's best checkpoint to ONNX with an embedded manifest")
     e.add_argument("run", type=Path)
@@ -280,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if not args.verbose:  # per-association and per-module chatter from the libraries
-        for name in ("pynetdicom", "highdicom", "tf2onnx"):
+        for name in ("pynetdicom", "highdicom", "tf2onnx", "absl", "tensorflow"):
             logging.getLogger(name).setLevel(logging.WARNING)
         # pydicom warns about every non-conforming value and quotes it in full: unbounded log lines that can
         # carry patient data. Our own checks name the file and the reason instead.

@@ -40,6 +40,13 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prepared_cache(tmp_path_factory):
+    """Training in tests (and in the CLI subprocesses they start) prepares its cases in a session folder, not in
+    the user's ~/.cache."""
+    os.environ["LIVERNODE_CACHE"] = str(tmp_path_factory.mktemp("prepared-cache"))
+
+
 @pytest.fixture()
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)

@@ -155,6 +155,35 @@ def echo(target: str, calling_ae: str = "LIVERNODE", timeout: float = 10) -> tup
     return True, f"{dest}: C-ECHO succeeded in {ms:.0f} ms"
 
 
+_TF_GPUS = ("import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'; import tensorflow as tf; "
+            "print(tf.__version__); [print(d.name) for d in tf.config.list_physical_devices('GPU')]")
+
+
+def training_gpus() -> tuple[str, list[str]] | None:
+    """(TensorFlow version, the GPUs it sees) when the train extra is installed, else None. Asked in a child
+    process: the daemon itself never imports TensorFlow."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("tensorflow") is None:
+        return None
+    try:
+        r = subprocess.run([sys.executable, "-c", _TF_GPUS], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = r.stdout.split()
+    return (lines[0], lines[1:]) if r.returncode == 0 and lines else None
+
+
+def _training_line() -> str:
+    found = training_gpus()
+    if found is None:
+        return "  tensorflow: not installed (training needs the 'train' extra)"
+    version, gpus = found
+    return f"  tensorflow {version} (GPUs for training: {', '.join(gpus) if gpus else 'none'})"
+
+
 def version_text() -> str:
     import numpy
     import onnxruntime
@@ -163,6 +192,7 @@ def version_text() -> str:
 
     return (f"livernode {__version__}\n  onnxruntime {onnxruntime.__version__} "
             f"(providers: {', '.join(onnxruntime.get_available_providers())})\n"
+            f"{_training_line()}\n"
             f"  pydicom {pydicom.__version__}, pynetdicom {pynetdicom.__version__}, numpy {numpy.__version__}")
 
 
@@ -198,6 +228,9 @@ def check(cfg_path: Path | None, overrides: dict | None = None) -> tuple[bool, s
             add("providers", True, ", ".join(seg.providers_used))
         except LivernodeError as exc:
             add("model", False, str(exc))
+    found = training_gpus()  # informational: the node itself never needs TensorFlow
+    if found is not None:
+        add("training GPUs", True, f"TensorFlow {found[0]} sees {len(found[1])}: {', '.join(found[1]) or 'none'}")
     for what, host, port in (("dicom port", cfg.node.bind, cfg.node.port),
                              ("metrics port", cfg.observability.metrics_bind, cfg.observability.metrics_port)):
         if port is None:

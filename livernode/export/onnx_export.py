@@ -119,7 +119,7 @@ def parity(keras_model, onnx_bytes: bytes, x: np.ndarray, precision: str) -> Par
 
 def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
     """Export `run`'s best checkpoint to `out`. ExportError (non-zero exit) when parity fails."""
-    from livernode.training.model import import_tf, load_model
+    from livernode.training.model import as_float32, import_tf, load_model
     from livernode.training.train import CHECKPOINT, PARITY_SAMPLE
 
     import_tf()
@@ -133,7 +133,7 @@ def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
             raise ExportError(f"{run}: missing {needed}; is this a finished `livernode train` run folder?")
     summary = json.loads((run / "run.json").read_text())
     pre = summary["preprocess"]
-    keras_model = load_model(run / CHECKPOINT)
+    keras_model = as_float32(load_model(run / CHECKPOINT))  # a mixed-precision run exports float32 too
     precision = "float16" if fp16 else "float32"
     model = _convert(keras_model, pre["channels"], fp16)
     x = np.load(run / PARITY_SAMPLE)["x"]

@@ -139,29 +139,59 @@ class ConfusionMetrics:
         return out
 
 
-def roc_auc(scores: np.ndarray, truth: np.ndarray, bins: int = 2048) -> float:
-    """Area under the ROC curve from scores in [0, 1], by binned rank statistics (ties share half credit)."""
+def _score_histograms(scores: np.ndarray, truth: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     truth = truth.astype(bool).ravel()
     s = np.clip(scores.ravel(), 0, 1)
-    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    b = np.minimum((s * bins).astype(np.int64), bins - 1)
+    return (np.bincount(b[truth], minlength=bins).astype(np.float64),
+            np.bincount(b[~truth], minlength=bins).astype(np.float64))
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    n_pos, n_neg = pos.sum(), neg.sum()
     if n_pos == 0 or n_neg == 0:
         return NAN
-    b = np.minimum((s * bins).astype(np.int64), bins - 1)
-    pos = np.bincount(b[truth], minlength=bins).astype(np.float64)
-    neg = np.bincount(b[~truth], minlength=bins).astype(np.float64)
     neg_below = np.cumsum(neg) - neg
     return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
+def roc_auc(scores: np.ndarray, truth: np.ndarray, bins: int = 2048) -> float:
+    """Area under the ROC curve from scores in [0, 1], by binned rank statistics (ties share half credit)."""
+    return _auc(*_score_histograms(scores, truth, bins))
+
+
 def confusion(pred: np.ndarray, prob: np.ndarray, truth: np.ndarray) -> ConfusionMetrics:
     """Binary figures for the hard prediction `pred` (argmax), with AUC from the class probability `prob`."""
-    t = truth.astype(bool)
-    p = pred.astype(bool)
-    tp = int((p & t).sum())
-    fp = int((p & ~t).sum())
-    fn = int((~p & t).sum())
-    tn = int(t.size - tp - fp - fn)
-    return ConfusionMetrics(tp, fp, tn, fn, roc_auc(prob, t))
+    counter = ConfusionCounter()
+    counter.add(pred, prob, truth)
+    return counter.result()
+
+
+class ConfusionCounter:
+    """`confusion` over data seen a piece at a time (case by case): the same figures, AUC included, without
+    holding the pieces."""
+
+    def __init__(self, bins: int = 2048) -> None:
+        self.bins = bins
+        self.counts = np.zeros(4, np.int64)  # tp, fp, tn, fn
+        self.pos = np.zeros(bins)
+        self.neg = np.zeros(bins)
+
+    def add(self, pred: np.ndarray, prob: np.ndarray, truth: np.ndarray) -> None:
+        t, p = truth.astype(bool), pred.astype(bool)
+        tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+        self.counts += (tp, fp, t.size - tp - fp - fn, fn)
+        pos, neg = _score_histograms(prob, t, self.bins)
+        self.pos += pos
+        self.neg += neg
+
+    @property
+    def seen(self) -> int:
+        return int(self.counts.sum())
+
+    def result(self) -> ConfusionMetrics:
+        tp, fp, tn, fn = (int(v) for v in self.counts)
+        return ConfusionMetrics(tp, fp, tn, fn, _auc(self.pos, self.neg))
 
 
 def nanmean(values) -> float:

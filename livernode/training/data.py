@@ -1,87 +1,120 @@
-"""Patient-level splits, case arrays at training resolution, and the augmented batch stream."""
+"""Patient-level splits and folds, splits over the prepared cache, and the streamed, augmented batches.
+
+Nothing here holds a split in memory: a `CaseSplit` indexes cache entries, and every batch is made from the
+slices it reads. A batch is a pure function of (seed, global step, worker), so the data order is the same
+after `--resume`, whatever the number of pipeline workers, and differs between the workers of a multi-worker run.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from livernode.config import SplitConfig, TrainConfig
-from livernode.errors import DatasetError, SeriesRejected
-from livernode.imaging.orient import Orientation
-from livernode.imaging.preprocess import PreprocessSpec, prepare_labels, prepare_slices
-from livernode.training.datasets import CaseRef, list_cases, load_case
+from livernode.errors import DatasetError
+from livernode.training.cache import HAS_LIVER, HAS_TUMOUR, TUMOUR_LABELLED, CachedCase
+from livernode.training.datasets import CaseRef
 
 log = logging.getLogger(__name__)
 
 
+def split_cases(refs: list[CaseRef], cfg: SplitConfig, folds: int | None = None,
+                fold: int | None = None) -> dict[str, list[CaseRef]]:
+    """Seeded split by patient (case), never by slice; the same cases and seed give the same split every time.
+
+    Without folds, test and validation take their shares (one case each at least). With `folds` K and `fold` I,
+    the cases are dealt into K folds in a seeded order; fold I is the test set, validation takes its share of
+    the rest, and training the remainder, so each case is tested in exactly one of the K runs."""
+    if len(refs) < 3:
+        raise DatasetError(f"{len(refs)} cases: need at least 3 to split by patient into train/validation/test")
+    ordered = sorted(refs, key=lambda r: r.case_id)  # the listing order of a download must not matter
+    order = np.random.default_rng(cfg.seed).permutation(len(ordered))
+    if folds:
+        if not 2 <= folds <= len(ordered) - 1:
+            raise DatasetError(f"--folds {folds}: need 2 to {len(ordered) - 1} folds for {len(ordered)} cases")
+        if fold is None or not 0 <= fold < folds:
+            raise DatasetError(f"--fold {fold}: choose 0 to {folds - 1}")
+        parts = np.array_split(order, folds)
+        test_idx = parts[fold]
+        rest = np.concatenate([p for k, p in enumerate(parts) if k != fold])
+        n_val = max(1, round(cfg.validation * len(ordered)))
+        if len(rest) - n_val < 1:
+            raise DatasetError(f"{len(ordered)} cases leave no training case in fold {fold} of {folds}")
+        val_idx, train_idx = rest[:n_val], rest[n_val:]
+    else:
+        n_test = max(1, round(cfg.test * len(ordered))) if cfg.test > 0 else 0
+        n_val = max(1, round(cfg.validation * len(ordered)))
+        if len(ordered) - n_test - n_val < 1:
+            raise DatasetError(f"{len(ordered)} cases leave no training case after {n_val} validation and "
+                               f"{n_test} test")
+        test_idx, val_idx, train_idx = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    return {name: [ordered[i] for i in idx]
+            for name, idx in (("train", train_idx), ("validation", val_idx), ("test", test_idx))}
+
+
 @dataclass(frozen=True)
-class SplitArrays:
-    """All slices of one split at training resolution: x (n, s, s, c), y (n, s, s), known (n,), case index (n,)."""
+class CaseSplit:
+    """The slices of some prepared cases, addressed by one flat index; only flags are held in memory."""
 
     name: str
-    case_ids: tuple[str, ...]
-    x: np.ndarray
-    y: np.ndarray
-    known: np.ndarray
-    case_index: np.ndarray
-    spacings: tuple[tuple[float, float, float], ...]
-    synthetic: tuple[bool, ...] = ()  # per case: a livernode phantom
+    cases: tuple[CachedCase, ...]
+    channels: int = 1
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([c.n for c in self.cases])]).astype(np.int64)
 
     @property
     def n(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.starts[-1])
 
+    @property
+    def case_ids(self) -> tuple[str, ...]:
+        return tuple(c.case_id for c in self.cases)
 
-def split_cases(refs: list[CaseRef], cfg: SplitConfig) -> dict[str, list[CaseRef]]:
-    """Seeded split by patient (case), never by slice. With three or more cases, validation and test get one each
-    at least, so no patient's slices appear in two splits."""
-    if len(refs) < 3:
-        raise DatasetError(f"{len(refs)} cases: need at least 3 to split by patient into train/validation/test")
-    order = np.random.default_rng(cfg.seed).permutation(len(refs))
-    n_test = max(1, round(cfg.test * len(refs))) if cfg.test > 0 else 0
-    n_val = max(1, round(cfg.validation * len(refs))) if cfg.validation > 0 else 0
-    if len(refs) - n_test - n_val < 1:
-        raise DatasetError(f"{len(refs)} cases leave no training case after {n_val} validation and {n_test} test")
-    test = [refs[i] for i in order[:n_test]]
-    val = [refs[i] for i in order[n_test : n_test + n_val]]
-    train = [refs[i] for i in order[n_test + n_val :]]
-    return {"train": train, "validation": val, "test": test}
+    @property
+    def synthetic(self) -> tuple[bool, ...]:
+        return tuple(c.synthetic for c in self.cases)
 
+    @cached_property
+    def flags(self) -> np.ndarray:
+        return (np.concatenate([c.flags for c in self.cases]) if self.cases else np.zeros((0, 3), bool))
 
-def load_split(name: str, refs: list[CaseRef], spec: PreprocessSpec) -> SplitArrays:
-    xs, ys, known, idx, spacings, loaded, synthetic = [], [], [], [], [], [], []
-    for ref in tqdm(refs, desc=f"load {name}", unit="case", leave=False):
-        case = load_case(ref)
-        try:
-            turn = Orientation.from_iop(case.volume.orientation)  # every case the way the node will show it
-        except SeriesRejected as exc:  # an oblique or non-axial case: the node would refuse such a study too
-            log.warning("skipping case %s: %s", ref.case_id, exc)
-            continue
-        i = len(loaded)
-        loaded.append(ref.case_id)
-        synthetic.append(case.synthetic)
-        xs.append(prepare_slices(turn.forward(case.volume.hu), spec))
-        ys.append(prepare_labels(turn.forward(case.labels), spec.size))
-        known.append(np.full(len(case.labels), case.tumour_labelled))
-        idx.append(np.full(len(case.labels), i))
-        spacings.append(turn.spacing(case.volume.spacing))
-    if not xs:
-        empty = np.zeros((0, spec.size, spec.size, spec.channels), np.float32)
-        return SplitArrays(name, (), empty, np.zeros((0, spec.size, spec.size), np.uint8),
-                           np.zeros(0, bool), np.zeros(0, int), ())
-    return SplitArrays(name, tuple(loaded), np.concatenate(xs), np.concatenate(ys),
-                       np.concatenate(known), np.concatenate(idx), tuple(spacings), tuple(synthetic))
+    @property
+    def known(self) -> np.ndarray:
+        return self.flags[:, TUMOUR_LABELLED]
 
+    def locate(self, i: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return k, int(i - self.starts[k])
 
-def load_splits(data: Path, fmt: str, spec: PreprocessSpec, cfg: SplitConfig) -> dict[str, SplitArrays]:
-    refs = list_cases(data, fmt)
-    parts = split_cases(refs, cfg)
-    return {name: load_split(name, part, spec) for name, part in parts.items()}
+    def slice(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(size, size) float32 image in [0, 1] and (size, size) uint8 labels of flat slice i."""
+        k, j = self.locate(i)
+        c = self.cases[k]
+        return c.images(j, j + 1)[0].astype(np.float32), c.labels(j, j + 1)[0]
+
+    def inputs(self, x: np.ndarray) -> np.ndarray:
+        """(n, s, s) images -> (n, s, s, channels) network inputs."""
+        return np.repeat(x[..., None], self.channels, -1) if self.channels > 1 else x[..., None]
+
+    def case_arrays(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One case's network inputs, labels and tumour-labelled flags (read from the cache now)."""
+        c = self.cases[k]
+        return self.inputs(c.images().astype(np.float32)), c.labels(), c.flags[:, TUMOUR_LABELLED]
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Inputs, labels and flags of the flat slices `idx` (a sample; never a whole split)."""
+        pairs = [self.slice(int(i)) for i in idx]
+        s = self.cases[0].size if self.cases else 0
+        x = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, s, s), np.float32)
+        y = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, s, s), np.uint8)
+        return self.inputs(x), y, self.known[np.asarray(idx, int)]
 
 
 def targets(y: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -89,11 +122,12 @@ def targets(y: np.ndarray, known: np.ndarray) -> np.ndarray:
     out = np.zeros(y.shape + (4,), np.float32)
     for c in range(3):
         out[..., c] = y == c
-    out[..., 3] = known[:, None, None]
+    out[..., 3] = np.asarray(known, np.float32)[:, None, None]
     return out
 
 
 def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(s, s) image and labels, augmented."""
     a = cfg.augment
     if a.flip and rng.random() < 0.5:  # off by default: a mirrored abdomen puts the liver on the wrong side
         x, y = x[:, ::-1], y[:, ::-1]
@@ -102,8 +136,6 @@ def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, cfg: TrainC
         m = cv2.getRotationMatrix2D((s / 2, s / 2), rng.uniform(-a.rotate_degrees, a.rotate_degrees),
                                     rng.uniform(0.92, 1.08))
         x = cv2.warpAffine(np.ascontiguousarray(x), m, (s, s), flags=cv2.INTER_LINEAR, borderValue=0)
-        if x.ndim == 2:
-            x = x[..., None]
         y = cv2.warpAffine(np.ascontiguousarray(y), m, (s, s), flags=cv2.INTER_NEAREST, borderValue=0)
     if a.intensity_jitter > 0:
         j = a.intensity_jitter
@@ -111,32 +143,75 @@ def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, cfg: TrainC
     return x.astype(np.float32), y
 
 
-class BatchStream:
-    """Endless batches; configured shares of each batch come from slices with tumour and with liver."""
+@dataclass
+class Batches:
+    """Training batches from a split: configured shares of each batch come from slices with a labelled tumour and
+    from slices with liver, the rest from any slice. `batch(step)` depends only on (seed, worker, step)."""
 
-    def __init__(self, split: SplitArrays, cfg: TrainConfig, seed: int) -> None:
-        self.split, self.cfg = split, cfg
-        self.rng = np.random.default_rng(seed)
-        flat = split.y.reshape(split.n, -1)
-        self.liver_idx = np.flatnonzero((flat > 0).any(1))
-        self.tumour_idx = np.flatnonzero((flat == 2).any(1) & split.known)
-        self.all_idx = np.arange(split.n)
+    split: CaseSplit
+    cfg: TrainConfig
+    seed: int
+    batch_size: int | None = None  # this worker's share of the global batch; None: cfg.batch_size
+    worker: int = 0
+    _pools: tuple = field(init=False, repr=False)
 
-    def batch(self) -> tuple[np.ndarray, np.ndarray]:
-        b, c = self.cfg.batch_size, self.cfg
-        n_tumour = int(round(b * c.tumour_slices_fraction)) if len(self.tumour_idx) else 0
-        n_liver = min(b - n_tumour, int(round(b * c.liver_slices_only_fraction))) if len(self.liver_idx) else 0
-        pick = np.concatenate([self.rng.choice(self.tumour_idx, n_tumour), self.rng.choice(self.liver_idx, n_liver),
-                               self.rng.choice(self.all_idx, b - n_tumour - n_liver)]).astype(int)
+    def __post_init__(self) -> None:
+        f = self.split.flags
+        self._pools = (np.flatnonzero(f[:, HAS_TUMOUR] & f[:, TUMOUR_LABELLED]), np.flatnonzero(f[:, HAS_LIVER]),
+                       np.arange(self.split.n))
+        if self.split.n == 0:
+            raise DatasetError(f"the {self.split.name} split has no slices")
+
+    @property
+    def size(self) -> int:
+        return self.batch_size or self.cfg.batch_size
+
+    def picks(self, step: int) -> np.ndarray:
+        b, c = self.size, self.cfg
+        rng = np.random.default_rng([self.seed, self.worker, step, 0])
+        tumour, liver, anything = self._pools
+        n_tumour = int(round(b * c.tumour_slices_fraction)) if len(tumour) else 0
+        n_liver = min(b - n_tumour, int(round(b * c.liver_slices_only_fraction))) if len(liver) else 0
+        return np.concatenate([rng.choice(tumour, n_tumour), rng.choice(liver, n_liver),
+                               rng.choice(anything, b - n_tumour - n_liver)]).astype(np.int64)
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs (b, s, s, channels), targets (b, s, s, 4)) for global step `step`."""
+        pick = self.picks(step)
+        rng = np.random.default_rng([self.seed, self.worker, step, 1])
         xs, ys = [], []
         for i in pick:
-            x, y = self.split.x[i], self.split.y[i]
+            x, y = self.split.slice(int(i))
             if self.cfg.augment.enabled:
-                x, y = _augment(x, y, self.rng, self.cfg)
+                x, y = _augment(x, y, rng, self.cfg)
             xs.append(x)
             ys.append(y)
-        return np.stack(xs), targets(np.stack(ys), self.split.known[pick])
+        return self.split.inputs(np.stack(xs)), targets(np.stack(ys), self.split.known[pick])
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        step = 0
         while True:
-            yield self.batch()
+            yield self.batch(step)
+            step += 1
+
+    def dataset(self, tf, first_step: int, last_step: int, workers: int):
+        """A tf.data pipeline of batches for global steps [first_step, last_step): `workers` batches are made in
+        parallel (OpenCV and the memory-mapped reads release the interpreter lock) and two are kept ready."""
+        s = self.split.cases[0].size
+        b, ch = self.size, self.split.channels
+
+        def make(step):
+            x, t = self.batch(int(step))
+            return x, t
+
+        def load(step):
+            x, t = tf.numpy_function(make, [step], (tf.float32, tf.float32), stateful=False)
+            x.set_shape((b, s, s, ch))
+            t.set_shape((b, s, s, 4))
+            return x, t
+
+        ds = tf.data.Dataset.range(first_step, last_step)
+        ds = ds.map(load, num_parallel_calls=max(1, workers), deterministic=True)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options).prefetch(2)

@@ -55,7 +55,7 @@ def build_model(backbone: str = "resnet34", channels: int = 1, encoder_weights: 
     inner_channels = 3 if (encoder_weights and channels == 1) else channels
     try:
         base = sm.Unet(backbone, input_shape=(None, None, inner_channels), classes=N_CLASSES,
-                       activation="softmax", encoder_weights=encoder_weights)
+                       activation="linear", encoder_weights=encoder_weights)
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{encoder_weights}: cannot load encoder weights for {backbone} ({exc})") from None
     # Keras' default batch-norm momentum (0.99) needs hundreds of steps before the moving statistics describe the
@@ -66,7 +66,8 @@ def build_model(backbone: str = "resnet34", channels: int = 1, encoder_weights: 
     inp = keras.Input((None, None, channels), name=INPUT_NAME, dtype="float32")
     x = keras.layers.Concatenate(name="grey_to_rgb")([inp, inp, inp]) if inner_channels != channels else inp
     out = base(x)
-    out = keras.layers.Activation("linear", name="probabilities", dtype="float32")(out)
+    # softmax in float32 whatever the compute precision (mixed precision computes the rest in float16)
+    out = keras.layers.Activation("softmax", name="probabilities", dtype="float32")(out)
     return keras.Model(inp, out, name=f"unet_{backbone}")
 
 
@@ -170,3 +171,25 @@ def load_model(path: Path):
         return tf.keras.models.load_model(str(path), compile=False)
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{path}: not a loadable checkpoint ({exc})") from None
+
+
+def as_float32(model):
+    """A float32 copy of a checkpoint trained with mixed precision (the same model when it already is float32):
+    export always converts float32 weights and compute."""
+    _, tf = import_tf()
+
+    def policies(node):
+        if isinstance(node, dict):
+            if node.get("class_name") in ("Policy", "DTypePolicy") and isinstance(node.get("config"), dict):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {k: policies(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [policies(v) for v in node]
+        return "float32" if node == "mixed_float16" else node
+
+    config = model.get_config()
+    if policies(config) == config:
+        return model
+    copy = tf.keras.Model.from_config(policies(config))
+    copy.set_weights(model.get_weights())
+    return copy

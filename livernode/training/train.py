@@ -1,4 +1,9 @@
-"""`livernode train`: fit the U-Net, keep the best checkpoint by validation Dice, write plots and metric tables."""
+"""`livernode train`: fit the U-Net from the prepared cache, keep the best checkpoint by validation Dice and a
+resumable one every epoch, write plots and metric tables.
+
+Memory does not grow with the number of cases: batches stream from the prepared cache, and validation, the
+metrics report, the overlays and the parity sample read one case (or a few slices) at a time.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,15 +25,19 @@ from livernode.fsutil import replacing, write_json
 from livernode.imaging import metrics as M
 from livernode.imaging.preprocess import PreprocessSpec
 from livernode.training import plots
-from livernode.training.data import BatchStream, SplitArrays, load_splits, targets
+from livernode.training.cache import prepare
+from livernode.training.data import Batches, CaseSplit, split_cases, targets
+from livernode.training.datasets import list_cases
+from livernode.training.distribute import Placement, barrier, place
 from livernode.training.model import (build_model, import_tf, load_model, make_loss, make_metrics,
                                       recalibrate_batchnorm)
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "best.h5"
+LAST = "last"  # tf.train.Checkpoint of model, optimizer and global step, written every epoch and on Ctrl-C
 STATE = "state.json"
 PARITY_SAMPLE = "validation_sample.npz"  # real validation slices for the export parity check
-PRED_BATCH = 32
+PRED_BATCH = 16
 REPORT_TRAIN_SLICES = 128
 CALIBRATION_BATCHES = 2  # batch-norm statistics are re-estimated on this many training batches per epoch
 
@@ -38,75 +48,112 @@ def spec_from_config(cfg: PreprocessConfig) -> PreprocessSpec:
 
 
 def predict(model, x: np.ndarray) -> np.ndarray:
-    """Softmax probabilities (n, s, s, 3) for network inputs x."""
+    """Softmax probabilities (n, s, s, 3) for network inputs x, PRED_BATCH slices at a time."""
     if len(x) == 0:
         return np.zeros(x.shape[:3] + (3,), np.float32)
-    return np.concatenate([model.predict_on_batch(x[i : i + PRED_BATCH]) for i in range(0, len(x), PRED_BATCH)])
+    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + PRED_BATCH]), np.float32)
+                           for i in range(0, len(x), PRED_BATCH)])
 
 
-def split_dice(split: SplitArrays, prob: np.ndarray) -> tuple[float, float]:
-    """Global Dice over a split: liver region (label > 0) on all slices, tumour on tumour-labelled slices only."""
-    pred = prob.argmax(-1)
-    liver = M.overlap(pred > 0, split.y > 0).dice
-    k = split.known
-    tumour = M.overlap(pred[k] == 2, split.y[k] == 2).dice if k.any() else float("nan")
-    return liver, tumour
+class SplitScore:
+    """Everything validation and the report need from one split, accumulated case by case: the loss, the
+    hard-prediction IoU and F-score as the training metrics define them, global Dice, and each class's
+    confusion figures with AUC."""
+
+    def __init__(self, tf, loss_fn) -> None:
+        self.tf, self.loss_fn = tf, loss_fn
+        self.loss_sum, self.slices = 0.0, 0
+        self.hard = np.zeros((2, 3))  # per class (liver, tumour): intersection, prediction, truth (folded)
+        self.liver, self.tumour = M.ConfusionCounter(), M.ConfusionCounter()
+
+    def add(self, prob: np.ndarray, y: np.ndarray, known: np.ndarray) -> None:
+        t = targets(y, known)
+        self.loss_sum += float(self.loss_fn(self.tf.constant(t), self.tf.constant(prob))) * len(y)
+        self.slices += len(y)
+        pred = prob.argmax(-1)
+        k = known.astype(bool)
+        # as make_metrics: on tumour-labelled slices liver is label 1; elsewhere liver-or-tumour, tumour ignored
+        for c, (p, g) in enumerate((
+                (np.where(k[:, None, None], pred == 1, pred > 0), np.where(k[:, None, None], y == 1, y > 0)),
+                (pred[k] == 2, y[k] == 2))):
+            self.hard[c] += ((p & g).sum(), p.sum(), g.sum())
+        self.liver.add(pred > 0, prob[..., 1] + prob[..., 2], y > 0)
+        if k.any():
+            self.tumour.add(pred[k] == 2, prob[k][..., 2], y[k] == 2)
+
+    def logs(self) -> dict[str, float]:
+        eps = 1e-5
+        inter, p, g = self.hard[:, 0], self.hard[:, 1], self.hard[:, 2]
+        liver = self.liver.result().dice if self.liver.seen else float("nan")
+        tumour = self.tumour.result().dice if self.tumour.seen else float("nan")
+        return {"loss": self.loss_sum / max(1, self.slices),
+                "iou_score": float(np.mean((inter + eps) / (p + g - inter + eps))),
+                "f1_score": float(np.mean((2 * inter + eps) / (p + g + eps))),
+                "dice_liver": liver, "dice_tumour": tumour,
+                "score": liver if math.isnan(tumour) else (liver + tumour) / 2}
+
+    def rows(self, name: str) -> list[dict]:
+        loss = self.loss_sum / max(1, self.slices)
+        rows = [{"split": name, "class": "liver", "loss": loss, **self.liver.result().as_dict()}] if self.slices else []
+        if self.tumour.seen:
+            rows.append({"split": name, "class": "tumour", "loss": loss, **self.tumour.result().as_dict()})
+        return rows
+
+
+def score_split(tf, model, loss_fn, split: CaseSplit) -> SplitScore:
+    """Predict one case at a time (never a whole split) and accumulate its scores."""
+    score = SplitScore(tf, loss_fn)
+    for k in range(len(split.cases)):
+        x, y, known = split.case_arrays(k)
+        for i in range(0, len(x), PRED_BATCH):
+            score.add(predict(model, x[i:i + PRED_BATCH]), y[i:i + PRED_BATCH], known[i:i + PRED_BATCH])
+    return score
+
+
+def score_sample(tf, model, loss_fn, split: CaseSplit, n: int, seed: int) -> SplitScore:
+    """The same on a seeded sample of n slices (the training split's report row)."""
+    score = SplitScore(tf, loss_fn)
+    pick = np.sort(np.random.default_rng(seed).choice(split.n, min(n, split.n), replace=False))
+    for i in range(0, len(pick), PRED_BATCH):
+        x, y, known = split.take(pick[i:i + PRED_BATCH])
+        score.add(predict(model, x), y, known)
+    return score
 
 
 class _Progress:
-    """A tqdm bar per epoch and a Keras callback that feeds it."""
+    """One bar for the whole run: batches, slices per second and the ETA of the run; the epoch in its title."""
 
-    def __init__(self, tf, steps: int, epochs: int):
+    def __init__(self, tf, steps: int, epochs: int, first_step: int, batch: int, enabled: bool, started: float):
         outer = self
+        self.first = True
+        self.bar = tqdm(total=steps * epochs, initial=first_step, unit="batch", disable=not enabled,
+                        dynamic_ncols=True)
+        self.t0, self.done0 = time.monotonic(), first_step
 
         class Callback(tf.keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
-                outer.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
+                outer.bar.set_description(f"epoch {epoch + 1}/{epochs}")
 
-            def on_train_batch_end(self, batch, logs=None):
+            def on_train_batch_end(self, step, logs=None):
+                if outer.first:  # how long preparing, loading and compiling kept the first step waiting
+                    outer.first = False
+                    log.info("first training step done %.1f s after the start", time.monotonic() - started)
                 outer.bar.update(1)
+                rate = (outer.bar.n - outer.done0) * batch / max(1e-9, time.monotonic() - outer.t0)
+                shown = {"slices/s": f"{rate:.1f}"}
                 if logs and "loss" in logs:
-                    outer.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                    shown["loss"] = f"{float(logs['loss']):.4f}"
+                outer.bar.set_postfix(shown, refresh=False)
 
             def on_epoch_end(self, epoch, logs=None):
                 logs = logs or {}
-                shown = {k: f"{v:.3f}" for k, v in logs.items() if k.startswith("val_")}
+                shown = {k: f"{v:.3f}" for k, v in logs.items() if k in ("val_dice_liver", "val_dice_tumour")}
                 outer.bar.set_postfix(shown)
-                outer.bar.close()
 
         self.callback = Callback()
 
-
-def _validation_callback(tf, val: SplitArrays, out: Path, start_best: float, loss_fn, metric_fns, calibration):
-    t_val = tf.constant(targets(val.y, val.known))
-
-    class ValidationDice(tf.keras.callbacks.Callback):
-        """One prediction pass over the validation patients per epoch gives the validation loss, IoU, F1 and
-        volume Dice; the checkpoint is saved when the Dice score improves."""
-
-        best = start_best
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            recalibrate_batchnorm(self.model, calibration())
-            prob = predict(self.model, val.x)
-            p = tf.constant(prob)
-            logs["val_loss"] = float(loss_fn(t_val, p))
-            for fn in metric_fns:
-                logs[f"val_{fn.__name__}"] = float(fn(t_val, p))
-            liver, tumour = split_dice(val, prob)
-            logs["val_dice_liver"], logs["val_dice_tumour"] = liver, tumour
-            score = liver if math.isnan(tumour) else (liver + tumour) / 2
-            logs["val_score"] = score
-            if score > self.best:
-                self.best = score
-                with replacing(out / CHECKPOINT) as tmp:
-                    self.model.save(str(tmp), include_optimizer=False)
-                write_json(out / STATE, {"epoch": epoch + 1, "val_score": score})
-                log.info("epoch %d: validation score %.4f (liver %.4f, tumour %.4f), checkpoint saved",
-                         epoch + 1, score, liver, tumour)
-
-    return ValidationDice()
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass(frozen=True)
@@ -117,6 +164,7 @@ class TrainResult:
     best_epoch: int
     test_dice_liver: float
     test_dice_tumour: float
+    chief: bool = True  # False: another worker of a multi-worker run, whose chief writes the run folder
 
 
 def _read_history(path: Path) -> dict[str, list[float]]:
@@ -134,141 +182,240 @@ def _write_history(path: Path, history: dict[str, list[float]]) -> None:
         w = csv.writer(fh)
         w.writerow(["epoch", *keys])
         for i in range(n):
-            w.writerow([i + 1, *[history[k][i] for k in keys]])
+            w.writerow([i + 1, *[history[k][i] if i < len(history[k]) else "" for k in keys]])
 
 
 REPORT_COLUMNS = ["split", "class", "loss", "accuracy", "precision", "sensitivity", "specificity", "auc",
                   "tp", "fp", "tn", "fn", "dice", "iou"]
 
 
-def split_report(model, loss_fn, split: SplitArrays) -> tuple[list[dict], np.ndarray]:
-    """Rows of pixel-wise figures for liver (label > 0) and tumour, plus the probabilities."""
-    _, tf = import_tf()
-    prob = predict(model, split.x)
-    if split.n == 0:
-        return [], prob
-    t = targets(split.y, split.known)
-    losses = [float(loss_fn(tf.constant(t[i : i + PRED_BATCH]), tf.constant(prob[i : i + PRED_BATCH])))
-              * len(t[i : i + PRED_BATCH]) for i in range(0, split.n, PRED_BATCH)]
-    loss = sum(losses) / split.n
-    pred = prob.argmax(-1)
-    rows = []
-    liver = M.confusion(pred > 0, prob[..., 1] + prob[..., 2], split.y > 0)
-    rows.append({"split": split.name, "class": "liver", "loss": loss, **liver.as_dict()})
-    k = split.known
-    if k.any():
-        tum = M.confusion(pred[k] == 2, prob[k][..., 2], split.y[k] == 2)
-        rows.append({"split": split.name, "class": "tumour", "loss": loss, **tum.as_dict()})
-    return rows, prob
+class _Run:
+    """The run folder's resumable state: the last checkpoint (model, optimizer, global step) and state.json."""
+
+    def __init__(self, tf, out: Path, model, optimizer, chief: bool):
+        self.tf, self.out, self.chief = tf, out, chief
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step)
+        # Every worker writes (a checkpoint save may need all of them); only the chief's folder is the run's.
+        self.folder = out / LAST if chief else out / ".worker-checkpoint"
+        self.manager = tf.train.CheckpointManager(self.ckpt, str(self.folder), max_to_keep=1)
+        self.state = json.loads((out / STATE).read_text()) if (out / STATE).exists() else {}
+
+    def restore(self) -> int:
+        """Restore the last checkpoint; the global step it was taken at (0 when there is none)."""
+        if self.manager.latest_checkpoint is None:
+            return 0
+        self.ckpt.restore(self.manager.latest_checkpoint)
+        return int(self.step.numpy())
+
+    def save(self, global_step: int, **state) -> None:
+        self.step.assign(global_step)
+        self.manager.save(checkpoint_number=global_step)
+        self.state.update(state, step=global_step)
+        if self.chief:
+            write_json(self.out / STATE, self.state)
 
 
-def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool = False) -> TrainResult:
+def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool = False, cache: Path | None = None,
+          workers: int | None = None, pipeline_workers: int = 4, strategy: str = "auto", precision: str = "auto",
+          folds: int | None = None, fold: int | None = None, progress: bool = True,
+          placement: Placement | None = None) -> TrainResult:
     """Train on the cases under `data` and write the run folder `out` (see README: Training)."""
     t0 = time.monotonic()
     _, tf = import_tf()
+    placement = placement or place(tf, strategy, precision)
     tf.keras.utils.set_random_seed(cfg.split.seed)
     out.mkdir(parents=True, exist_ok=True)
     spec = spec_from_config(cfg.preprocess)
-    splits = load_splits(data, fmt, spec, cfg.split)
+    refs = list_cases(data, fmt)
+    prepared = prepare(refs, spec, cache, workers, progress=progress)
+    parts = split_cases([r for r in refs if r.case_id in prepared.cases], cfg.split, folds, fold)
+    splits = {name: CaseSplit(name, tuple(prepared.cases[r.case_id] for r in part), spec.channels)
+              for name, part in parts.items()}
     train_s, val_s, test_s = splits["train"], splits["validation"], splits["test"]
     log.info("split by patient: %d train, %d validation, %d test cases (%d/%d/%d slices)",
-             len(train_s.case_ids), len(val_s.case_ids), len(test_s.case_ids), train_s.n, val_s.n, test_s.n)
+             len(train_s.cases), len(val_s.cases), len(test_s.cases), train_s.n, val_s.n, test_s.n)
 
-    _save_parity_sample(val_s if val_s.n else train_s, out)
-    history_path = out / "history.csv"
-    history = _read_history(history_path) if resume else {}
-    initial_epoch, best = 0, -1.0
-    if resume and (out / CHECKPOINT).exists():
-        model = load_model(out / CHECKPOINT)
-        state = json.loads((out / STATE).read_text()) if (out / STATE).exists() else {}
-        initial_epoch, best = len(history.get("loss", [])), float(state.get("val_score", -1.0))
-        log.info("resuming from %s after epoch %d (validation score %.4f)", out / CHECKPOINT, initial_epoch, best)
-    else:
-        model = build_model(cfg.model.backbone, spec.channels, cfg.model.encoder_weights)
+    if placement.chief:
+        _save_parity_sample(val_s if val_s.n else train_s, out)
     tc = cfg.train
-    loss_fn = make_loss(tc.class_weights, tc.focal_weight)
+    if tc.batch_size % placement.workers:
+        raise TrainingError(f"batch size {tc.batch_size} does not divide among {placement.workers} workers")
     steps = tc.steps_per_epoch or max(1, math.ceil(train_s.n / tc.batch_size))
-    stream = BatchStream(train_s, tc, seed=cfg.split.seed + initial_epoch)
-    progress = _Progress(tf, steps, tc.epochs)
+    loss_fn = make_loss(tc.class_weights, tc.focal_weight)
     metric_fns = make_metrics()
-    lr = tc.learning_rate
-    if tc.lr_schedule == "cosine":
-        lr = tf.keras.optimizers.schedules.CosineDecay(tc.learning_rate, steps * max(1, tc.epochs - initial_epoch),
-                                                       alpha=0.05)
-    model.compile(optimizer=tf.keras.optimizers.Adam(lr), loss=loss_fn, metrics=metric_fns)
-    calib_stream = BatchStream(train_s, tc, seed=cfg.split.seed + 7919)
+    with placement.strategy.scope():
+        model = build_model(cfg.model.backbone, spec.channels, cfg.model.encoder_weights)
+        lr = tc.learning_rate
+        if tc.lr_schedule == "cosine":
+            lr = tf.keras.optimizers.schedules.CosineDecay(tc.learning_rate, steps * tc.epochs, alpha=0.05)
+        optimizer = tf.keras.optimizers.Adam(lr)
+        model.compile(optimizer=optimizer, loss=loss_fn, metrics=metric_fns)
+    run = _Run(tf, out, model, model.optimizer, placement.chief)
+    history_path = out / "history.csv"
+    first_step = 0
+    if resume:
+        first_step = run.restore()
+        if first_step:
+            log.info("resuming %s at step %d (epoch %d, batch %d of %d)", out, first_step, first_step // steps + 1,
+                     first_step % steps, steps)
+    elif placement.chief and ((out / LAST).exists() or (out / STATE).exists()):
+        log.info("%s holds an earlier run: starting afresh (--resume continues it)", out)
+        shutil.rmtree(out / LAST, ignore_errors=True)
+        for name in (STATE, CHECKPOINT, "history.csv"):
+            (out / name).unlink(missing_ok=True)
+    history = _read_history(history_path) if first_step else {}
+    history = {k: v[:first_step // steps] for k, v in history.items()}
+    best = float(run.state.get("val_score", -1.0)) if first_step else -1.0
+
+    # Each worker makes its share of the global batch; Keras splits it among the worker's replicas.
+    local_batch = tc.batch_size // placement.workers
+    batches = Batches(train_s, tc, seed=cfg.split.seed, batch_size=local_batch, worker=placement.worker_index)
+    calib = Batches(train_s, tc, seed=cfg.split.seed + 7919)
 
     def calibration() -> np.ndarray:
-        return np.concatenate([calib_stream.batch()[0] for _ in range(CALIBRATION_BATCHES)])
+        return np.concatenate([calib.batch(i)[0] for i in range(CALIBRATION_BATCHES)])
 
-    cbs = [_validation_callback(tf, val_s, out, best, loss_fn, metric_fns, calibration), progress.callback]
-    fit = model.fit(iter(stream), steps_per_epoch=steps, epochs=tc.epochs, initial_epoch=initial_epoch,
-                    callbacks=cbs, verbose=0)
-    for k, v in fit.history.items():
-        history.setdefault(k, []).extend(float(x) for x in v)
-    _write_history(history_path, history)
-    if not (out / CHECKPOINT).exists():
-        raise TrainingError(f"{out}: no checkpoint was saved (validation score never improved)")
+    state = {"best": best, "best_epoch": int(run.state.get("best_epoch", 0)) if first_step else 0}
+
+    class EpochEnd(tf.keras.callbacks.Callback):
+        """Validation case by case, the best checkpoint when the Dice score improves, and the resumable one."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            recalibrate_batchnorm(self.model, calibration())
+            val = score_split(tf, self.model, loss_fn, val_s).logs()
+            logs.update({f"val_{k}": v for k, v in val.items()})
+            improved = val["score"] > state["best"]
+            # Saving reads replicated variables, which is a collective operation across the workers of a
+            # multi-worker run: there every worker saves every epoch, whatever its own validation said, and only
+            # the chief's improved checkpoint is kept.
+            if improved or placement.workers > 1:
+                keep = improved and placement.chief
+                target = out / (CHECKPOINT if keep else f".scratch-{placement.worker_index}.h5")
+                with replacing(target) as tmp:
+                    self.model.save(str(tmp), include_optimizer=False)
+                if not keep:
+                    target.unlink(missing_ok=True)
+            if improved:
+                state["best"], state["best_epoch"] = val["score"], epoch + 1
+                log.info("epoch %d: validation score %.4f (liver %.4f, tumour %.4f), checkpoint saved",
+                         epoch + 1, val["score"], val["dice_liver"], val["dice_tumour"])
+            for k, v in logs.items():
+                history.setdefault(k, []).append(float(v))
+            if placement.chief:
+                _write_history(history_path, history)
+            run.save((epoch + 1) * steps, epochs_done=epoch + 1, val_score=state["best"],
+                     best_epoch=state["best_epoch"], optimizer_steps=int(self.model.optimizer.iterations.numpy()))
+
+    bar = _Progress(tf, steps, tc.epochs, first_step, tc.batch_size, progress and placement.chief, t0)
+    callbacks = [EpochEnd(), bar.callback]
+    if placement.kind == "multi-worker":  # a worker that restarts resumes the epoch it was in
+        callbacks.append(tf.keras.callbacks.BackupAndRestore(str(out / "backup")))
+    last = tc.epochs * steps
+
+    def fit(first: int, end: int, epoch: int, n_steps: int) -> None:
+        ds = batches.dataset(tf, first, end, pipeline_workers)
+        model.fit(ds, steps_per_epoch=n_steps, epochs=epoch + 1 if n_steps != steps else tc.epochs,
+                  initial_epoch=epoch, callbacks=callbacks, verbose=0)
+
+    step_now = first_step
+    try:
+        if first_step % steps:  # finish the interrupted epoch with the batches it had left
+            epoch = first_step // steps
+            fit(first_step, (epoch + 1) * steps, epoch, steps - first_step % steps)
+            step_now = (epoch + 1) * steps
+        if step_now < last:
+            fit(step_now, last, step_now // steps, steps)
+    except KeyboardInterrupt:
+        at = int(model.optimizer.iterations.numpy())  # steps applied, counting those of a restored checkpoint
+        run.save(at, epochs_done=at // steps, val_score=state["best"], best_epoch=state["best_epoch"],
+                 interrupted=True)
+        bar.close()
+        raise TrainingError(f"interrupted at step {at} of {last}; saved to {out / LAST}: continue with --resume") \
+            from None
+    bar.close()
+    if not placement.chief:
+        shutil.rmtree(run.folder, ignore_errors=True)
     train_seconds = time.monotonic() - t0
+    if not placement.chief:  # the chief keeps the checkpoint and writes the report
+        barrier(tf, placement)
+        shutil.rmtree(out / "backup", ignore_errors=True)
+        return TrainResult(out, train_seconds, len(history.get("loss", [])), state["best_epoch"], float("nan"),
+                           float("nan"), chief=False)
+    try:
+        if not (out / CHECKPOINT).exists():
+            raise TrainingError(f"{out}: no checkpoint was saved (validation score never improved)")
+        return _report(tf, out, data, fmt, cfg, spec, splits, history, loss_fn, state["best_epoch"],
+                       train_seconds, placement, prepared, folds, fold)
+    finally:
+        barrier(tf, placement)
 
+
+def _report(tf, out, data, fmt, cfg, spec, splits, history, loss_fn, best_epoch, train_seconds, placement,
+            prepared, folds, fold) -> TrainResult:
+    train_s, val_s, test_s = splits["train"], splits["validation"], splits["test"]
     best_model = load_model(out / CHECKPOINT)
-    rows, probs = [], {}
     # The train row is computed on a seeded sample of its slices: predicting every training slice again would
     # cost as much as several epochs on a CPU, for a figure that only shows over- or under-fitting.
-    for s in (_sample(train_s, REPORT_TRAIN_SLICES, cfg.split.seed), val_s, test_s):
-        r, probs[s.name] = split_report(best_model, loss_fn, s)
-        rows += r
+    scores = {"train": score_sample(tf, best_model, loss_fn, train_s, REPORT_TRAIN_SLICES, cfg.split.seed),
+              "validation": score_split(tf, best_model, loss_fn, val_s),
+              "test": score_split(tf, best_model, loss_fn, test_s)}
+    rows = [r for name, s in scores.items() for r in s.rows(name)]
     with replacing(out / "metrics.csv") as tmp, tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     plots.metrics_table(rows, REPORT_COLUMNS, out / "metrics.png", "Pixel-wise metrics of the best checkpoint")
     plots.learning_curves(history, out / "learning_curves.png")
-    _overlays(test_s if test_s.n else val_s, probs["test"] if test_s.n else probs["validation"], out / "overlay.png")
+    _overlays(best_model, test_s if test_s.n else val_s, out / "overlay.png")
 
-    test_liver, test_tumour = split_dice(test_s, probs["test"]) if test_s.n else (float("nan"),) * 2
-    state = json.loads((out / STATE).read_text())
+    test = scores["test"].logs() if test_s.n else {"dice_liver": float("nan"), "dice_tumour": float("nan")}
+    everything = (train_s, val_s, test_s)
     summary = {
         "data": {"path": str(data), "format": fmt,
-                 "cases": {s.name: list(s.case_ids) for s in (train_s, val_s, test_s)},
-                 "slices": {s.name: s.n for s in (train_s, val_s, test_s)},
+                 "cases": {s.name: list(s.case_ids) for s in everything},
+                 "slices": {s.name: s.n for s in everything},
+                 "skipped": prepared.skipped,
                  "tumour_labelled": bool(train_s.known.any()),
-                 "synthetic_cases": sum(sum(s.synthetic) for s in (train_s, val_s, test_s)),
-                 "real_cases": sum(len(s.synthetic) - sum(s.synthetic) for s in (train_s, val_s, test_s))},
+                 "synthetic_cases": sum(sum(s.synthetic) for s in everything),
+                 "real_cases": sum(len(s.synthetic) - sum(s.synthetic) for s in everything)},
+        "folds": {"folds": folds, "fold": fold} if folds else None,
         "config": cfg.model_dump(),
         "preprocess": asdict(spec),
         "architecture": "Unet",
         "backbone": cfg.model.backbone,
-        "best_epoch": state["epoch"],
+        "placement": {"strategy": placement.kind, "replicas": placement.replicas, "workers": placement.workers,
+                      "gpus": placement.gpus, "precision": placement.precision},
+        "best_epoch": best_epoch,
         "epochs_run": len(history.get("loss", [])),
         "train_seconds": round(train_seconds, 1),
-        "test_metrics": {"dice_liver": test_liver, "dice_tumour": test_tumour,
+        "test_metrics": {"dice_liver": test["dice_liver"], "dice_tumour": test["dice_tumour"],
                          "rows": [r for r in rows if r["split"] == "test"]},
     }
     write_json(out / "run.json", summary, indent=2, default=float)
-    return TrainResult(out, train_seconds, len(history.get("loss", [])), state["epoch"], test_liver, test_tumour)
+    return TrainResult(out, train_seconds, len(history.get("loss", [])), best_epoch, test["dice_liver"],
+                       test["dice_tumour"])
 
 
-def _sample(split: SplitArrays, n: int, seed: int) -> SplitArrays:
-    if split.n <= n:
-        return split
-    pick = np.sort(np.random.default_rng(seed).choice(split.n, n, replace=False))
-    return SplitArrays(split.name, split.case_ids, split.x[pick], split.y[pick], split.known[pick],
-                       split.case_index[pick], split.spacings, split.synthetic)
-
-
-def _save_parity_sample(split: SplitArrays, out: Path, n: int = 64) -> None:
+def _save_parity_sample(split: CaseSplit, out: Path, n: int = 64) -> None:
     """Keep real validation slices in the run folder so `export` can check ONNX against Keras on them."""
     pick = np.linspace(0, split.n - 1, min(n, split.n)).round().astype(int)
     with replacing(out / PARITY_SAMPLE) as tmp:
-        np.savez_compressed(tmp, x=split.x[pick])
+        np.savez_compressed(tmp, x=split.take(pick)[0])
 
 
-def _overlays(split: SplitArrays, prob: np.ndarray, out: Path, n: int = 4) -> None:
+def _overlays(model, split: CaseSplit, out: Path, n: int = 4) -> None:
+    """The n slices with the most tumour (then liver), found from the labels case by case, predicted alone."""
     if split.n == 0:
         return
-    pred = prob.argmax(-1)
-    score = (split.y == 2).reshape(split.n, -1).sum(1) * 10 + (split.y > 0).reshape(split.n, -1).sum(1)
-    picks = np.sort(np.argsort(-score)[:n])
-    titles = [f"{split.name} case {split.case_ids[split.case_index[i]]}, slice {i}" for i in picks]
-    plots.overlay_figure(split.x[picks], split.y[picks], pred[picks], titles, out)
+    score = np.concatenate([(lab == 2).reshape(c.n, -1).sum(1) * 10 + (lab > 0).reshape(c.n, -1).sum(1)
+                            for c in split.cases for lab in (c.labels(),)])
+    picks = np.sort(np.argsort(-score, kind="stable")[:n])
+    x, y, _ = split.take(picks)
+    pred = predict(model, x).argmax(-1)
+    titles = []
+    for i in picks:
+        k, j = split.locate(int(i))
+        titles.append(f"{split.name} case {split.case_ids[k]}, slice {j}")
+    plots.overlay_figure(x, y, pred, titles, out)

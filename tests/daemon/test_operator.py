@@ -55,6 +55,7 @@ def test_echo(tmp_path):
     assert r.returncode == 1 and "association failed" in r.stdout
     r = _cli("version")
     assert r.returncode == 0 and "onnxruntime" in r.stdout and "CPUExecutionProvider" in r.stdout
+    assert "tensorflow 2." in r.stdout and "GPUs for training: none" in r.stdout  # this machine has no GPU
 
 
 def test_check_reports_each_item(tmp_path):
@@ -74,6 +75,7 @@ def test_check_reports_each_item(tmp_path):
     assert any(ln.startswith("dicom port") and "FAIL" in ln for ln in r.stdout.splitlines())
     assert any(f"PACS@127.0.0.1:{scp.port}" in ln and "pass" in ln for ln in r.stdout.splitlines())
     assert any("GONE@127.0.0.1:1" in ln and "FAIL" in ln for ln in r.stdout.splitlines())
+    assert any(ln.startswith("training GPUs") and "sees 0: none" in ln for ln in r.stdout.splitlines())
     bad = tmp_path / "bad.toml"
     bad.write_text("[nodes]\nport = 1\n")
     r = _cli("check", "--config", str(bad))

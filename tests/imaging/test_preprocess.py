@@ -3,7 +3,8 @@ import pytest
 
 from livernode.imaging.dicomio import dicom_files, read_ct_series
 from livernode.imaging.preprocess import PreprocessSpec, prepare_labels, prepare_slices, restore_probabilities, window
-from livernode.training.data import load_split
+from livernode.training.cache import prepare
+from livernode.training.data import CaseSplit
 from livernode.training.datasets import list_cases
 
 
@@ -30,12 +31,15 @@ def test_spec_rejects_size_not_multiple_of_32():
         PreprocessSpec(size=100)
 
 
-def test_inference_path_and_training_path_give_identical_arrays(synth_dirs):
-    """The daemon reads a series with dicomio and calls prepare_slices; training goes through the dataset loader."""
+def test_inference_path_and_training_path_give_identical_arrays(synth_dirs, tmp_path):
+    """The daemon reads a series with dicomio and calls prepare_slices; training goes through the dataset loader
+    and the prepared cache, which stores the same array as float16."""
     spec = PreprocessSpec(size=64, bilateral=True)
     ref = list_cases(synth_dirs["dicom"], "dicom")[0]
-    training = load_split("t", [ref], spec).x
+    split = CaseSplit("t", tuple(prepare([ref], spec, tmp_path, workers=1, progress=False).cases.values()))
+    training = split.case_arrays(0)[0]
     files = [f for f in dicom_files(ref.files[0].parent.parent) if "ct" in f.parts[-2]]
     inference = prepare_slices(read_ct_series(files).hu, spec)
     assert training.shape == inference.shape
-    assert training.std() > 0 and np.array_equal(training, inference)
+    assert training.std() > 0 and np.array_equal(training, inference.astype(np.float16).astype(np.float32))
+    assert np.abs(training - inference).max() <= 2 ** -11  # float16 keeps 11 bits of a value in [0, 1]

@@ -42,10 +42,10 @@ def test_run_folder_holds_checkpoint_history_plots_and_metrics(trained_run):
 def test_resume_continues_from_checkpoint(trained_run):
     root, run = trained_run
     r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
-                        "dicom", "--out", str(run), "--size", "64", "--epochs", "4", "--steps-per-epoch", "1",
+                        "dicom", "--out", str(run), "--size", "64", "--epochs", "4", "--steps-per-epoch", "2",
                         "--resume"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming from" in r.stderr
+    assert f"resuming {run} at step 6 (epoch 4, batch 0 of 2)" in r.stderr
     with (run / "history.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 4
 
