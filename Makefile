@@ -7,7 +7,7 @@ ORT_GPU  := onnxruntime-gpu==1.32.0
 DEB_PKGS := dcmtk dicom3tools orthanc
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu deb-deps demo test test-fast bench gpu-wheels lock clean reliability-figures
+.PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-train gpu-wheels lock clean reliability-figures
 
 setup: $(STAMP)
 
@@ -17,11 +17,14 @@ $(STAMP): constraints.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,test]'
 	touch $@
 
-# GPU workstation: swap the CPU build of ONNX Runtime for the CUDA build. The two install into the same
-# folder, so the CPU one is removed first; never keep both.
+# GPU workstation: swap the CPU build of ONNX Runtime for the CUDA build (the two install into the same folder,
+# so the CPU one is removed first; never keep both), and add TensorFlow's CUDA wheels at the pinned TensorFlow
+# for training. `livernode version` then lists the GPUs both see.
+TF_CUDA  := tensorflow[and-cuda]==$(shell sed -n 's/^tensorflow==//p' constraints.txt)
 setup-gpu: setup
 	$(BIN)/pip uninstall --yes onnxruntime
-	$(BIN)/pip install --quiet $(ORT_GPU)
+	$(BIN)/pip install --quiet $(ORT_GPU) '$(TF_CUDA)'
+	$(BIN)/livernode version
 
 # Debian tools the tests talk to (dcmtk, dciodvfy, Orthanc). Installed when run as root, otherwise explained.
 deb-deps:
@@ -52,6 +55,11 @@ reliability-figures: setup
 
 bench: setup deb-deps
 	$(BIN)/python bench/run.py
+
+# Training at scale on this machine (separate from `make bench`): memory flat in the number of cases, the input
+# pipeline against the model, cache preparation, and a projection of LiTS. bench/train_results.json.
+bench-train: setup
+	$(BIN)/python bench/train_scale.py
 
 # Everything bench/gpu.sh installs on a GPU machine without internet (run this where there is internet):
 # the CUDA build of ONNX Runtime, the CUDA and cuDNN runtime wheels, and livernode's base dependencies at the

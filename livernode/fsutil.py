@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,8 +119,8 @@ def building_dir(dst: Path) -> Iterator[Path]:
     another process published `dst` first, the hidden folder is removed."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # unique across hosts too: two machines may prepare the same entry in a shared cache
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     try:
         yield tmp

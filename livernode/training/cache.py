@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -167,6 +169,7 @@ def prepare(refs: list[CaseRef], spec: PreprocessSpec, root: Path | None = None,
         raise DatasetError("two cases share one case id; rename one of them")
     todo = [ref for ref in refs if not entries[ref.case_id].is_dir()]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    t0 = time.monotonic()
     if todo:
         log.info("preparing %d of %d cases at %d px into %s (%d workers)", len(todo), len(refs), spec.size, root,
                  workers)
@@ -176,12 +179,16 @@ def prepare(refs: list[CaseRef], spec: PreprocessSpec, root: Path | None = None,
                 _prepare_one(ref, spec, entries[ref.case_id])
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            # spawned, not forked: the trainer may already run TensorFlow's threads (and a multi-worker server)
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = {pool.submit(_prepare_one, ref, spec, entries[ref.case_id]): ref for ref in todo}
                 for fut in as_completed(futures):
                     fut.result()  # a loader's DatasetError names the file and stops the run
                     bar.update(1)
         bar.close()
+        log.info("prepared %d cases (%d slices) in %.1f s", len(todo), sum(
+            CachedCase.open(entries[r.case_id]).n for r in todo if (entries[r.case_id] / META).exists()),
+            time.monotonic() - t0)
     cases, skipped = {}, {}
     for ref in refs:
         entry = entries[ref.case_id]

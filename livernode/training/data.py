@@ -1,8 +1,8 @@
 """Patient-level splits and folds, splits over the prepared cache, and the streamed, augmented batches.
 
 Nothing here holds a split in memory: a `CaseSplit` indexes cache entries, and every batch is made from the
-slices it reads. A batch is a pure function of (seed, global step, worker), so the data order is the same
-after `--resume`, whatever the number of pipeline workers, and differs between the workers of a multi-worker run.
+slices it reads. A batch is a pure function of (seed, global step), so the data order is the same after
+`--resume`, whatever the number of pipeline workers or machines.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def split_cases(refs: list[CaseRef], cfg: SplitConfig, folds: int | None = None,
             raise DatasetError(f"--folds {folds}: need 2 to {len(ordered) - 1} folds for {len(ordered)} cases")
         if fold is None or not 0 <= fold < folds:
             raise DatasetError(f"--fold {fold}: choose 0 to {folds - 1}")
-        parts = np.array_split(order, folds)
+        parts = fold_parts(order, folds)
         test_idx = parts[fold]
         rest = np.concatenate([p for k, p in enumerate(parts) if k != fold])
         n_val = max(1, round(cfg.validation * len(ordered)))
@@ -55,6 +55,17 @@ def split_cases(refs: list[CaseRef], cfg: SplitConfig, folds: int | None = None,
         test_idx, val_idx, train_idx = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     return {name: [ordered[i] for i in idx]
             for name, idx in (("train", train_idx), ("validation", val_idx), ("test", test_idx))}
+
+
+def fold_parts(order: np.ndarray, folds: int) -> list[np.ndarray]:
+    return np.array_split(order, folds)
+
+
+def fold_members(refs: list[CaseRef], cfg: SplitConfig, folds: int) -> list[list[str]]:
+    """The patients of each fold, as `split_cases` deals them (for run.json)."""
+    ordered = sorted(refs, key=lambda r: r.case_id)
+    order = np.random.default_rng(cfg.seed).permutation(len(ordered))
+    return [sorted(ordered[i].case_id for i in part) for part in fold_parts(order, folds)]
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,12 @@ class CaseSplit:
         c = self.cases[k]
         return self.inputs(c.images().astype(np.float32)), c.labels(), c.flags[:, TUMOUR_LABELLED]
 
+    def case_chunk(self, k: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Inputs, labels and tumour-labelled flags of slices start..stop of case k."""
+        c = self.cases[k]
+        return (self.inputs(c.images(start, stop).astype(np.float32)), c.labels(start, stop),
+                c.flags[start:stop, TUMOUR_LABELLED])
+
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Inputs, labels and flags of the flat slices `idx` (a sample; never a whole split)."""
         pairs = [self.slice(int(i)) for i in idx]
@@ -146,13 +163,12 @@ def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, cfg: TrainC
 @dataclass
 class Batches:
     """Training batches from a split: configured shares of each batch come from slices with a labelled tumour and
-    from slices with liver, the rest from any slice. `batch(step)` depends only on (seed, worker, step)."""
+    from slices with liver, the rest from any slice. `batch(step)` depends only on (seed, step): every worker of
+    a multi-worker run makes the same global batch, and tf.distribute hands each its part."""
 
     split: CaseSplit
     cfg: TrainConfig
     seed: int
-    batch_size: int | None = None  # this worker's share of the global batch; None: cfg.batch_size
-    worker: int = 0
     _pools: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -164,11 +180,11 @@ class Batches:
 
     @property
     def size(self) -> int:
-        return self.batch_size or self.cfg.batch_size
+        return self.cfg.batch_size
 
     def picks(self, step: int) -> np.ndarray:
         b, c = self.size, self.cfg
-        rng = np.random.default_rng([self.seed, self.worker, step, 0])
+        rng = np.random.default_rng([self.seed, step, 0])
         tumour, liver, anything = self._pools
         n_tumour = int(round(b * c.tumour_slices_fraction)) if len(tumour) else 0
         n_liver = min(b - n_tumour, int(round(b * c.liver_slices_only_fraction))) if len(liver) else 0
@@ -178,7 +194,7 @@ class Batches:
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs (b, s, s, channels), targets (b, s, s, 4)) for global step `step`."""
         pick = self.picks(step)
-        rng = np.random.default_rng([self.seed, self.worker, step, 1])
+        rng = np.random.default_rng([self.seed, step, 1])
         xs, ys = [], []
         for i in pick:
             x, y = self.split.slice(int(i))

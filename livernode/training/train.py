@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from livernode.imaging import metrics as M
 from livernode.imaging.preprocess import PreprocessSpec
 from livernode.training import plots
 from livernode.training.cache import prepare
-from livernode.training.data import Batches, CaseSplit, split_cases, targets
+from livernode.training.data import Batches, CaseSplit, fold_members, split_cases, targets
 from livernode.training.datasets import list_cases
 from livernode.training.distribute import Placement, barrier, place
 from livernode.training.model import (build_model, import_tf, load_model, make_loss, make_metrics,
@@ -55,69 +57,113 @@ def predict(model, x: np.ndarray) -> np.ndarray:
                            for i in range(0, len(x), PRED_BATCH)])
 
 
-class SplitScore:
-    """Everything validation and the report need from one split, accumulated case by case: the loss, the
-    hard-prediction IoU and F-score as the training metrics define them, global Dice, and each class's
-    confusion figures with AUC."""
+def _effective(t: np.ndarray, p: np.ndarray, known: np.ndarray):
+    """numpy twin of model._effective: on slices without tumour labels liver means liver-or-tumour."""
+    k = known.astype(np.float32)[:, None, None, None]
+    t_m = np.concatenate([t[..., 0:1], t[..., 1:2] + t[..., 2:3], np.zeros_like(t[..., 2:3])], -1)
+    p_m = np.concatenate([p[..., 0:1], p[..., 1:2] + p[..., 2:3], np.ones_like(p[..., 2:3])], -1)
+    valid = np.concatenate([np.ones_like(k), np.ones_like(k), k], -1)
+    return k * t + (1 - k) * t_m, k * p + (1 - k) * p_m, valid
 
-    def __init__(self, tf, loss_fn) -> None:
-        self.tf, self.loss_fn = tf, loss_fn
-        self.loss_sum, self.slices = 0.0, 0
+
+class SplitScore:
+    """Everything validation and the report need from one split, accumulated case by case: the training loss
+    over the whole split (its Dice sums and focal sum add up exactly), the hard-prediction IoU and F-score as the
+    training metrics define them, global Dice, and each class's confusion figures with AUC."""
+
+    def __init__(self, class_weights, focal_weight: float, gamma: float = 2.0) -> None:
+        self.w = np.asarray(class_weights, np.float64)
+        self.focal_weight, self.gamma = focal_weight, gamma
+        self.inter, self.denom = np.zeros(3), np.zeros(3)
+        self.focal_sum, self.pixels, self.slices = 0.0, 0, 0
         self.hard = np.zeros((2, 3))  # per class (liver, tumour): intersection, prediction, truth (folded)
         self.liver, self.tumour = M.ConfusionCounter(), M.ConfusionCounter()
 
     def add(self, prob: np.ndarray, y: np.ndarray, known: np.ndarray) -> None:
-        t = targets(y, known)
-        self.loss_sum += float(self.loss_fn(self.tf.constant(t), self.tf.constant(prob))) * len(y)
+        t3 = targets(y, known)[..., :3]
+        t, p, valid = _effective(t3, np.clip(prob, 1e-7, 1 - 1e-7), known)
+        self.inter += (t * p * valid).sum((0, 1, 2))
+        self.denom += ((t + p) * valid).sum((0, 1, 2))
+        pc = np.clip(p, 1e-7, 1.0)
+        self.focal_sum += float((-t * (1 - pc) ** self.gamma * np.log(pc) * valid * self.w).sum())
+        self.pixels += int(np.prod(y.shape))
         self.slices += len(y)
         pred = prob.argmax(-1)
         k = known.astype(bool)
         # as make_metrics: on tumour-labelled slices liver is label 1; elsewhere liver-or-tumour, tumour ignored
-        for c, (p, g) in enumerate((
+        for c, (hp, g) in enumerate((
                 (np.where(k[:, None, None], pred == 1, pred > 0), np.where(k[:, None, None], y == 1, y > 0)),
                 (pred[k] == 2, y[k] == 2))):
-            self.hard[c] += ((p & g).sum(), p.sum(), g.sum())
+            self.hard[c] += ((hp & g).sum(), hp.sum(), g.sum())
         self.liver.add(pred > 0, prob[..., 1] + prob[..., 2], y > 0)
         if k.any():
             self.tumour.add(pred[k] == 2, prob[k][..., 2], y[k] == 2)
+
+    @property
+    def loss(self) -> float:
+        eps = 1e-5
+        dice = (2 * self.inter + eps) / (self.denom + eps)
+        return float(1 - (self.w * dice).sum() / self.w.sum() + self.focal_weight * self.focal_sum / max(1, self.pixels))
 
     def logs(self) -> dict[str, float]:
         eps = 1e-5
         inter, p, g = self.hard[:, 0], self.hard[:, 1], self.hard[:, 2]
         liver = self.liver.result().dice if self.liver.seen else float("nan")
         tumour = self.tumour.result().dice if self.tumour.seen else float("nan")
-        return {"loss": self.loss_sum / max(1, self.slices),
+        return {"loss": self.loss,
                 "iou_score": float(np.mean((inter + eps) / (p + g - inter + eps))),
                 "f1_score": float(np.mean((2 * inter + eps) / (p + g + eps))),
                 "dice_liver": liver, "dice_tumour": tumour,
                 "score": liver if math.isnan(tumour) else (liver + tumour) / 2}
 
     def rows(self, name: str) -> list[dict]:
-        loss = self.loss_sum / max(1, self.slices)
-        rows = [{"split": name, "class": "liver", "loss": loss, **self.liver.result().as_dict()}] if self.slices else []
+        rows = [{"split": name, "class": "liver", "loss": self.loss, **self.liver.result().as_dict()}] \
+            if self.slices else []
         if self.tumour.seen:
-            rows.append({"split": name, "class": "tumour", "loss": loss, **self.tumour.result().as_dict()})
+            rows.append({"split": name, "class": "tumour", "loss": self.loss, **self.tumour.result().as_dict()})
         return rows
 
 
-def score_split(tf, model, loss_fn, split: CaseSplit) -> SplitScore:
-    """Predict one case at a time (never a whole split) and accumulate its scores."""
-    score = SplitScore(tf, loss_fn)
-    for k in range(len(split.cases)):
-        x, y, known = split.case_arrays(k)
-        for i in range(0, len(x), PRED_BATCH):
-            score.add(predict(model, x[i:i + PRED_BATCH]), y[i:i + PRED_BATCH], known[i:i + PRED_BATCH])
+def score_split(model, tc, split: CaseSplit) -> SplitScore:
+    """Predict PRED_BATCH slices of one case at a time (never a whole split, nor a whole case) and accumulate."""
+    score = SplitScore(tc.class_weights, tc.focal_weight)
+    for k, case in enumerate(split.cases):
+        for i in range(0, case.n, PRED_BATCH):
+            x, y, known = split.case_chunk(k, i, i + PRED_BATCH)
+            score.add(predict(model, x), y, known)
     return score
 
 
-def score_sample(tf, model, loss_fn, split: CaseSplit, n: int, seed: int) -> SplitScore:
+def score_sample(model, tc, split: CaseSplit, n: int, seed: int) -> SplitScore:
     """The same on a seeded sample of n slices (the training split's report row)."""
-    score = SplitScore(tf, loss_fn)
+    score = SplitScore(tc.class_weights, tc.focal_weight)
     pick = np.sort(np.random.default_rng(seed).choice(split.n, min(n, split.n), replace=False))
     for i in range(0, len(pick), PRED_BATCH):
         x, y, known = split.take(pick[i:i + PRED_BATCH])
         score.add(predict(model, x), y, known)
     return score
+
+
+class _SigintDeferred:
+    """Ctrl-C during an epoch's end (validation, checkpoints, history) waits until that end is complete, then
+    stops the run, so an interrupted run never has a trained epoch that was neither validated nor recorded."""
+
+    def __enter__(self):
+        self.got, self.old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.got = True
+        log.warning("Ctrl-C: finishing this epoch's validation and checkpoint, then stopping")
+
+    def __exit__(self, kind, exc, tb):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.got and kind is None:
+            raise KeyboardInterrupt
+        return False
 
 
 class _Progress:
@@ -212,6 +258,8 @@ class _Run:
         self.step.assign(global_step)
         self.manager.save(checkpoint_number=global_step)
         self.state.update(state, step=global_step)
+        if not state.get("interrupted"):
+            self.state.pop("interrupted", None)
         if self.chief:
             write_json(self.out / STATE, self.state)
 
@@ -239,8 +287,8 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     if placement.chief:
         _save_parity_sample(val_s if val_s.n else train_s, out)
     tc = cfg.train
-    if tc.batch_size % placement.workers:
-        raise TrainingError(f"batch size {tc.batch_size} does not divide among {placement.workers} workers")
+    if tc.batch_size % placement.replicas:
+        raise TrainingError(f"batch size {tc.batch_size} does not divide among {placement.replicas} replicas")
     steps = tc.steps_per_epoch or max(1, math.ceil(train_s.n / tc.batch_size))
     loss_fn = make_loss(tc.class_weights, tc.focal_weight)
     metric_fns = make_metrics()
@@ -251,26 +299,34 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
             lr = tf.keras.optimizers.schedules.CosineDecay(tc.learning_rate, steps * tc.epochs, alpha=0.05)
         optimizer = tf.keras.optimizers.Adam(lr)
         model.compile(optimizer=optimizer, loss=loss_fn, metrics=metric_fns)
+    backup = out / "backup"  # BackupAndRestore's, multi-worker only
+    auto_resume = placement.kind == "multi-worker" and backup.exists()
+    if not (resume or auto_resume) and placement.chief and any(
+            (out / n).exists() for n in (LAST, STATE, "backup")):
+        log.info("%s holds an earlier run: starting afresh (--resume continues it)", out)
+        for name in (LAST, "backup"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (STATE, CHECKPOINT, "history.csv"):
+            (out / name).unlink(missing_ok=True)
     run = _Run(tf, out, model, model.optimizer, placement.chief)
     history_path = out / "history.csv"
     first_step = 0
-    if resume:
+    if resume or auto_resume:
+        # A multi-worker run that restarts finds BackupAndRestore's backup, taken at the same epoch end as our
+        # checkpoint: the data then resumes at that step, as the weights do.
         first_step = run.restore()
         if first_step:
             log.info("resuming %s at step %d (epoch %d, batch %d of %d)", out, first_step, first_step // steps + 1,
                      first_step % steps, steps)
-    elif placement.chief and ((out / LAST).exists() or (out / STATE).exists()):
-        log.info("%s holds an earlier run: starting afresh (--resume continues it)", out)
-        shutil.rmtree(out / LAST, ignore_errors=True)
-        for name in (STATE, CHECKPOINT, "history.csv"):
-            (out / name).unlink(missing_ok=True)
+        if placement.kind != "multi-worker":
+            shutil.rmtree(backup, ignore_errors=True)
     history = _read_history(history_path) if first_step else {}
     history = {k: v[:first_step // steps] for k, v in history.items()}
     best = float(run.state.get("val_score", -1.0)) if first_step else -1.0
 
-    # Each worker makes its share of the global batch; Keras splits it among the worker's replicas.
-    local_batch = tc.batch_size // placement.workers
-    batches = Batches(train_s, tc, seed=cfg.split.seed, batch_size=local_batch, worker=placement.worker_index)
+    # Every worker makes the same global batch for a step; tf.distribute gives each worker's replicas their
+    # slices of it, so a step sees the same slices on one machine or several, before and after a resume.
+    batches = Batches(train_s, tc, seed=cfg.split.seed)
     calib = Batches(train_s, tc, seed=cfg.split.seed + 7919)
 
     def calibration() -> np.ndarray:
@@ -282,9 +338,12 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
         """Validation case by case, the best checkpoint when the Dice score improves, and the resumable one."""
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
+            with _SigintDeferred():  # an epoch ends whole: validated, checkpointed and in the history
+                self._end(epoch, logs if logs is not None else {})
+
+        def _end(self, epoch, logs):
             recalibrate_batchnorm(self.model, calibration())
-            val = score_split(tf, self.model, loss_fn, val_s).logs()
+            val = score_split(self.model, tc, val_s).logs()
             logs.update({f"val_{k}": v for k, v in val.items()})
             improved = val["score"] > state["best"]
             # Saving reads replicated variables, which is a collective operation across the workers of a
@@ -328,10 +387,13 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
         if step_now < last:
             fit(step_now, last, step_now // steps, steps)
     except KeyboardInterrupt:
+        bar.close()
+        if placement.workers > 1:  # saving needs every worker, and the signal reached this one only
+            raise TrainingError(f"interrupted; the last epoch's checkpoint in {out / LAST} and BackupAndRestore's "
+                                f"backup resume the run: start the same command on every worker") from None
         at = int(model.optimizer.iterations.numpy())  # steps applied, counting those of a restored checkpoint
         run.save(at, epochs_done=at // steps, val_score=state["best"], best_epoch=state["best_epoch"],
                  interrupted=True)
-        bar.close()
         raise TrainingError(f"interrupted at step {at} of {last}; saved to {out / LAST}: continue with --resume") \
             from None
     bar.close()
@@ -346,21 +408,22 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     try:
         if not (out / CHECKPOINT).exists():
             raise TrainingError(f"{out}: no checkpoint was saved (validation score never improved)")
-        return _report(tf, out, data, fmt, cfg, spec, splits, history, loss_fn, state["best_epoch"],
+        return _report(tf, out, data, fmt, cfg, spec, splits, history, state["best_epoch"],
                        train_seconds, placement, prepared, folds, fold)
     finally:
         barrier(tf, placement)
 
 
-def _report(tf, out, data, fmt, cfg, spec, splits, history, loss_fn, best_epoch, train_seconds, placement,
+def _report(tf, out, data, fmt, cfg, spec, splits, history, best_epoch, train_seconds, placement,
             prepared, folds, fold) -> TrainResult:
     train_s, val_s, test_s = splits["train"], splits["validation"], splits["test"]
     best_model = load_model(out / CHECKPOINT)
     # The train row is computed on a seeded sample of its slices: predicting every training slice again would
     # cost as much as several epochs on a CPU, for a figure that only shows over- or under-fitting.
-    scores = {"train": score_sample(tf, best_model, loss_fn, train_s, REPORT_TRAIN_SLICES, cfg.split.seed),
-              "validation": score_split(tf, best_model, loss_fn, val_s),
-              "test": score_split(tf, best_model, loss_fn, test_s)}
+    tc = cfg.train
+    scores = {"train": score_sample(best_model, tc, train_s, REPORT_TRAIN_SLICES, cfg.split.seed),
+              "validation": score_split(best_model, tc, val_s),
+              "test": score_split(best_model, tc, test_s)}
     rows = [r for name, s in scores.items() for r in s.rows(name)]
     with replacing(out / "metrics.csv") as tmp, tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
@@ -380,7 +443,8 @@ def _report(tf, out, data, fmt, cfg, spec, splits, history, loss_fn, best_epoch,
                  "tumour_labelled": bool(train_s.known.any()),
                  "synthetic_cases": sum(sum(s.synthetic) for s in everything),
                  "real_cases": sum(len(s.synthetic) - sum(s.synthetic) for s in everything)},
-        "folds": {"folds": folds, "fold": fold} if folds else None,
+        "folds": {"folds": folds, "fold": fold, "patients": fold_members(
+            [r for r in list_cases(data, fmt) if r.case_id in prepared.cases], cfg.split, folds)} if folds else None,
         "config": cfg.model_dump(),
         "preprocess": asdict(spec),
         "architecture": "Unet",
