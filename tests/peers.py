@@ -258,3 +258,19 @@ class RawClient:
         self.assoc._reactor_checkpoint.set()
         if self.assoc.is_established:
             self.assoc.release()
+
+
+def at_pacs(out: Path, n: int = 2) -> list[Path] | None:
+    """The files a PACS stand-in wrote to `out` once there are at least n and each reads back whole; else None.
+    storescp writes under the final name while it receives, so a file that is there may still be growing."""
+    import pydicom
+
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    if len(files) < n:
+        return None
+    for p in files:
+        try:
+            pydicom.dcmread(p)
+        except Exception:  # still arriving (no preamble yet, or cut short): look again later
+            return None
+    return files

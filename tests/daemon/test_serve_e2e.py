@@ -23,8 +23,7 @@ def start_node(tmp_path, model, *args):
 
 
 def received(out: Path):
-    files = [p for p in out.iterdir() if p.is_file()]
-    return files if len(files) >= 2 else None
+    return peers.at_pacs(out, 2)
 
 
 def check_results(files, study_dir: Path, model: Path, tmp_path: Path) -> None:

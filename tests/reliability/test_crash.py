@@ -14,7 +14,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from tests.peers import PacsStandIn, free_port, start_node, stop_node, storescu, wait_for, wait_port
+from tests.peers import at_pacs, PacsStandIn, free_port, start_node, stop_node, storescu, wait_for, wait_port
 from tests.reliability.conftest import db_rows, settled
 
 pytestmark = pytest.mark.slow
@@ -22,8 +22,7 @@ QUIET_S = 6  # longer than sending the second half takes, so the study is comple
 
 
 def received(out: Path):
-    files = [p for p in out.iterdir() if p.is_file()]
-    return files if len(files) >= 2 else None
+    return at_pacs(out, 2)
 
 
 def _kill(node) -> None:

@@ -7,14 +7,13 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from tests.peers import free_port, start_node, stop_node, storescu, wait_for, wait_port
+from tests.peers import at_pacs, free_port, start_node, stop_node, storescu, wait_for, wait_port
 
 pytestmark = pytest.mark.slow
 
 
 def _at_pacs(out, n):
-    files = [p for p in out.iterdir() if p.is_file()]
-    return files if len(files) >= n else None
+    return at_pacs(out, n)
 
 
 def test_late_slice_supersedes_the_sent_result(tmp_path, exported, synth_dirs, pacs, figure):

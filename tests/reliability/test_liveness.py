@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from livernode.imaging.synth import synthesize
-from tests.peers import (free_port, log_text, metric, restamp, scrape, start_node, stop_node, storescu, wait_for,
-                         wait_port)
+from tests.peers import (at_pacs, free_port, log_text, metric, restamp, scrape, start_node, stop_node, storescu,
+                         wait_for, wait_port)
 from tests.reliability.conftest import db_rows, settled
 
 pytestmark = pytest.mark.slow
@@ -54,9 +54,8 @@ class NotifySocket:
         self.sock.close()
 
 
-def _at_pacs(out: Path, n: int):
-    files = [p for p in out.iterdir() if p.is_file()]
-    return files if len(files) >= n else None
+def _at_pacs(out, n):
+    return at_pacs(out, n)
 
 
 def test_backlog_keeps_the_watchdog_fed(tmp_path, exported, pacs, figure):

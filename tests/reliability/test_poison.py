@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from livernode.daemon import pipeline
-from tests.peers import ENV, free_port, restamp, start_node, stop_node, storescu, wait_for, wait_port
+from tests.peers import at_pacs, ENV, free_port, restamp, start_node, stop_node, storescu, wait_for, wait_port
 from tests.reliability.conftest import audit_events, db_rows
 
 pytestmark = pytest.mark.slow
@@ -27,8 +27,7 @@ def _uid(files) -> str:
 
 
 def _at_pacs(out, n):
-    files = [p for p in out.iterdir() if p.is_file()]
-    return files if len(files) >= n else None
+    return at_pacs(out, n)
 
 
 def test_study_killed_three_times_fails_and_the_next_is_delivered(tmp_path, exported, long_study, trained_run, pacs,

@@ -8,7 +8,7 @@ import pytest
 from pynetdicom.sop_class import SegmentationStorage
 
 from livernode.config import load_daemon_config
-from tests.peers import PacsStandIn, free_port, restamp, start_storescp, stop_process, storescu, wait_for
+from tests.peers import at_pacs, PacsStandIn, free_port, restamp, start_storescp, stop_process, storescu, wait_for
 from tests.reliability.conftest import audit_events
 
 pytestmark = pytest.mark.slow
@@ -69,8 +69,7 @@ def test_lost_result_file_is_reprocessed_not_resent(running_node, trained_run, t
         seg.write_bytes(seg.read_bytes()[:300])
     pacs = start_storescp(pacs_port, pacs_out)
     try:
-        got = wait_for(lambda: [p for p in pacs_out.iterdir() if p.is_file()] if
-                       len([p for p in pacs_out.iterdir() if p.is_file()]) >= 2 else None, 120, "SEG and SR")
+        got = wait_for(lambda: at_pacs(pacs_out, 2), 120, "SEG and SR")
     finally:
         stop_process(pacs)
     states = sorted(r[4] for r in node.store.outbox())

@@ -19,7 +19,7 @@ from livernode.config import SelectionConfig
 from livernode.daemon.pipeline import process_all, process_files
 from livernode.daemon.seg import verify_seg
 from livernode.inference.runner import Segmenter
-from tests.peers import ENV, storescu, wait_for
+from tests.peers import at_pacs, ENV, storescu, wait_for
 from livernode.imaging.synth_study import abdomen_study, stored_another_way
 
 pytestmark = pytest.mark.slow
@@ -45,8 +45,7 @@ def _series_uid(files) -> str:
 
 
 def _at_least(folder: Path, n: int) -> list[Path] | None:
-    files = [p for p in folder.iterdir() if p.is_file()]
-    return files if len(files) >= n else None
+    return at_pacs(folder, n)
 
 
 def _registered(seg_path: Path, series_files: list[Path]) -> None:

@@ -192,8 +192,11 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(trained_run, tmp_path):
             "--folds", "3", "--fold", "1"]
     log = tmp_path / "train.log"
     with log.open("w") as fh:
+        # A shell that starts a job in the background (as CI may) makes it ignore SIGINT, and the child would
+        # inherit that: give it the default disposition, as a terminal's Ctrl-C finds it.
         proc = subprocess.Popen([*TRAIN, *args], stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 600
         while "| 5/12 [" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
