@@ -39,7 +39,8 @@ def _train(a: argparse.Namespace) -> int:
 
     cfg = load_training_config(a.config, {"preprocess.size": a.size, "train.epochs": a.epochs,
                                           "train.steps_per_epoch": a.steps_per_epoch,
-                                          "model.backbone": a.backbone, "model.encoder_weights": a.encoder_weights,
+                                          "model.arch": a.arch, "model.backbone": a.backbone,
+                                          "model.encoder_weights": a.encoder_weights,
                                           "split.seed": a.seed})
     if a.logical_cpus:  # before TensorFlow touches its devices: MirroredStrategy without GPUs
         from livernode.training.distribute import split_cpu
@@ -216,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--size", type=int)
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps-per-epoch", type=int)
-    t.add_argument("--backbone")
+    t.add_argument("--arch", choices=["resnet34-unet", "unet"],
+                   help="resnet34-unet (default): U-Net with a segmentation-models encoder; unet: the original U-Net")
+    t.add_argument("--backbone", help="resnet34-unet's encoder (any segmentation-models backbone name)")
     t.add_argument("--encoder-weights", help="local .h5 file with ImageNet weights for the backbone")
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", action="store_true",

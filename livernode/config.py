@@ -43,6 +43,9 @@ class PreprocessConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    arch: Literal["resnet34-unet", "unet"] = Field(
+        "resnet34-unet", description="resnet34-unet: segmentation-models U-Net with the named backbone; unet: the "
+                                     "original U-Net (double convolutions, no pretrained encoder)")
     backbone: str = "resnet34"
     encoder_weights: str | None = Field(
         None, description="None for random init, or a local .h5 file with ImageNet weights for the backbone"

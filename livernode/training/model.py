@@ -193,3 +193,25 @@ def as_float32(model):
     copy = tf.keras.Model.from_config(policies(config))
     copy.set_weights(model.get_weights())
     return copy
+
+
+ARCHITECTURES = {"resnet34-unet": ("Unet", None), "unet": ("U-Net", "plain (double convolutions)")}
+
+
+def build_network(arch: str, backbone: str, channels: int, encoder_weights: str | None = None):
+    """The network `--arch` names: the segmentation-models U-Net with `backbone`, or the original U-Net."""
+    if arch == "resnet34-unet":
+        return build_model(backbone, channels, encoder_weights)
+    if arch == "unet":
+        if encoder_weights is not None:
+            raise TrainingError("--encoder-weights needs a pretrained encoder: use --arch resnet34-unet")
+        from livernode.training.archs import build_plain_unet
+
+        return build_plain_unet(channels)
+    raise TrainingError(f"unknown architecture {arch!r} (resnet34-unet or unet)")
+
+
+def describe(arch: str, backbone: str) -> tuple[str, str]:
+    """(architecture name, backbone) as the manifest records them."""
+    name, fixed = ARCHITECTURES[arch]
+    return name, fixed or backbone

@@ -31,7 +31,7 @@ from livernode.training.cache import prepare
 from livernode.training.data import Batches, CaseSplit, fold_members, split_cases, targets
 from livernode.training.datasets import list_cases
 from livernode.training.distribute import Placement, barrier, place
-from livernode.training.model import (build_model, import_tf, load_model, make_loss, make_metrics,
+from livernode.training.model import (build_network, describe, import_tf, load_model, make_loss, make_metrics,
                                       recalibrate_batchnorm)
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     loss_fn = make_loss(tc.class_weights, tc.focal_weight)
     metric_fns = make_metrics()
     with placement.strategy.scope():
-        model = build_model(cfg.model.backbone, spec.channels, cfg.model.encoder_weights)
+        model = build_network(cfg.model.arch, cfg.model.backbone, spec.channels, cfg.model.encoder_weights)
         lr = tc.learning_rate
         if tc.lr_schedule == "cosine":
             lr = tf.keras.optimizers.schedules.CosineDecay(tc.learning_rate, steps * tc.epochs, alpha=0.05)
@@ -447,8 +447,9 @@ def _report(tf, out, data, fmt, cfg, spec, splits, history, best_epoch, train_se
             [r for r in list_cases(data, fmt) if r.case_id in prepared.cases], cfg.split, folds)} if folds else None,
         "config": cfg.model_dump(),
         "preprocess": asdict(spec),
-        "architecture": "Unet",
-        "backbone": cfg.model.backbone,
+        "arch": cfg.model.arch,
+        "architecture": describe(cfg.model.arch, cfg.model.backbone)[0],
+        "backbone": describe(cfg.model.arch, cfg.model.backbone)[1],
         "placement": {"strategy": placement.kind, "replicas": placement.replicas, "workers": placement.workers,
                       "gpus": placement.gpus, "precision": placement.precision},
         "best_epoch": best_epoch,

@@ -245,3 +245,26 @@ def test_the_label_map_comes_from_the_manifest(exported, trained_run, tmp_path):
     [line] = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert "label 'Spleen' (output channel 2, SCT 78961009 Spleen) is neither liver, liver tumour nor background" \
         in line, r.stderr
+
+
+def test_plain_unet_trains_exports_and_segments(trained_run, tmp_path):
+    """--arch unet (the original U-Net) goes through the same loop, export with parity and the node's pipeline."""
+    root, _ = trained_run
+    run, model = tmp_path / "run", tmp_path / "unet.onnx"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
+                        "dicom", "--out", str(run), "--size", "64", "--epochs", "2", "--steps-per-epoch", "2",
+                        "--arch", "unet"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["arch"] == "unet" and summary["architecture"] == "U-Net"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "export", str(run), "--out", str(model)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads({p.key: p.value for p in onnx.load(str(model)).metadata_props}[METADATA_KEY])
+    assert manifest["architecture"]["name"] == "U-Net" and manifest["parity"]["max_abs_diff"] <= 1e-4
+    out = tmp_path / "result"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(root / "data" / "case_001"), "--model",
+                        str(model), "--out", str(out), "--providers", "cpu"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]  # the SEG passed the geometry read-back before it was written
+    assert (out / "seg.dcm").stat().st_size > 0 and (out / "sr.dcm").stat().st_size > 0
