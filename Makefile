@@ -60,6 +60,7 @@ bench: setup deb-deps
 # pipeline against the model, cache preparation, and a projection of LiTS. bench/train_results.json.
 bench-train: setup
 	$(BIN)/python bench/train_scale.py
+	$(BIN)/python bench/render_train.py
 
 # Everything bench/gpu.sh installs on a GPU machine without internet (run this where there is internet):
 # the CUDA build of ONNX Runtime, the CUDA and cuDNN runtime wheels, and livernode's base dependencies at the

@@ -198,7 +198,9 @@ def main() -> int:
     speed = pipeline_and_model()
     mem["peak_rss_mib_512"] = memory_512(few)
     lits = project(mem, speed)
-    results = {"memory_and_cache": mem, "speed": speed, "lits_projection": lits,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    results = {"commit": commit, "memory_and_cache": mem, "speed": speed, "lits_projection": lits,
                "seconds": time.monotonic() - t0}
     (REPO / "bench" / "train_results.json").write_text(json.dumps(results, indent=1) + "\n")
     rows = [("peak RSS, train on 48 vs 8 cases (MiB)", f"{mem['peak_rss_mib_48']:.0f}", f"{mem['peak_rss_mib_8']:.0f}",
