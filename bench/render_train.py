@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from livernode.fsutil import write_between_markers  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench-train table: begin (bench/render_train.py) -->", "<!-- bench-train table: end -->"
 
@@ -43,13 +47,9 @@ def main() -> int:
     commit = results.get("commit") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                                      capture_output=True, text=True).stdout.strip()
     readme = REPO / "README.md"
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
+    if not write_between_markers(readme, BEGIN, END, table(results, commit)):
         print(f"{readme}: the bench-train markers are missing", file=sys.stderr)
         return 1
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table(results, commit)}\n{END}{tail}")
     print(f"{readme}: bench-train figures of {commit} written")
     return 0
 

@@ -140,3 +140,15 @@ def building_dir(dst: Path) -> Iterator[Path]:
         fsync_dir(dst.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_between_markers(path: Path, begin: str, end: str, body: str) -> bool:
+    """Replace what lies between the lines `begin` and `end` in the text file `path` with `body` (documents whose
+    figures a script writes); False when a marker is missing."""
+    text = Path(path).read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    write_text(Path(path), f"{head}{begin}\n{body}\n{end}{tail}")
+    return True

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from livernode.fsutil import write_between_markers
+
 REPO = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- figures: begin (written by tests/reliability/render_figures.py) -->", "<!-- figures: end -->"
 
@@ -31,13 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{source}: no figures yet; run `make test` first", file=sys.stderr)
         return 1
     doc = REPO / "RELIABILITY.md"
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
+    if not write_between_markers(doc, BEGIN, END, render(json.loads(source.read_text()))):
         print(f"{doc}: the figures markers are missing", file=sys.stderr)
         return 1
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{render(json.loads(source.read_text()))}\n{END}{tail}")
     print(f"{doc}: figures of {len(json.loads(source.read_text()))} tests written")
     return 0
 
