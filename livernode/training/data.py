@@ -116,8 +116,7 @@ class CaseSplit:
 
     def case_arrays(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One case's network inputs, labels and tumour-labelled flags (read from the cache now)."""
-        c = self.cases[k]
-        return self.inputs(c.images().astype(np.float32)), c.labels(), c.flags[:, TUMOUR_LABELLED]
+        return self.case_chunk(k, 0, self.cases[k].n)
 
     def case_chunk(self, k: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Inputs, labels and tumour-labelled flags of slices start..stop of case k."""

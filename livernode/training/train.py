@@ -277,7 +277,8 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     spec = spec_from_config(cfg.preprocess)
     refs = list_cases(data, fmt)
     prepared = prepare(refs, spec, cache, workers, progress=progress)
-    parts = split_cases([r for r in refs if r.case_id in prepared.cases], cfg.split, folds, fold)
+    usable = [r for r in refs if r.case_id in prepared.cases]
+    parts = split_cases(usable, cfg.split, folds, fold)
     splits = {name: CaseSplit(name, tuple(prepared.cases[r.case_id] for r in part), spec.channels)
               for name, part in parts.items()}
     train_s, val_s, test_s = splits["train"], splits["validation"], splits["test"]
@@ -409,13 +410,13 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
         if not (out / CHECKPOINT).exists():
             raise TrainingError(f"{out}: no checkpoint was saved (validation score never improved)")
         return _report(tf, out, data, fmt, cfg, spec, splits, history, state["best_epoch"],
-                       train_seconds, placement, prepared, folds, fold)
+                       train_seconds, placement, prepared, usable, folds, fold)
     finally:
         barrier(tf, placement)
 
 
 def _report(tf, out, data, fmt, cfg, spec, splits, history, best_epoch, train_seconds, placement,
-            prepared, folds, fold) -> TrainResult:
+            prepared, usable, folds, fold) -> TrainResult:
     train_s, val_s, test_s = splits["train"], splits["validation"], splits["test"]
     best_model = load_model(out / CHECKPOINT)
     # The train row is computed on a seeded sample of its slices: predicting every training slice again would
@@ -443,8 +444,7 @@ def _report(tf, out, data, fmt, cfg, spec, splits, history, best_epoch, train_se
                  "tumour_labelled": bool(train_s.known.any()),
                  "synthetic_cases": sum(sum(s.synthetic) for s in everything),
                  "real_cases": sum(len(s.synthetic) - sum(s.synthetic) for s in everything)},
-        "folds": {"folds": folds, "fold": fold, "patients": fold_members(
-            [r for r in list_cases(data, fmt) if r.case_id in prepared.cases], cfg.split, folds)} if folds else None,
+        "folds": {"folds": folds, "fold": fold, "patients": fold_members(usable, cfg.split, folds)} if folds else None,
         "config": cfg.model_dump(),
         "preprocess": asdict(spec),
         "arch": cfg.model.arch,
