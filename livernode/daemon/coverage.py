@@ -22,7 +22,7 @@ import numpy as np
 from livernode.daemon.select import Candidate, Coverage
 from livernode.errors import InputError
 from livernode.imaging.dicomio import hu_of, read_dataset
-from livernode.imaging.preprocess import prepare_slices
+from livernode.imaging.preprocess import context_span
 from livernode.imaging.volume import LIVER, TUMOUR
 from livernode.inference.runner import Segmenter
 
@@ -144,15 +144,38 @@ def model_probe(segmenter: Segmenter, progress: Callable[[int, int], None] = lam
                 ) -> AreaProbe:
     """An AreaProbe that decodes the requested slices, turns them the model's way and runs the network at its input
     size: liver plus tumour pixels of the argmax, times the area one such pixel covers."""
-    size = segmenter.spec.size
+    size, mode = segmenter.spec.size, segmenter.mode
     done = [0]
+    whole: dict[str, np.ndarray] = {}  # 3-D models: liver area of every slice of a series segmented whole
+
+    def decode(c: Candidate, i: int) -> np.ndarray:
+        return hu_of(read_dataset(Path(c.items[i][0])), c.items[i][0])
 
     def probe(c: Candidate, idx: list[int]) -> np.ndarray:
-        hu = np.stack([hu_of(read_dataset(Path(c.items[i][0])), c.items[i][0]) for i in idx])
         ref = c.items[0][1]
         row_mm, col_mm = (float(v) for v in ref.PixelSpacing)
-        pixel_mm2 = (max(hu.shape[1:]) / size) ** 2 * row_mm * col_mm  # square padding keeps pixels' aspect
-        labels = segmenter.labels_of(segmenter.run(prepare_slices(c.orientation.forward(hu), segmenter.spec)))
+        n = len(c.items)
+        if mode.dims == 3:  # a volume model sees whole series: segment each once, at its own resolution
+            if c.uid not in whole:
+                hu = np.stack([decode(c, i) for i in range(n)])
+                step = abs(c.positions_mm[-1] - c.positions_mm[0]) / max(1, n - 1) if n > 1 else 1.0
+                labels = segmenter.segment(hu, c.orientation, (step or 1.0, row_mm, col_mm))
+                whole[c.uid] = np.isin(labels, (LIVER, TUMOUR)).reshape(n, -1).sum(axis=1) * row_mm * col_mm
+            done[0] += len(idx)
+            progress(done[0], 0)
+            return whole[c.uid][list(idx)]
+        shape = (int(ref.Rows), int(ref.Columns))
+        pixel_mm2 = (max(shape) / size) ** 2 * row_mm * col_mm  # square padding keeps pixels' aspect
+        read: dict[int, np.ndarray] = {}
+        xs = []
+        for i in idx:  # each probed slice with the neighbours a 2.5-D model needs
+            first, last = context_span(n, i, i + 1, mode.context)
+            for j in range(first, last):
+                if j not in read:
+                    read[j] = decode(c, j)
+            hu = np.stack([read[j] for j in range(first, last)])
+            xs.append(segmenter.inputs(hu, n, i, i + 1, first, c.orientation))
+        labels = segmenter.labels_of(segmenter.run(np.concatenate(xs)))
         done[0] += len(idx)
         progress(done[0], 0)
         return np.isin(labels, (LIVER, TUMOUR)).reshape(len(idx), -1).sum(axis=1) * pixel_mm2

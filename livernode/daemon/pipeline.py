@@ -208,9 +208,10 @@ def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segm
                 float(getattr(ds, "RescaleIntercept", 0) or 0).is_integer() for _, ds in kept)
     shape = (int(ref.Rows), int(ref.Columns))
     slices = _Slices(kept, np.int16 if exact else np.float32)
+    row_mm, col_mm = (float(v) for v in ref.PixelSpacing)
     hu, labels = segmenter.segment_streamed(len(kept), shape, slices.__getitem__, slices.dtype,
                                             on_batch=lambda done, total: progress("infer", done, total),
-                                            orientation=turn)
+                                            orientation=turn, spacing=(order.step, row_mm, col_mm))
     return ordered_volume([ds for _, ds in kept], order, hu, series_uid), labels, slices
 
 

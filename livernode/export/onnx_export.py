@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 OPSET = 17
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 MIN_AGREEMENT = {"float32": 0.9999, "float16": 0.999}
-DIM_NAMES = ("batch", "height", "width")
+DIM_NAMES = {2: ("batch", "height", "width"), 3: ("batch", "depth", "height", "width")}
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def _tidy_graph(model) -> None:
+def _tidy_graph(model, dims: int = 2) -> None:
     """Readable dynamic dimension names, and no deprecated Resize mode.
 
     tf2onnx writes nearest-neighbour upsampling with coordinate mode `tf_half_pixel_for_nn`, which ONNX Runtime
@@ -64,8 +64,8 @@ def _tidy_graph(model) -> None:
     `asymmetric` gives the same pixels; the parity check confirms it on real slices.
     """
     for vi in list(model.graph.input) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        for d, name in zip(dims[:3], DIM_NAMES):
+        shape = vi.type.tensor_type.shape.dim
+        for d, name in zip(shape[:dims + 1], DIM_NAMES[dims]):
             if not d.HasField("dim_value"):
                 d.dim_param = name
     for node in model.graph.node:
@@ -81,13 +81,13 @@ def _tidy_graph(model) -> None:
                 attrs["nearest_mode"].s = b"floor"
 
 
-def _convert(keras_model, channels: int, fp16: bool):
+def _convert(keras_model, channels: int, fp16: bool, dims: int = 2):
     import tensorflow as tf
     import tf2onnx
 
-    spec = (tf.TensorSpec((None, None, None, channels), tf.float32, name="image"),)
+    spec = (tf.TensorSpec((None,) * (dims + 1) + (channels,), tf.float32, name="image"),)
     model, _ = tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=OPSET)
-    _tidy_graph(model)
+    _tidy_graph(model, dims)
     if fp16:
         try:
             from onnxconverter_common import float16
@@ -102,7 +102,7 @@ def _convert(keras_model, channels: int, fp16: bool):
 
 
 def parity(keras_model, onnx_bytes: bytes, x: np.ndarray, precision: str) -> ParityResult:
-    """Compare Keras and ONNX Runtime probabilities on the same slices."""
+    """Compare Keras and ONNX Runtime probabilities on the same slices (3-D models: patches)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
@@ -135,10 +135,12 @@ def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
     pre = summary["preprocess"]
     keras_model = as_float32(load_model(run / CHECKPOINT))  # a mixed-precision run exports float32 too
     precision = "float16" if fp16 else "float32"
-    model = _convert(keras_model, pre["channels"], fp16)
+    run_spec = inference_spec(summary)
+    model = _convert(keras_model, input_channels(summary), fp16, run_spec["dims"])
     x = np.load(run / PARITY_SAMPLE)["x"]
     result = parity(keras_model, model.SerializeToString(), x, precision)
-    print(f"parity on {result.slices} validation slices: max |keras - onnx| = {result.max_abs_diff:.3e} "
+    unit = "patches" if run_spec["dims"] == 3 else "slices"
+    print(f"parity on {result.slices} validation {unit}: max |keras - onnx| = {result.max_abs_diff:.3e} "
           f"(limit {result.tolerance:g}), argmax agreement {100 * result.agreement:.4f} % "
           f"(limit {100 * result.min_agreement:g} %)")
     if not result.ok:
@@ -148,6 +150,20 @@ def export_run(run: Path, out: Path, *, fp16: bool = False) -> ExportResult:
     save_with_manifest(model, manifest, Path(out))
     write_json(run / "parity.json", result.__dict__, indent=1)
     return ExportResult(Path(out), manifest, result)
+
+
+def input_channels(summary: dict) -> int:
+    """The network's input channels as run.json records them (runs from before 2.5-D: the preprocessing's)."""
+    return int(summary.get("input_channels", summary["preprocess"]["channels"]))
+
+
+def inference_spec(summary: dict) -> dict:
+    """The manifest's `inference` section from run.json (runs from before schema 2: a 2-D model, no context)."""
+    spec = {"dims": int(summary.get("dims", 2)), "context": int(summary.get("context", 0))}
+    if spec["dims"] == 3:
+        vol = summary["volume"]
+        spec.update(patch_size=vol["patch"], target_spacing_mm=vol["spacing_mm"], overlap=vol["overlap"])
+    return spec
 
 
 def make_manifest(model, pre: dict, summary: dict, result: ParityResult | None, precision: str) -> Manifest:
@@ -163,10 +179,13 @@ def make_manifest(model, pre: dict, summary: dict, result: ParityResult | None, 
         trained_on = "unknown"  # a run from before cases were told apart
     else:
         trained_on = "phantoms" if not real else "real" if not synthetic else "mixed"
+    run = inference_spec(summary)
+    layout = "NDHWC" if run["dims"] == 3 else "NHWC"
     return Manifest(
-        input={"name": model.graph.input[0].name, "channels": pre["channels"], "size_multiple": pre["size_multiple"],
-               "preferred_size": pre["size"]},
-        output={"name": model.graph.output[0].name, "classes": 3},
+        input={"name": model.graph.input[0].name, "layout": layout, "channels": input_channels({**summary, "preprocess": pre}),
+               "size_multiple": pre["size_multiple"], "preferred_size": pre["size"]},
+        output={"name": model.graph.output[0].name, "layout": layout, "classes": 3},
+        inference=run,
         preprocessing={"window": {"low": pre["window_low"], "high": pre["window_high"]}, "bilateral": pre["bilateral"]},
         labels=[{"value": 0, "name": "Background"}] + [
             {"value": li.value, "name": li.name, "category": li.category.__dict__,

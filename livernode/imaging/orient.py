@@ -40,6 +40,10 @@ class Orientation:
     transpose: bool = False
     flip_rows: bool = False
     flip_cols: bool = False
+    # Slices are stored along the slice normal (row direction x column direction). The convention runs them foot
+    # to head (+z); where the normal points to the feet this is True. Only models that see several slices at once
+    # (2.5-D context, 3-D) need it: they read the slice axis the other way (see preprocess.context_index).
+    reverse_slices: bool = False
 
     @classmethod
     def from_iop(cls, iop: Sequence[float]) -> "Orientation":
@@ -50,10 +54,11 @@ class Orientation:
         c_axis, c_sign, _ = _axis(col, "column")  # the direction of increasing row index
         if {r_axis, c_axis} != {0, 1}:
             raise SeriesRejected(f"image orientation {list(np.round(iop, 3))} is not axial")
+        reverse = float(np.cross(row, col)[2]) < 0
         if r_axis == 0:  # columns already run along x: no transpose
-            return cls(False, flip_rows=c_sign < 0, flip_cols=r_sign < 0)
+            return cls(False, flip_rows=c_sign < 0, flip_cols=r_sign < 0, reverse_slices=reverse)
         # columns run along y: after swapping the axes, rows follow the row direction (y) and columns x
-        return cls(True, flip_rows=r_sign < 0, flip_cols=c_sign < 0)
+        return cls(True, flip_rows=r_sign < 0, flip_cols=c_sign < 0, reverse_slices=reverse)
 
     @property
     def identity(self) -> bool:

@@ -89,6 +89,40 @@ def prepare_labels(labels: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def prepared_spacing(shape: tuple[int, int], spacing: tuple[float, float, float], size: int
+                     ) -> tuple[float, float, float]:
+    """(slice, row, column) mm of slices of `shape` (rows, cols) and `spacing` after `prepare_slices` has padded
+    them to a square and resized them to `size`."""
+    side = max(shape)
+    return float(spacing[0]), float(spacing[1]) * side / size, float(spacing[2]) * side / size
+
+
+def context_index(n: int, start: int, stop: int, k: int, reverse: bool = False) -> np.ndarray:
+    """(stop - start, 2k + 1) slice indices: slice i with its k neighbours on each side, foot to head, for slices
+    start..stop of an n-slice volume. A neighbour beyond the volume repeats the edge slice. `reverse`: the volume
+    is stored head to foot (Orientation.reverse_slices), so the foot-side neighbour of slice i is i + 1."""
+    offsets = np.arange(-k, k + 1)
+    if reverse:
+        offsets = offsets[::-1]
+    return np.clip(np.arange(start, stop)[:, None] + offsets[None, :], 0, n - 1)
+
+
+def stack_context(planes: np.ndarray, n: int, start: int, stop: int, k: int, first: int = 0,
+                  reverse: bool = False) -> np.ndarray:
+    """2.5-D network input, the same in training and in the node: (stop - start, s, s, 2k + 1) float32 for slices
+    start..stop, each with its neighbours as channels (context_index). `planes` (m, s, s) holds the preprocessed
+    slices first..first + m of the n-slice volume, which must include every neighbour asked for."""
+    idx = context_index(n, start, stop, k, reverse) - first
+    if idx.size and (idx.min() < 0 or idx.max() >= len(planes)):
+        raise ValueError(f"slices {first}..{first + len(planes)} do not hold the neighbours of {start}..{stop}")
+    return np.ascontiguousarray(np.moveaxis(planes[idx], 1, -1), dtype=np.float32)
+
+
+def context_span(n: int, start: int, stop: int, k: int) -> tuple[int, int]:
+    """The slices (first, last + 1) that `stack_context` needs for slices start..stop."""
+    return max(0, start - k), min(n, stop + k)
+
+
 def restore_probabilities(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(n, size, size, k) network output -> (n, rows, cols, k) at the original slice shape (undoes pad + resize)."""
     top, bottom, left, right = _square_pad(shape)

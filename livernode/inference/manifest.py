@@ -1,7 +1,11 @@
 """The manifest: schema-versioned JSON stored in the ONNX model's metadata under `livernode.manifest`.
 
-It holds everything inference needs (input layout, channels, size, window, labels) and what a reader needs to trust
-the model (architecture, training data, test metrics, version, creation time, weights digest, parity result).
+It holds everything inference needs (input layout, channels, size, window, labels, and how to run the network:
+slice by slice, with neighbouring slices, or as a 3-D sliding window) and what a reader needs to trust the model
+(architecture, training data, test metrics, version, creation time, weights digest, parity result).
+
+Schema 2 added `inference` (dims, context, and for 3-D the patch, target spacing and overlap) and the NDHWC
+layout. A schema-1 manifest has no `inference` and means a 2-D model fed one slice at a time.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from livernode.errors import ManifestError
 from livernode.imaging.labels import LABELS
@@ -18,7 +22,7 @@ from livernode.imaging.preprocess import PreprocessSpec
 from livernode.imaging.volume import BACKGROUND
 
 METADATA_KEY = "livernode.manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class _Frozen(BaseModel):
@@ -41,16 +45,16 @@ class Label(_Frozen):
 
 class InputSpec(_Frozen):
     name: str
-    layout: Literal["NHWC"] = "NHWC"
+    layout: Literal["NHWC", "NDHWC"] = "NHWC"
     dtype: Literal["float32"] = "float32"
-    channels: Literal[1, 3]
+    channels: int = Field(ge=1, le=7)
     size_multiple: int = 32
-    preferred_size: int
+    preferred_size: int  # slices are padded to a square and resized to this before anything else
 
 
 class OutputSpec(_Frozen):
     name: str
-    layout: Literal["NHWC"] = "NHWC"
+    layout: Literal["NHWC", "NDHWC"] = "NHWC"
     activation: Literal["softmax"] = "softmax"
     classes: int
 
@@ -70,6 +74,33 @@ class Preprocessing(_Frozen):
     orientation: str = CONVENTION
 
 
+class Inference(_Frozen):
+    """How the node runs the network. dims 2: slice by slice, each with `context` neighbours on each side as
+    channels (preprocess.stack_context). dims 3: the preprocessed slices resampled to `target_spacing_mm`
+    (slice, row, column) and cut into `patch_size` patches overlapping by `overlap`, blended with Gaussian
+    weights (imaging.grid), and resampled back."""
+
+    dims: Literal[2, 3] = 2
+    context: int = Field(0, ge=0, le=3)
+    patch_size: tuple[int, int, int] | None = None
+    target_spacing_mm: tuple[float, float, float] | None = None
+    overlap: float | None = Field(None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Inference":
+        volumetric = (self.patch_size, self.target_spacing_mm, self.overlap)
+        if self.dims == 3:
+            if any(v is None for v in volumetric):
+                raise ValueError("a 3-D model needs patch_size, target_spacing_mm and overlap")
+            if self.context:
+                raise ValueError("context applies to 2-D models only")
+            if any(p < 1 for p in self.patch_size) or any(t <= 0 for t in self.target_spacing_mm):
+                raise ValueError("patch_size and target_spacing_mm must be positive")
+        elif any(v is not None for v in volumetric):
+            raise ValueError("patch_size, target_spacing_mm and overlap belong to 3-D models (dims 3)")
+        return self
+
+
 class Architecture(_Frozen):
     name: str
     backbone: str
@@ -87,10 +118,11 @@ class Parity(_Frozen):
 
 class Manifest(_Frozen):
     schema_: Literal["livernode-model-manifest"] = Field("livernode-model-manifest", alias="schema")
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     input: InputSpec
     output: OutputSpec
     preprocessing: Preprocessing
+    inference: Inference | None = None  # schema 2; schema 1 has none and means Inference()
     labels: tuple[Label, ...]
     architecture: Architecture
     training: dict
@@ -104,6 +136,31 @@ class Manifest(_Frozen):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _runnable(self) -> "Manifest":
+        if self.schema_version == 1 and self.inference is not None:
+            raise ValueError("'inference' is a schema-2 field")
+        if self.schema_version >= 2 and self.inference is None:
+            raise ValueError("schema 2 needs 'inference' (dims, context)")
+        run = self.run
+        layout = "NDHWC" if run.dims == 3 else "NHWC"
+        if self.input.layout != layout or self.output.layout != layout:
+            raise ValueError(f"a {run.dims}-D model's input and output are {layout}")
+        if run.dims == 2 and run.context:
+            if self.input.channels != 2 * run.context + 1:
+                raise ValueError(f"context {run.context} means {2 * run.context + 1} input channels, not "
+                                 f"{self.input.channels}")
+        elif run.dims == 3 and self.input.channels != 1:
+            raise ValueError("a 3-D model takes one channel")
+        elif self.input.channels not in (1, 3):
+            raise ValueError(f"a 2-D model without context takes 1 or 3 channels, not {self.input.channels}")
+        return self
+
+    @property
+    def run(self) -> Inference:
+        """How to run the network (schema 1: one slice at a time)."""
+        return self.inference or Inference()
 
     def label_lut(self) -> np.ndarray:
         """Output channel -> livernode's label (0 background, then LABELS' values), from the manifest's label map:
@@ -143,8 +200,11 @@ class Manifest(_Frozen):
         return ""
 
     def preprocess_spec(self) -> PreprocessSpec:
+        """The per-slice preprocessing; with context or in 3-D the slice is one channel, stacked or resampled
+        afterwards."""
+        grey = self.input.channels if self.run.dims == 2 and not self.run.context else 1
         return PreprocessSpec(window_low=self.preprocessing.window.low, window_high=self.preprocessing.window.high,
-                              channels=self.input.channels, size=self.input.preferred_size,
+                              channels=grey, size=self.input.preferred_size,
                               size_multiple=self.input.size_multiple, bilateral=self.preprocessing.bilateral)
 
     def to_json(self) -> str:

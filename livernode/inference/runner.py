@@ -12,8 +12,10 @@ from typing import Literal
 import numpy as np
 
 from livernode.errors import ManifestError
+from livernode.imaging.grid import Grid, from_grid, sliding_window, to_grid
 from livernode.imaging.orient import CONVENTION, Orientation
-from livernode.imaging.preprocess import prepare_slices, restore_probabilities
+from livernode.imaging.preprocess import (context_span, prepare_slices, prepared_spacing, restore_probabilities,
+                                          stack_context)
 from livernode.inference.manifest import METADATA_KEY, Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -58,38 +60,94 @@ class Segmenter:
             raise ManifestError(f"{self.path}: trained on slices oriented as "
                                 f"'{self.manifest.preprocessing.orientation}'; this node feeds {CONVENTION}")
         self.spec = self.manifest.preprocess_spec()
+        self.mode = self.manifest.run  # 2-D with `context` neighbours, or 3-D by sliding window
         self.lut = self.manifest.label_lut()  # output channel -> livernode's label; refuses a map it cannot use
         self.input_name = self.session.get_inputs()[0].name
+        rank = len(self.session.get_inputs()[0].shape)
+        if rank != self.mode.dims + 2:
+            raise ManifestError(f"{self.path}: the manifest says {self.mode.dims}-D but the network's input has "
+                                f"{rank} dimensions")
         # On the CPU a batch buys no speed (the benchmark's ms per slice at batch 1 is no worse than at 8) and its
         # activations stay in ONNX Runtime's arena: 200 slices at 256 px peaked at 1541 MiB with 8, 883 with 2.
-        self.batch_size = batch_size or (8 if "CUDAExecutionProvider" in self.providers_used else 2)
+        # A 3-D patch holds as many voxels as dozens of slices: one at a time.
+        gpu = "CUDAExecutionProvider" in self.providers_used
+        self.batch_size = batch_size or ((2 if gpu else 1) if self.mode.dims == 3 else (8 if gpu else 2))
         log.info("model %s (%s %s) on %s", self.path.name, self.manifest.architecture.name,
                  self.manifest.architecture.backbone, ",".join(self.providers_used))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Network input (n, s, s, c) float32 -> softmax probabilities (n, s, s, k)."""
+        """Network input (n, s, s, c) float32 -> softmax probabilities (n, s, s, k); 3-D: patches (n, d, h, w, 1)."""
         outs = [self.session.run(None, {self.input_name: x[i : i + self.batch_size]})[0]
                 for i in range(0, len(x), self.batch_size)]
         return np.concatenate(outs).astype(np.float32, copy=False)
 
+    def inputs(self, hu: np.ndarray, n: int, start: int, stop: int, first: int,
+               orientation: Orientation = Orientation()) -> np.ndarray:
+        """Network input of a 2-D model for slices start..stop of an n-slice series, from `hu` holding stored
+        slices first..first + len(hu) (with the neighbours the context needs: preprocess.context_span)."""
+        x = prepare_slices(orientation.forward(hu).astype(np.float32, copy=False), self.spec)
+        if not self.mode.context:
+            return x[start - first:stop - first]
+        return stack_context(x[..., 0], n, start, stop, self.mode.context, first, orientation.reverse_slices)
+
     def probabilities(self, hu: np.ndarray, orientation: Orientation = Orientation()) -> np.ndarray:
-        """(n, rows, cols) HU -> (n, rows, cols, k) probabilities at the original resolution; the network sees
-        the slices turned to the convention by `orientation`."""
-        seen = orientation.forward(hu)
-        prob = restore_probabilities(self.run(prepare_slices(seen, self.spec)), seen.shape[1:])
+        """(n, rows, cols) HU -> (n, rows, cols, k) probabilities at the original resolution, for a 2-D model; the
+        network sees the slices turned to the convention by `orientation`."""
+        if self.mode.dims == 3:
+            raise ManifestError(f"{self.path}: a 3-D model gives labels by segment(), not slice probabilities")
+        seen_shape = orientation.shape(hu.shape[1:])
+        prob = restore_probabilities(self.run(self.inputs(hu, len(hu), 0, len(hu), 0, orientation)), seen_shape)
         return np.ascontiguousarray(orientation.inverse(prob.transpose(3, 0, 1, 2)).transpose(1, 2, 3, 0))
 
     def labels_of(self, prob: np.ndarray) -> np.ndarray:
         """(..., k) network output -> (...) uint8 labels in livernode's values (the manifest's label map)."""
         return self.lut[prob.argmax(-1)]
 
-    def segment(self, hu: np.ndarray, orientation: Orientation = Orientation()) -> np.ndarray:
-        """(n, rows, cols) HU -> (n, rows, cols) uint8 labels."""
+    def segment(self, hu: np.ndarray, orientation: Orientation = Orientation(),
+                spacing: tuple[float, float, float] | None = None) -> np.ndarray:
+        """(n, rows, cols) HU -> (n, rows, cols) uint8 labels. `spacing` (slice step, row, column) mm, as stored:
+        a 3-D model needs it."""
+        if self.mode.dims == 3:
+            return self.segment_volume(hu, orientation, spacing)
         return self.labels_of(self.probabilities(hu, orientation))
+
+    def segment_volume(self, hu: np.ndarray, orientation: Orientation, spacing: tuple[float, float, float] | None,
+                       on_patch: Callable[[int, int], None] | None = None, out: np.ndarray | None = None
+                       ) -> np.ndarray:
+        """A 3-D model over (n, rows, cols) stored slices: each slice preprocessed as for a 2-D model (window, pad
+        to a square, resize), the stack resampled to the model's spacing foot to head, the sliding window with
+        Gaussian blending, and the probabilities resampled back to the stored slices a few at a time; uint8
+        labels (n, rows, cols), written into `out` when given."""
+        if spacing is None:
+            raise ManifestError(f"{self.path}: a 3-D model needs the series' voxel spacing")
+        n = len(hu)
+        seen = orientation.shape(hu.shape[1:])
+        size, mode = self.spec.size, self.mode
+        grid = Grid((n, size, size), prepared_spacing(seen, orientation.spacing(tuple(spacing)), size),
+                    tuple(mode.target_spacing_mm))
+        rev = orientation.reverse_slices
+
+        def stored(a: int, b: int) -> slice:  # foot-to-head planes a..b as stored slices
+            return slice(n - b, n - a) if rev else slice(a, b)
+
+        def read(a: int, b: int) -> np.ndarray:
+            planes = self.inputs(hu[stored(a, b)], b - a, 0, b - a, 0, orientation)[..., 0]
+            return planes[::-1] if rev else planes
+
+        volume = to_grid(read, grid)
+        prob = sliding_window(volume, tuple(mode.patch_size), mode.overlap, self.run, batch=self.batch_size,
+                              on_patch=on_patch)
+        del volume
+        labels = np.empty(hu.shape, np.uint8) if out is None else out
+        for start, p in from_grid(prob, grid, chunk=16):
+            lab = orientation.inverse(self.labels_of(restore_probabilities(p, seen)))
+            labels[stored(start, start + len(p))] = lab[::-1] if rev else lab
+        return labels
 
     def segment_streamed(self, n: int, shape: tuple[int, int], decode: Callable[[int], np.ndarray],
                          dtype=np.int16, on_batch: Callable[[int, int], None] | None = None,
-                         orientation: Orientation = Orientation()) -> tuple[np.ndarray, np.ndarray]:
+                         orientation: Orientation = Orientation(),
+                         spacing: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Decode, infer and restore `n` slices in overlapping stages; returns (HU volume, uint8 labels).
 
         A reader thread fills the HU volume slice by slice with `decode(i)`; this thread runs the network on each
@@ -100,10 +158,13 @@ class Segmenter:
 
         `on_batch(done, n)` is called after each batch has run. An exception it raises (the node stopping) ends
         the call between batches: the reader stops decoding and the exception reaches the caller. The network sees
-        each slice turned to the convention by `orientation`; the labels come back as the slices are stored."""
+        each slice turned to the convention by `orientation`; the labels come back as the slices are stored.
+
+        A 2.5-D model's batch waits for the neighbours its context needs. A 3-D model decodes the whole series
+        first, then runs `segment_volume` (with `spacing`); `on_batch` then counts patches."""
         hu = np.empty((n, *shape), dtype)
         labels = np.empty((n, *shape), np.uint8)
-        bs, errors = self.batch_size, []
+        bs, errors = (self.batch_size if self.mode.dims == 2 else 16), []
         decoded: queue.Queue = queue.Queue()
         probs: queue.Queue = queue.Queue(maxsize=2)
         cancelled = threading.Event()
@@ -115,13 +176,14 @@ class Segmenter:
                         break
                     for i in range(start, min(n, start + bs)):
                         hu[i] = decode(i)
-                    decoded.put(start)
+                    decoded.put(min(n, start + bs))
             except BaseException as exc:  # handed to the caller below
                 errors.append(exc)
             finally:
                 decoded.put(None)
 
         seen = orientation.shape(shape)
+        k = self.mode.context
 
         def restorer() -> None:
             while (item := probs.get()) is not None:
@@ -136,11 +198,20 @@ class Segmenter:
         for t in threads:
             t.start()
         try:
-            while (start := decoded.get()) is not None:
-                batch = orientation.forward(hu[start:start + bs]).astype(np.float32)
-                probs.put((start, self.run(prepare_slices(batch, self.spec))))
-                if on_batch is not None:
-                    on_batch(min(n, start + bs), n)
+            start = 0
+            while (have := decoded.get()) is not None:
+                if self.mode.dims == 3:
+                    continue  # the volume first, then the sliding window below
+                # a batch runs once its slices and the neighbours its context needs are decoded
+                while start < have and (have == n or min(n, start + bs) + k <= have):
+                    stop = min(n, start + bs)
+                    first, last = context_span(n, start, stop, k)
+                    probs.put((start, self.run(self.inputs(hu[first:last], n, start, stop, first, orientation))))
+                    if on_batch is not None:
+                        on_batch(stop, n)
+                    start = stop
+            if self.mode.dims == 3 and not errors and not cancelled.is_set():
+                self.segment_volume(hu, orientation, spacing, on_patch=on_batch, out=labels)
         except BaseException:
             cancelled.set()
             raise

@@ -37,8 +37,11 @@ def test_every_axial_storage_maps_to_the_convention_and_back(transpose, flip_row
 
 
 def test_feet_first_prone_and_oblique_within_tolerance():
-    assert Orientation.from_iop([-1, 0, 0, 0, 1, 0]) == Orientation(False, False, True)  # feet first supine
+    # feet first supine: the slice normal points to the feet, so slices stored along it run head to foot
+    assert Orientation.from_iop([-1, 0, 0, 0, 1, 0]) == Orientation(False, False, True, reverse_slices=True)
     assert Orientation.from_iop([-1, 0, 0, 0, -1, 0]) == Orientation(False, True, True)  # head first prone
+    assert not Orientation.from_iop([1, 0, 0, 0, 1, 0]).reverse_slices
+    assert Orientation.from_iop([1, 0, 0, 0, -1, 0]).reverse_slices  # rows mirrored: normal to the feet
     a = np.radians(6)  # rotated 6 degrees in plane: snapped to the nearest axes
     assert Orientation.from_iop([np.cos(a), np.sin(a), 0, -np.sin(a), np.cos(a), 0]).identity
     assert Orientation.from_iop([1, 0, 0, 0, 1, 0]).spacing((3.0, 0.7, 0.8)) == (3.0, 0.7, 0.8)

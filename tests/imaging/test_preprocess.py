@@ -43,3 +43,21 @@ def test_inference_path_and_training_path_give_identical_arrays(synth_dirs, tmp_
     assert training.shape == inference.shape
     assert training.std() > 0 and np.array_equal(training, inference.astype(np.float16).astype(np.float32))
     assert np.abs(training - inference).max() <= 2 ** -11  # float16 keeps 11 bits of a value in [0, 1]
+
+
+def test_context_stacks_neighbours_foot_to_head_and_repeats_the_edges():
+    from livernode.imaging.preprocess import context_index, context_span, stack_context
+
+    assert context_index(5, 0, 5, 1).tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]
+    assert context_index(5, 0, 2, 1, reverse=True).tolist() == [[1, 0, 0], [2, 1, 0]]
+    assert context_index(3, 1, 2, 0).tolist() == [[1]]
+    planes = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 4, 4), np.float32)
+    first, last = context_span(6, 2, 4, 2)
+    assert (first, last) == (0, 6)
+    x = stack_context(planes[first:last], 6, 2, 4, 2, first=first)
+    assert x.shape == (2, 4, 4, 5) and x.dtype == np.float32
+    assert x[0, 0, 0].tolist() == [0, 1, 2, 3, 4] and x[1, 3, 3].tolist() == [1, 2, 3, 4, 5]
+    window = planes[3:6]  # slices 3..5 hold the neighbours of slice 4 only
+    assert stack_context(window, 6, 4, 5, 1, first=3)[0, 0, 0].tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="do not hold the neighbours"):
+        stack_context(window, 6, 3, 4, 1, first=3)
