@@ -43,13 +43,39 @@ class PreprocessConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    arch: Literal["resnet34-unet", "unet"] = Field(
+    arch: Literal["resnet34-unet", "unet", "vnet"] = Field(
         "resnet34-unet", description="resnet34-unet: segmentation-models U-Net with the named backbone; unet: the "
-                                     "original U-Net (double convolutions, no pretrained encoder)")
+                                     "original U-Net (double convolutions, no pretrained encoder); vnet: a 3-D "
+                                     "V-Net on patches resampled to [volume] spacing_mm")
     backbone: str = "resnet34"
     encoder_weights: str | None = Field(
         None, description="None for random init, or a local .h5 file with ImageNet weights for the backbone"
     )
+    context: int = Field(0, ge=0, le=3, description="2-D architectures: neighbouring slices on each side fed as "
+                                                     "channels (2.5-D); 0: the slice alone")
+
+    @model_validator(mode="after")
+    def _context(self) -> "ModelConfig":
+        if self.arch == "vnet" and self.context:
+            raise ValueError("model.context applies to the 2-D architectures; vnet sees whole volumes")
+        return self
+
+
+class VolumeConfig(_Strict):
+    """How the 3-D V-Net sees a volume: resampled to spacing_mm, cut into overlapping patches."""
+
+    spacing_mm: tuple[float, float, float] = Field((3.0, 3.0, 3.0), description="(slice, row, column) mm")
+    patch: tuple[int, int, int] = Field((32, 64, 64), description="(slices, rows, columns), multiples of 16")
+    overlap: float = Field(0.5, ge=0, lt=1, description="share of a patch its neighbour overlaps at inference")
+    batch_size: int = Field(2, ge=1, description="patches per training batch (train.batch_size is for slices)")
+
+    @model_validator(mode="after")
+    def _valid(self) -> "VolumeConfig":
+        if any(s <= 0 for s in self.spacing_mm):
+            raise ValueError(f"spacing_mm {list(self.spacing_mm)} must be positive")
+        if any(p < 16 or p % 16 for p in self.patch):
+            raise ValueError(f"patch {list(self.patch)}: every side a multiple of 16 (the V-Net halves it 4 times)")
+        return self
 
 
 class AugmentConfig(_Strict):
@@ -90,8 +116,25 @@ class TrainingConfig(_Strict):
 
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
+    volume: VolumeConfig = VolumeConfig()
     train: TrainConfig = TrainConfig()
     split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _channels(self) -> "TrainingConfig":
+        if self.model.context and self.preprocess.channels != 1:
+            raise ValueError("preprocess.channels = 3 repeats the grey slice; with model.context the channels are "
+                             "the neighbouring slices: leave channels at 1")
+        return self
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the network input: 2 * context + 1 slices, or the grey slice (repeated) alone."""
+        return 2 * self.model.context + 1 if self.model.context else self.preprocess.channels
+
+    @property
+    def dims(self) -> int:
+        return 3 if self.model.arch == "vnet" else 2
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -79,3 +79,23 @@ def test_flips_are_off_by_default_and_the_demo_recipe_loads():
     assert load_training_config(None).train.augment.flip is False
     demo = load_training_config(REPO / "config" / "demo.toml")
     assert demo.preprocess.size == 128 and demo.train.augment.flip is False
+
+
+def test_the_comparison_recipes_load_and_differ_only_in_epochs():
+    short = load_training_config(REPO / "config" / "compare.toml")
+    long = load_training_config(REPO / "config" / "compare-long.toml")
+    assert short.volume.patch == (32, 64, 64) and short.split.test == 0.25
+    assert long.train.epochs > short.train.epochs
+    assert long.model_copy(update={"train": short.train}) == short
+
+
+def test_context_and_vnet_settings_are_checked():
+    from livernode.errors import ConfigError
+
+    assert load_training_config(None, {"model.context": 1}).input_channels == 3
+    with pytest.raises(ConfigError, match="vnet sees whole volumes"):
+        load_training_config(None, {"model.arch": "vnet", "model.context": 1})
+    with pytest.raises(ConfigError, match="leave channels at 1"):
+        load_training_config(None, {"model.context": 1, "preprocess.channels": 3})
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        load_training_config(None, {"volume.patch": [24, 64, 64]})

@@ -4,7 +4,8 @@ A case's entry is a folder named by its case id and a digest of (its source file
 times, the preprocessing settings, the cache layout version). Changing the window or the size makes new entries;
 changing the epochs, the split or the architecture reuses them. An entry holds:
 
-- `image.npy`  float16 (slices, size, size): the windowed slice in [0, 1], resized like the node resizes it;
+- `image.npy`  float16 (slices, size, size): the windowed slice in [0, 1], resized like the node resizes it,
+  turned to the orientation convention and ordered foot to head (what 2.5-D and 3-D models see);
 - `labels.npy` uint8 (slices, size, size): 0 background, 1 liver, 2 tumour;
 - `flags.npy`  bool (slices, 3): has liver, has tumour, tumour labelled;
 - `case.json`  the case id, format, source files, spacing after orientation, phantom or not, slice count.
@@ -32,11 +33,11 @@ from tqdm import tqdm
 from livernode.errors import DatasetError, SeriesRejected
 from livernode.fsutil import building_dir, write_json
 from livernode.imaging.orient import Orientation
-from livernode.imaging.preprocess import PreprocessSpec, prepare_labels, prepare_slices
+from livernode.imaging.preprocess import PreprocessSpec, prepare_labels, prepare_slices, prepared_spacing
 from livernode.training.datasets import CaseRef, load_case
 
 log = logging.getLogger(__name__)
-LAYOUT = 1  # bump when the entry format changes
+LAYOUT = 2  # bump when the entry format changes (2: slices foot to head)
 IMAGE, LABELS, FLAGS, META, SKIPPED = "image.npy", "labels.npy", "flags.npy", "case.json", "skipped.json"
 HAS_LIVER, HAS_TUMOUR, TUMOUR_LABELLED = 0, 1, 2
 
@@ -69,6 +70,18 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, fh.tell()
 
 
+def read_rows(path: Path, start: int, stop: int, layout: tuple | None = None) -> np.ndarray:
+    """Rows start..stop (clipped to the array) of a .npy file along its first axis, by pread."""
+    shape, dtype, offset = layout or _npy_layout(path)
+    per = int(np.prod(shape[1:])) * dtype.itemsize
+    start, stop = max(0, start), min(shape[0], stop)
+    with open(path, "rb", buffering=0) as fh:
+        raw = os.pread(fh.fileno(), per * (stop - start), offset + per * start)
+    if len(raw) != per * (stop - start):
+        raise DatasetError(f"{path}: truncated (delete the entry to prepare it again)")
+    return np.frombuffer(raw, dtype).reshape((stop - start, *shape[1:]))
+
+
 @dataclass(frozen=True)
 class CachedCase:
     """One prepared case. Slices are read with pread when asked for, not memory-mapped: mapped pages would count
@@ -81,20 +94,14 @@ class CachedCase:
     spacing: tuple[float, float, float]
     synthetic: bool
     tumour_labelled: bool
+    plane_spacing: tuple[float, float, float]  # (slice, row, column) mm of the prepared slices
 
     @cached_property
     def _layouts(self) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
         return {name: _npy_layout(self.path / name) for name in (IMAGE, LABELS)}
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        shape, dtype, offset = self._layouts[name]
-        per = int(np.prod(shape[1:])) * dtype.itemsize
-        start, stop = max(0, start), min(shape[0], stop)
-        with open(self.path / name, "rb", buffering=0) as fh:
-            raw = os.pread(fh.fileno(), per * (stop - start), offset + per * start)
-        if len(raw) != per * (stop - start):
-            raise DatasetError(f"{self.path / name}: truncated (delete the entry to prepare it again)")
-        return np.frombuffer(raw, dtype).reshape((stop - start, *shape[1:]))
+        return read_rows(self.path / name, start, stop, self._layouts[name])
 
     @property
     def size(self) -> int:
@@ -119,7 +126,7 @@ class CachedCase:
     def open(cls, path: Path) -> "CachedCase":
         meta = json.loads((path / META).read_text())
         return cls(meta["case_id"], path, int(meta["slices"]), tuple(meta["spacing"]), bool(meta["synthetic"]),
-                   bool(meta["tumour_labelled"]))
+                   bool(meta["tumour_labelled"]), tuple(meta["plane_spacing"]))
 
 
 def _entry(root: Path, ref: CaseRef, spec: PreprocessSpec) -> Path:
@@ -137,6 +144,8 @@ def _prepare_one(ref: CaseRef, spec: PreprocessSpec, entry: Path) -> tuple[str, 
             write_json(tmp / SKIPPED, {"case_id": ref.case_id, "reason": str(exc)})
         return ref.case_id, str(exc)
     hu, lab = turn.forward(case.volume.hu), turn.forward(case.labels)
+    if turn.reverse_slices:  # stored head to foot: the cache runs foot to head, as context_index reads a volume
+        hu, lab = hu[::-1], lab[::-1]
     one = PreprocessSpec(spec.window_low, spec.window_high, 1, spec.size, spec.size_multiple, spec.bilateral)
     image = prepare_slices(hu, one)[..., 0].astype(np.float16)
     labels = prepare_labels(lab, spec.size)
@@ -147,6 +156,8 @@ def _prepare_one(ref: CaseRef, spec: PreprocessSpec, entry: Path) -> tuple[str, 
             np.save(tmp / name, arr)
         write_json(tmp / META, {"case_id": ref.case_id, "format": ref.fmt, "files": [str(f) for f in ref.files],
                                 "slices": len(labels), "spacing": list(turn.spacing(case.volume.spacing)),
+                                "plane_spacing": list(prepared_spacing(hu.shape[1:], turn.spacing(
+                                    case.volume.spacing), spec.size)),
                                 "synthetic": case.synthetic, "tumour_labelled": case.tumour_labelled,
                                 "preprocess": asdict(spec)})
     return ref.case_id, None

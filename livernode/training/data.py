@@ -17,6 +17,7 @@ import numpy as np
 
 from livernode.config import SplitConfig, TrainConfig
 from livernode.errors import DatasetError
+from livernode.imaging.preprocess import context_span, stack_context
 from livernode.training.cache import HAS_LIVER, HAS_TUMOUR, TUMOUR_LABELLED, CachedCase
 from livernode.training.datasets import CaseRef
 
@@ -70,11 +71,19 @@ def fold_members(refs: list[CaseRef], cfg: SplitConfig, folds: int) -> list[list
 
 @dataclass(frozen=True)
 class CaseSplit:
-    """The slices of some prepared cases, addressed by one flat index; only flags are held in memory."""
+    """The slices of some prepared cases, addressed by one flat index; only flags are held in memory. Each slice
+    comes with `context` neighbours on each side as channels (2.5-D); without context a grey slice is repeated
+    into `channels`."""
 
     name: str
     cases: tuple[CachedCase, ...]
     channels: int = 1
+    context: int = 0
+
+    @property
+    def net_channels(self) -> int:
+        """Channels of the network input."""
+        return 2 * self.context + 1 if self.context else self.channels
 
     @cached_property
     def starts(self) -> np.ndarray:
@@ -104,15 +113,21 @@ class CaseSplit:
         k = int(np.searchsorted(self.starts, i, side="right")) - 1
         return k, int(i - self.starts[k])
 
-    def slice(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(size, size) float32 image in [0, 1] and (size, size) uint8 labels of flat slice i."""
-        k, j = self.locate(i)
+    def planes(self, k: int, start: int, stop: int) -> np.ndarray:
+        """(stop - start, s, s, 2 * context + 1) float32: slices start..stop of case k, each with its neighbours
+        (the node stacks them with the same function)."""
         c = self.cases[k]
-        return c.images(j, j + 1)[0].astype(np.float32), c.labels(j, j + 1)[0]
+        first, last = context_span(c.n, start, stop, self.context)
+        return stack_context(c.images(first, last), c.n, start, stop, self.context, first)
+
+    def slice(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(size, size, 2 * context + 1) float32 image in [0, 1] and (size, size) uint8 labels of flat slice i."""
+        k, j = self.locate(i)
+        return self.planes(k, j, j + 1)[0], self.cases[k].labels(j, j + 1)[0]
 
     def inputs(self, x: np.ndarray) -> np.ndarray:
-        """(n, s, s) images -> (n, s, s, channels) network inputs."""
-        return np.repeat(x[..., None], self.channels, -1) if self.channels > 1 else x[..., None]
+        """(n, s, s, c) slices (with their context) -> (n, s, s, net_channels) network inputs."""
+        return np.repeat(x, self.channels, -1) if x.shape[-1] == 1 and self.channels > 1 else x
 
     def case_arrays(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One case's network inputs, labels and tumour-labelled flags (read from the cache now)."""
@@ -121,38 +136,53 @@ class CaseSplit:
     def case_chunk(self, k: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Inputs, labels and tumour-labelled flags of slices start..stop of case k."""
         c = self.cases[k]
-        return (self.inputs(c.images(start, stop).astype(np.float32)), c.labels(start, stop),
-                c.flags[start:stop, TUMOUR_LABELLED])
+        stop = min(stop, c.n)
+        return self.inputs(self.planes(k, start, stop)), c.labels(start, stop), c.flags[start:stop, TUMOUR_LABELLED]
 
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Inputs, labels and flags of the flat slices `idx` (a sample; never a whole split)."""
         pairs = [self.slice(int(i)) for i in idx]
         s = self.cases[0].size if self.cases else 0
-        x = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, s, s), np.float32)
+        x = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, s, s, 2 * self.context + 1), np.float32)
         y = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, s, s), np.uint8)
         return self.inputs(x), y, self.known[np.asarray(idx, int)]
 
 
 def targets(y: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """(n, s, s) labels + (n,) tumour-labelled flags -> (n, s, s, 4) float32 one-hot + flag channel."""
+    """(n, ...) labels (slices or patches) + (n,) tumour-labelled flags -> (n, ..., 4) float32 one-hot + flag
+    channel."""
     out = np.zeros(y.shape + (4,), np.float32)
     for c in range(3):
         out[..., c] = y == c
-    out[..., 3] = np.asarray(known, np.float32)[:, None, None]
+    out[..., 3] = np.asarray(known, np.float32).reshape((-1,) + (1,) * (y.ndim - 1))
     return out
 
 
+def _warp(a: np.ndarray, m: np.ndarray, flags: int) -> np.ndarray:
+    """cv2.warpAffine of an (r, c) or (r, c, channels) array, keeping its shape (OpenCV drops a last axis of 1
+    and takes at most 4 channels at once)."""
+    size = (a.shape[1], a.shape[0])
+    if a.ndim == 2:
+        return cv2.warpAffine(np.ascontiguousarray(a), m, size, flags=flags, borderValue=0)
+    return np.stack([cv2.warpAffine(np.ascontiguousarray(a[..., i]), m, size, flags=flags, borderValue=0)
+                     for i in range(a.shape[-1])], -1)
+
+
 def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(s, s) image and labels, augmented."""
+    """Image (rows, cols, channels) and labels (rows, cols), or a patch (d, rows, cols) and its labels, augmented
+    alike in every slice and channel."""
     a = cfg.augment
     if a.flip and rng.random() < 0.5:  # off by default: a mirrored abdomen puts the liver on the wrong side
-        x, y = x[:, ::-1], y[:, ::-1]
+        x, y = (x[:, :, ::-1], y[:, :, ::-1]) if y.ndim == 3 else (x[:, ::-1], y[:, ::-1])
     if a.rotate_degrees > 0:
-        s = x.shape[0]
-        m = cv2.getRotationMatrix2D((s / 2, s / 2), rng.uniform(-a.rotate_degrees, a.rotate_degrees),
+        r, c = y.shape[-2:]
+        m = cv2.getRotationMatrix2D((c / 2, r / 2), rng.uniform(-a.rotate_degrees, a.rotate_degrees),
                                     rng.uniform(0.92, 1.08))
-        x = cv2.warpAffine(np.ascontiguousarray(x), m, (s, s), flags=cv2.INTER_LINEAR, borderValue=0)
-        y = cv2.warpAffine(np.ascontiguousarray(y), m, (s, s), flags=cv2.INTER_NEAREST, borderValue=0)
+        if y.ndim == 3:  # a patch: the same turn for every slice
+            x = np.stack([_warp(p, m, cv2.INTER_LINEAR) for p in x])
+            y = np.stack([_warp(p, m, cv2.INTER_NEAREST) for p in y])
+        else:
+            x, y = _warp(x, m, cv2.INTER_LINEAR), _warp(y, m, cv2.INTER_NEAREST)
     if a.intensity_jitter > 0:
         j = a.intensity_jitter
         x = np.clip(x * rng.uniform(1 - j, 1 + j) + rng.uniform(-j, j), 0, 1)
@@ -203,6 +233,10 @@ class Batches:
             ys.append(y)
         return self.split.inputs(np.stack(xs)), targets(np.stack(ys), self.split.known[pick])
 
+    def x_shape(self) -> tuple[int, ...]:
+        s = self.split.cases[0].size
+        return (self.size, s, s, self.split.net_channels)
+
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         step = 0
         while True:
@@ -212,8 +246,7 @@ class Batches:
     def dataset(self, tf, first_step: int, last_step: int, workers: int):
         """A tf.data pipeline of batches for global steps [first_step, last_step): `workers` batches are made in
         parallel (OpenCV and the memory-mapped reads release the interpreter lock) and two are kept ready."""
-        s = self.split.cases[0].size
-        b, ch = self.size, self.split.channels
+        shape = self.x_shape()
 
         def make(step):
             x, t = self.batch(int(step))
@@ -221,8 +254,8 @@ class Batches:
 
         def load(step):
             x, t = tf.numpy_function(make, [step], (tf.float32, tf.float32), stateful=False)
-            x.set_shape((b, s, s, ch))
-            t.set_shape((b, s, s, 4))
+            x.set_shape(shape)
+            t.set_shape(shape[:-1] + (4,))
             return x, t
 
         ds = tf.data.Dataset.range(first_step, last_step)

@@ -123,7 +123,7 @@ def make_loss(class_weights=(0.2, 1.0, 3.0), focal_weight: float = 1.0, gamma: f
     def dice_focal_loss(y_true, y_pred):
         y_pred = tf.clip_by_value(y_pred, 1e-7, 1.0 - 1e-7)
         t, p, valid = _effective(tf, y_true, y_pred)
-        axes = [0, 1, 2]
+        axes = list(range(len(y_pred.shape) - 1))  # every axis but the classes: slices (b, h, w) or patches (b, d, h, w)
         inter = tf.reduce_sum(t * p * valid, axes)
         denom = tf.reduce_sum((t + p) * valid, axes)
         dice = (2 * inter + eps) / (denom + eps)
@@ -195,20 +195,25 @@ def as_float32(model):
     return copy
 
 
-ARCHITECTURES = {"resnet34-unet": ("Unet", None), "unet": ("U-Net", "plain (double convolutions)")}
+ARCHITECTURES = {"resnet34-unet": ("Unet", None), "unet": ("U-Net", "plain (double convolutions)"),
+                 "vnet": ("V-Net", "3-D residual stages")}
 
 
 def build_network(arch: str, backbone: str, channels: int, encoder_weights: str | None = None):
-    """The network `--arch` names: the segmentation-models U-Net with `backbone`, or the original U-Net."""
+    """The network `--arch` names: the segmentation-models U-Net with `backbone`, the original U-Net, or the 3-D
+    V-Net."""
     if arch == "resnet34-unet":
+        if encoder_weights is not None and channels not in (1, 3):
+            raise TrainingError(f"ImageNet encoder weights take 1 or 3 channels, not {channels} (model.context "
+                                "1 gives 3)")
         return build_model(backbone, channels, encoder_weights)
-    if arch == "unet":
+    if arch in ("unet", "vnet"):
         if encoder_weights is not None:
             raise TrainingError("--encoder-weights needs a pretrained encoder: use --arch resnet34-unet")
-        from livernode.training.archs import build_plain_unet
+        from livernode.training.archs import build_plain_unet, build_vnet
 
-        return build_plain_unet(channels)
-    raise TrainingError(f"unknown architecture {arch!r} (resnet34-unet or unet)")
+        return build_plain_unet(channels) if arch == "unet" else build_vnet(channels)
+    raise TrainingError(f"unknown architecture {arch!r} (resnet34-unet, unet or vnet)")
 
 
 def describe(arch: str, backbone: str) -> tuple[str, str]:

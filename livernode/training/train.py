@@ -28,7 +28,10 @@ from livernode.imaging import metrics as M
 from livernode.imaging.preprocess import PreprocessSpec
 from livernode.training import plots
 from livernode.training.cache import prepare
+from livernode.imaging.grid import from_grid, sliding_window
+from livernode.training.cache import TUMOUR_LABELLED
 from livernode.training.data import Batches, CaseSplit, fold_members, split_cases, targets
+from livernode.training.volumes import PatchBatches, VolumeSplit
 from livernode.training.datasets import list_cases
 from livernode.training.distribute import Placement, barrier, place
 from livernode.training.model import (build_network, describe, import_tf, load_model, make_loss, make_metrics,
@@ -50,11 +53,27 @@ def spec_from_config(cfg: PreprocessConfig) -> PreprocessSpec:
 
 
 def predict(model, x: np.ndarray) -> np.ndarray:
-    """Softmax probabilities (n, s, s, 3) for network inputs x, PRED_BATCH slices at a time."""
+    """Softmax probabilities (n, ..., 3) for network inputs x (slices or patches), PRED_BATCH at a time."""
     if len(x) == 0:
-        return np.zeros(x.shape[:3] + (3,), np.float32)
+        return np.zeros(x.shape[:-1] + (3,), np.float32)
     return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + PRED_BATCH]), np.float32)
                            for i in range(0, len(x), PRED_BATCH)])
+
+
+def case_probabilities(model, split: CaseSplit, k: int):
+    """(start, probabilities (m, s, s, 3)) of case k's prepared slices, PRED_BATCH slices at a time, as the node
+    computes them: slice by slice with their context, or for a V-Net by the sliding window over the case's grid,
+    resampled back to the slices."""
+    case = split.cases[k]
+    if isinstance(split, VolumeSplit):
+        g = split.grids[k]
+        vol = split.volume_cfg
+        prob = sliding_window(g.images().astype(np.float32), tuple(vol.patch), vol.overlap,
+                              lambda x: predict(model, x), batch=2)
+        yield from from_grid(prob, g.grid, chunk=PRED_BATCH)
+        return
+    for i in range(0, case.n, PRED_BATCH):
+        yield i, predict(model, split.case_chunk(k, i, i + PRED_BATCH)[0])
 
 
 def _effective(t: np.ndarray, p: np.ndarray, known: np.ndarray):
@@ -128,15 +147,22 @@ def score_split(model, tc, split: CaseSplit) -> SplitScore:
     """Predict PRED_BATCH slices of one case at a time (never a whole split, nor a whole case) and accumulate."""
     score = SplitScore(tc.class_weights, tc.focal_weight)
     for k, case in enumerate(split.cases):
-        for i in range(0, case.n, PRED_BATCH):
-            x, y, known = split.case_chunk(k, i, i + PRED_BATCH)
-            score.add(predict(model, x), y, known)
+        for start, prob in case_probabilities(model, split, k):
+            stop = start + len(prob)
+            score.add(prob, case.labels(start, stop), case.flags[start:stop, TUMOUR_LABELLED])
     return score
 
 
 def score_sample(model, tc, split: CaseSplit, n: int, seed: int) -> SplitScore:
-    """The same on a seeded sample of n slices (the training split's report row)."""
+    """The same on a seeded sample of n slices (the training split's report row); a V-Net on whole cases, as many
+    as hold about n slices."""
     score = SplitScore(tc.class_weights, tc.focal_weight)
+    if isinstance(split, VolumeSplit):
+        order = np.random.default_rng(seed).permutation(len(split.cases))
+        sizes = np.cumsum([split.cases[k].n for k in order])
+        chosen = order[:max(1, int(np.searchsorted(sizes, n)))]
+        sub = VolumeSplit(split.name, tuple(split.cases[k] for k in chosen), volume_cfg=split.volume_cfg)
+        return score_split(model, tc, sub)
     pick = np.sort(np.random.default_rng(seed).choice(split.n, min(n, split.n), replace=False))
     for i in range(0, len(pick), PRED_BATCH):
         x, y, known = split.take(pick[i:i + PRED_BATCH])
@@ -169,7 +195,8 @@ class _SigintDeferred:
 class _Progress:
     """One bar for the whole run: batches, slices per second and the ETA of the run; the epoch in its title."""
 
-    def __init__(self, tf, steps: int, epochs: int, first_step: int, batch: int, enabled: bool, started: float):
+    def __init__(self, tf, steps: int, epochs: int, first_step: int, batch: int, enabled: bool, started: float,
+                 unit: str = "slices"):
         outer = self
         self.first = True
         self.bar = tqdm(total=steps * epochs, initial=first_step, unit="batch", disable=not enabled,
@@ -186,7 +213,7 @@ class _Progress:
                     log.info("first training step done %.1f s after the start", time.monotonic() - started)
                 outer.bar.update(1)
                 rate = (outer.bar.n - outer.done0) * batch / max(1e-9, time.monotonic() - outer.t0)
-                shown = {"slices/s": f"{rate:.1f}"}
+                shown = {f"{unit}/s": f"{rate:.1f}"}
                 if logs and "loss" in logs:
                     shown["loss"] = f"{float(logs['loss']):.4f}"
                 outer.bar.set_postfix(shown, refresh=False)
@@ -279,22 +306,37 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     prepared = prepare(refs, spec, cache, workers, progress=progress)
     usable = [r for r in refs if r.case_id in prepared.cases]
     parts = split_cases(usable, cfg.split, folds, fold)
-    splits = {name: CaseSplit(name, tuple(prepared.cases[r.case_id] for r in part), spec.channels)
-              for name, part in parts.items()}
+    volumetric = cfg.dims == 3
+    if volumetric:
+        splits = {name: VolumeSplit(name, tuple(prepared.cases[r.case_id] for r in part), spec.channels,
+                                    volume_cfg=cfg.volume)
+                  for name, part in parts.items()}
+    else:
+        splits = {name: CaseSplit(name, tuple(prepared.cases[r.case_id] for r in part), spec.channels,
+                                  cfg.model.context) for name, part in parts.items()}
     train_s, val_s, test_s = splits["train"], splits["validation"], splits["test"]
     log.info("split by patient: %d train, %d validation, %d test cases (%d/%d/%d slices)",
              len(train_s.cases), len(val_s.cases), len(test_s.cases), train_s.n, val_s.n, test_s.n)
 
-    if placement.chief:
-        _save_parity_sample(val_s if val_s.n else train_s, out)
     tc = cfg.train
-    if tc.batch_size % placement.replicas:
-        raise TrainingError(f"batch size {tc.batch_size} does not divide among {placement.replicas} replicas")
-    steps = tc.steps_per_epoch or max(1, math.ceil(train_s.n / tc.batch_size))
+    if volumetric:
+        batches = PatchBatches(train_s, tc, seed=cfg.split.seed, volume=cfg.volume)
+        calib = PatchBatches(train_s, tc, seed=cfg.split.seed + 7919, volume=cfg.volume)
+        steps = tc.steps_per_epoch or max(1, math.ceil(train_s.voxels / (np.prod(cfg.volume.patch) * batches.size)))
+    else:
+        # Every worker makes the same global batch for a step; tf.distribute gives each worker's replicas their
+        # slices of it, so a step sees the same slices on one machine or several, before and after a resume.
+        batches = Batches(train_s, tc, seed=cfg.split.seed)
+        calib = Batches(train_s, tc, seed=cfg.split.seed + 7919)
+        steps = tc.steps_per_epoch or max(1, math.ceil(train_s.n / tc.batch_size))
+    if placement.chief:
+        _save_parity_sample(val_s if val_s.n else train_s, out, cfg)
+    if batches.size % placement.replicas:
+        raise TrainingError(f"batch size {batches.size} does not divide among {placement.replicas} replicas")
     loss_fn = make_loss(tc.class_weights, tc.focal_weight)
     metric_fns = make_metrics()
     with placement.strategy.scope():
-        model = build_network(cfg.model.arch, cfg.model.backbone, spec.channels, cfg.model.encoder_weights)
+        model = build_network(cfg.model.arch, cfg.model.backbone, cfg.input_channels, cfg.model.encoder_weights)
         lr = tc.learning_rate
         if tc.lr_schedule == "cosine":
             lr = tf.keras.optimizers.schedules.CosineDecay(tc.learning_rate, steps * tc.epochs, alpha=0.05)
@@ -325,10 +367,6 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     history = {k: v[:first_step // steps] for k, v in history.items()}
     best = float(run.state.get("val_score", -1.0)) if first_step else -1.0
 
-    # Every worker makes the same global batch for a step; tf.distribute gives each worker's replicas their
-    # slices of it, so a step sees the same slices on one machine or several, before and after a resume.
-    batches = Batches(train_s, tc, seed=cfg.split.seed)
-    calib = Batches(train_s, tc, seed=cfg.split.seed + 7919)
 
     def calibration() -> np.ndarray:
         return np.concatenate([calib.batch(i)[0] for i in range(CALIBRATION_BATCHES)])
@@ -368,7 +406,8 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
             run.save((epoch + 1) * steps, epochs_done=epoch + 1, val_score=state["best"],
                      best_epoch=state["best_epoch"], optimizer_steps=int(self.model.optimizer.iterations.numpy()))
 
-    bar = _Progress(tf, steps, tc.epochs, first_step, tc.batch_size, progress and placement.chief, t0)
+    bar = _Progress(tf, steps, tc.epochs, first_step, batches.size, progress and placement.chief, t0,
+                    "patches" if volumetric else "slices")
     callbacks = [EpochEnd(), bar.callback]
     if placement.kind == "multi-worker":  # a worker that restarts resumes the epoch it was in
         callbacks.append(tf.keras.callbacks.BackupAndRestore(str(out / "backup")))
@@ -448,6 +487,11 @@ def _report(tf, out, data, fmt, cfg, spec, splits, history, best_epoch, train_se
         "config": cfg.model_dump(),
         "preprocess": asdict(spec),
         "arch": cfg.model.arch,
+        "dims": cfg.dims,
+        "context": cfg.model.context,
+        "input_channels": cfg.input_channels,
+        "volume": cfg.volume.model_dump() if cfg.dims == 3 else None,
+        "parameters": int(best_model.count_params()),
         "architecture": describe(cfg.model.arch, cfg.model.backbone)[0],
         "backbone": describe(cfg.model.arch, cfg.model.backbone)[1],
         "placement": {"strategy": placement.kind, "replicas": placement.replicas, "workers": placement.workers,
@@ -463,11 +507,15 @@ def _report(tf, out, data, fmt, cfg, spec, splits, history, best_epoch, train_se
                        test["dice_tumour"])
 
 
-def _save_parity_sample(split: CaseSplit, out: Path, n: int = 64) -> None:
-    """Keep real validation slices in the run folder so `export` can check ONNX against Keras on them."""
-    pick = np.linspace(0, split.n - 1, min(n, split.n)).round().astype(int)
+def _save_parity_sample(split: CaseSplit, out: Path, cfg: TrainingConfig, n: int = 64) -> None:
+    """Keep real validation slices (V-Net: patches) in the run folder so `export` can check ONNX against Keras on
+    them."""
+    if isinstance(split, VolumeSplit):
+        x = PatchBatches(split, cfg.train, seed=cfg.split.seed, volume=cfg.volume).sample(2)
+    else:
+        x = split.take(np.linspace(0, split.n - 1, min(n, split.n)).round().astype(int))[0]
     with replacing(out / PARITY_SAMPLE) as tmp:
-        np.savez_compressed(tmp, x=split.take(pick)[0])
+        np.savez_compressed(tmp, x=x)
 
 
 def _overlays(model, split: CaseSplit, out: Path, n: int = 4) -> None:
@@ -477,8 +525,18 @@ def _overlays(model, split: CaseSplit, out: Path, n: int = 4) -> None:
     score = np.concatenate([(lab == 2).reshape(c.n, -1).sum(1) * 10 + (lab > 0).reshape(c.n, -1).sum(1)
                             for c in split.cases for lab in (c.labels(),)])
     picks = np.sort(np.argsort(-score, kind="stable")[:n])
-    x, y, _ = split.take(picks)
-    pred = predict(model, x).argmax(-1)
+    if isinstance(split, VolumeSplit):  # a V-Net sees whole cases: predict the cases the picks are in
+        x, y, _ = split.take(picks)
+        located = [split.locate(int(i)) for i in picks]
+        pred = np.zeros(y.shape, np.uint8)
+        for k in sorted({k for k, _ in located}):
+            for start, prob in case_probabilities(model, split, k):
+                for row, (kk, j) in enumerate(located):
+                    if kk == k and start <= j < start + len(prob):
+                        pred[row] = prob[j - start].argmax(-1)
+    else:
+        x, y, _ = split.take(picks)
+        pred = predict(model, x).argmax(-1)
     titles = []
     for i in picks:
         k, j = split.locate(int(i))

@@ -60,7 +60,9 @@ def test_export_has_manifest_named_dims_and_parity(exported, trained_run):
                for n in model.graph.node)
     meta = {p.key: p.value for p in model.metadata_props}
     manifest = json.loads(meta[METADATA_KEY])
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
+    assert manifest["inference"] == {"dims": 2, "context": 0, "patch_size": None, "target_spacing_mm": None,
+                                     "overlap": None}
     assert manifest["input"]["preferred_size"] == 64 and manifest["input"]["size_multiple"] == 32
     assert manifest["preprocessing"]["window"] == {"low": -100.0, "high": 400.0}
     assert manifest["preprocessing"]["orientation"].startswith("axial slices with columns running to patient left")
@@ -247,24 +249,72 @@ def test_the_label_map_comes_from_the_manifest(exported, trained_run, tmp_path):
         in line, r.stderr
 
 
-def test_plain_unet_trains_exports_and_segments(trained_run, tmp_path):
-    """--arch unet (the original U-Net) goes through the same loop, export with parity and the node's pipeline."""
+VNET_RECIPE = """
+[volume]
+spacing_mm = [4.0, 6.0, 6.0]
+patch = [16, 32, 32]
+batch_size = 2
+"""
+
+
+@pytest.mark.parametrize("arch,args", [("unet", []), ("resnet34-unet", ["--context", "1"]), ("vnet", [])],
+                         ids=["unet", "resnet34-unet-k1", "vnet"])
+def test_every_architecture_trains_exports_and_segments(trained_run, tmp_path, arch, args):
+    """--arch unet (the original U-Net), a 2.5-D U-Net and the 3-D V-Net go through the same loop, export with
+    parity and the node's pipeline, whose SEG passes the geometry read-back and equals the network's labels."""
+    import highdicom as hd
+
+    from livernode.imaging.dicomio import read_ct_series
+    from livernode.imaging.postprocess import postprocess
+
     root, _ = trained_run
-    run, model = tmp_path / "run", tmp_path / "unet.onnx"
+    run, model = tmp_path / "run", tmp_path / f"{arch}.onnx"
+    config = tmp_path / "recipe.toml"
+    config.write_text(VNET_RECIPE)
     r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
                         "dicom", "--out", str(run), "--size", "64", "--epochs", "2", "--steps-per-epoch", "2",
-                        "--arch", "unet"], capture_output=True, text=True, timeout=900)
+                        "--arch", arch, "--config", str(config), *args], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((run / "run.json").read_text())
-    assert summary["arch"] == "unet" and summary["architecture"] == "U-Net"
+    assert summary["arch"] == arch and summary["parameters"] > 0
+    assert summary["dims"] == (3 if arch == "vnet" else 2) and summary["context"] == (1 if args else 0)
     r = subprocess.run([sys.executable, "-m", "livernode.cli", "export", str(run), "--out", str(model)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads({p.key: p.value for p in onnx.load(str(model)).metadata_props}[METADATA_KEY])
-    assert manifest["architecture"]["name"] == "U-Net" and manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert manifest["schema_version"] == 2 and manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert manifest["architecture"]["name"] == {"unet": "U-Net", "vnet": "V-Net", "resnet34-unet": "Unet"}[arch]
+    if arch == "vnet":
+        assert manifest["inference"] == {"dims": 3, "context": 0, "patch_size": [16, 32, 32],
+                                         "target_spacing_mm": [4.0, 6.0, 6.0], "overlap": 0.5}
+        assert manifest["input"]["layout"] == "NDHWC" and manifest["input"]["channels"] == 1
+    else:
+        assert manifest["inference"]["dims"] == 2 and manifest["input"]["channels"] == (3 if args else 1)
+    study = root / "data" / "case_001"
     out = tmp_path / "result"
-    r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(root / "data" / "case_001"), "--model",
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(study), "--model",
                         str(model), "--out", str(out), "--providers", "cpu"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]  # the SEG passed the geometry read-back before it was written
     assert (out / "seg.dcm").stat().st_size > 0 and (out / "sr.dcm").stat().st_size > 0
+    vol = read_ct_series(sorted((study / "ct").glob("*.dcm")))
+    back = hd.seg.segread(out / "seg.dcm").get_pixels_by_source_instance(
+        list(vol.sop_instance_uids), segment_numbers=[1, 2], assert_missing_frames_are_empty=True)
+    got = np.where(back[..., 1] > 0, 2, np.where(back[..., 0] > 0, 1, 0))
+    if args:  # 2.5-D: the SEG is what the network gives on each slice stacked with its neighbours by hand
+        from livernode.imaging.preprocess import PreprocessSpec, prepare_slices, restore_probabilities
+
+        m = manifest
+        spec = PreprocessSpec(m["preprocessing"]["window"]["low"], m["preprocessing"]["window"]["high"], 1,
+                              m["input"]["preferred_size"])
+        planes = prepare_slices(vol.hu, spec)[..., 0]
+        n = len(planes)
+        by_hand = np.stack([np.stack([planes[max(i - 1, 0)], planes[i], planes[min(i + 1, n - 1)]], -1)
+                            for i in range(n)])
+        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        prob = restore_probabilities(sess.run(None, {sess.get_inputs()[0].name: by_hand})[0], vol.hu.shape[1:])
+        expected = postprocess(prob.argmax(-1).astype(np.uint8), vol.spacing).labels
+    else:
+        expected = postprocess(Segmenter(model, providers="cpu").segment(vol.hu, spacing=vol.spacing),
+                               vol.spacing).labels
+    assert got.shape == vol.hu.shape and np.array_equal(got, expected)
