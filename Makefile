@@ -7,7 +7,8 @@ ORT_GPU  := onnxruntime-gpu==1.32.0
 DEB_PKGS := dcmtk dicom3tools orthanc
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-train gpu-wheels lock clean reliability-figures
+.PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-train compare compare-long gpu-wheels lock clean \
+        reliability-figures
 
 setup: $(STAMP)
 
@@ -61,6 +62,22 @@ bench: setup deb-deps
 bench-train: setup
 	$(BIN)/python bench/train_scale.py
 	$(BIN)/python bench/render_train.py
+
+# The architecture comparison on 22 phantoms (README: Comparing architectures): U-Net, ResNet34-UNet, each with
+# and without a slice of context on each side, and the 3-D V-Net, by config/compare.toml's short recipe (about a
+# quarter of an hour on 2 cores); `compare-long` trains the two 2-D architectures by the longer recipe.
+# Results in bench/compare*/, and the README's table from them.
+COMPARE_DATA := bench/cache/compare-phantoms
+$(COMPARE_DATA):
+	$(BIN)/livernode synth $@ --cases 22 --slices 48 --size 128 --seed 0
+compare: setup $(COMPARE_DATA)
+	$(BIN)/livernode compare --data $(COMPARE_DATA) --format dicom --out bench/compare \
+	  --archs unet,resnet34-unet,vnet --context 0,1 --config config/compare.toml
+	$(BIN)/python bench/render_compare.py
+compare-long: setup $(COMPARE_DATA)
+	$(BIN)/livernode compare --data $(COMPARE_DATA) --format dicom --out bench/compare-long \
+	  --archs unet,resnet34-unet --context 0 --config config/compare-long.toml
+	$(BIN)/python bench/render_compare.py
 
 # Everything bench/gpu.sh installs on a GPU machine without internet (run this where there is internet):
 # the CUDA build of ONNX Runtime, the CUDA and cuDNN runtime wheels, and livernode's base dependencies at the

@@ -13,7 +13,7 @@ from livernode.errors import LivernodeError
 
 log = logging.getLogger("livernode")
 DESCRIPTION = ("livernode segments the liver and liver tumours in abdominal CT. Offline it makes phantoms, trains, "
-               "exports and evaluates the model (synth, train, export, evaluate); online it is a DICOM node that takes "
+               "exports, evaluates and compares models (synth, train, export, evaluate, compare); online it is a DICOM node that takes "
                "studies by C-STORE or from a folder and returns a DICOM SEG, an SR, summary.json and a preview to "
                "PACS (serve, infer), with tools to run it (status, retry, purge, echo, check, version). `livernode "
                "demo` runs it all end to end on phantoms.")
@@ -41,7 +41,7 @@ def _train(a: argparse.Namespace) -> int:
                                           "train.steps_per_epoch": a.steps_per_epoch,
                                           "model.arch": a.arch, "model.backbone": a.backbone,
                                           "model.encoder_weights": a.encoder_weights,
-                                          "split.seed": a.seed})
+                                          "model.context": a.context, "split.seed": a.seed})
     if a.logical_cpus:  # before TensorFlow touches its devices: MirroredStrategy without GPUs
         from livernode.training.distribute import split_cpu
         from livernode.training.model import import_tf
@@ -98,6 +98,19 @@ def _evaluate(a: argparse.Namespace) -> int:
     print(format_table(report))
     print(f"metrics written to {a.out / 'metrics.json'} and {a.out / 'metrics.csv'}")
     return 0
+
+
+def _compare(a: argparse.Namespace) -> int:
+    from livernode.training.compare import compare, format_table, parse_archs, parse_contexts
+
+    result = compare(a.data, a.format, a.out, a.config, parse_archs(a.archs), parse_contexts(a.context),
+                     cache=a.cache)
+    print(format_table(result))
+    print(f"comparison written to {a.out / 'comparison.csv'}, comparison.json and comparison.png")
+    failed = [e["name"] for e in result["configurations"] if e["status"] != "ok"]
+    if failed:
+        print(f"livernode compare: {len(failed)} configuration(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _infer(a: argparse.Namespace) -> int:
@@ -217,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--size", type=int)
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps-per-epoch", type=int)
-    t.add_argument("--arch", choices=["resnet34-unet", "unet"],
-                   help="resnet34-unet (default): U-Net with a segmentation-models encoder; unet: the original U-Net")
+    t.add_argument("--arch", choices=["resnet34-unet", "unet", "vnet"],
+                   help="resnet34-unet (default): U-Net with a segmentation-models encoder; unet: the original U-Net; "
+                        "vnet: a 3-D V-Net on patches resampled to [volume] spacing_mm")
+    t.add_argument("--context", type=int, metavar="K",
+                   help="2-D architectures: feed each slice with K neighbours on each side as channels (2.5-D)")
     t.add_argument("--backbone", help="resnet34-unet's encoder (any segmentation-models backbone name)")
     t.add_argument("--encoder-weights", help="local .h5 file with ImageNet weights for the backbone")
     t.add_argument("--seed", type=int)
@@ -255,6 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=["chaos", "lits", "dicom"], required=True)
     v.add_argument("--out", type=Path, required=True)
     v.set_defaults(func=_evaluate)
+
+    cm = sub.add_parser("compare", help="train, export and score several architectures on the same data and split")
+    cm.add_argument("--data", type=Path, required=True)
+    cm.add_argument("--format", choices=["chaos", "lits", "dicom"], required=True)
+    cm.add_argument("--out", type=Path, required=True, help="folder for comparison.csv/.json/.png and one per "
+                                                            "configuration (run/, model.onnx, evaluation/)")
+    cm.add_argument("--archs", default="unet,resnet34-unet,vnet", help="comma-separated: resnet34-unet, unet, vnet "
+                                                                       "(default: all three)")
+    cm.add_argument("--context", default="0", help="comma-separated slice contexts 0..3 for the 2-D architectures "
+                                                   "(vnet runs once, without context; default 0)")
+    cm.add_argument("--config", type=Path, help="training TOML shared by every configuration")
+    cm.add_argument("--cache", type=Path, help="prepared cache folder (default: $LIVERNODE_CACHE or "
+                                               "~/.cache/livernode/prepared)")
+    cm.set_defaults(func=_compare)
 
     i = sub.add_parser("infer", help="segment one study folder with the daemon's pipeline, no network")
     i.add_argument("study", type=Path)

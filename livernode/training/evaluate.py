@@ -7,12 +7,14 @@ import csv
 import json
 import logging
 import math
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from livernode.errors import SeriesRejected
+from livernode.errors import EvaluationError, SeriesRejected
 from livernode.fsutil import replacing, write_text
 from livernode.imaging import metrics as M
 from livernode.imaging.orient import Orientation
@@ -72,11 +74,15 @@ def summarise(rows: list[dict], output: str = "delivered") -> dict:
     return out
 
 
-def evaluate(model: Path, data: Path, fmt: str, out: Path) -> dict:
-    """Score `model` on every case under `data`; writes metrics.json and metrics.csv into `out`."""
+def evaluate(model: Path, data: Path, fmt: str, out: Path, cases: Iterable[str] | None = None) -> dict:
+    """Score `model` on the cases under `data` (only those whose ids are in `cases`, when given); writes
+    metrics.json and metrics.csv into `out`. The report times the network on each case (`infer_seconds`, the
+    wall time of segmenting its volume, post-processing and loading not counted) and sums that up in `timing`.
+
+    EvaluationError naming any id in `cases` that is not among the cases found."""
     seg = Segmenter(model, providers="auto")
-    refs = list_cases(data, fmt)
-    rows, skipped = [], []
+    refs = _keep(list_cases(data, fmt), cases, data)
+    rows, skipped, seconds = [], [], {}
     for ref in tqdm(refs, desc="evaluate", unit="case"):
         case = load_case(ref)
         try:
@@ -85,14 +91,20 @@ def evaluate(model: Path, data: Path, fmt: str, out: Path) -> dict:
             log.warning("skipping case %s: %s", ref.case_id, exc)
             skipped.append({"case": ref.case_id, "reason": str(exc)})
             continue
-        raw = seg.segment(case.volume.hu, turn)
+        t0 = time.perf_counter()
+        raw = seg.segment(case.volume.hu, turn, case.volume.spacing)
+        seconds[case.case_id] = time.perf_counter() - t0
         delivered = postprocess(raw, case.volume.spacing).labels  # as the node sends it
         for output, pred in (("delivered", delivered), ("network", raw)):
             rows += score_case(case.case_id, pred, case.labels, case.volume.spacing, case.tumour_labelled, output)
+    total = sum(seconds.values())
     report = {"model": str(model), "data": str(data), "format": fmt, "providers": seg.providers_used,
               "skipped": skipped, "summary": summarise(rows, "delivered"),
               "network_summary": summarise(rows, "network"),
-              "cases": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+              "timing": {"cases": len(seconds), "infer_seconds_mean": total / len(seconds) if seconds else math.nan,
+                         "infer_seconds_total": total},
+              "cases": [{**{k: v for k, v in r.items() if not k.startswith("_")},
+                         "infer_seconds": seconds[r["case"]]} for r in rows]}
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "metrics.json", json.dumps(report, indent=1, default=_json_default).replace("NaN", "null"))
     with replacing(out / "metrics.csv") as tmp, tmp.open("w", newline="") as fh:
@@ -100,6 +112,18 @@ def evaluate(model: Path, data: Path, fmt: str, out: Path) -> dict:
         w.writeheader()
         w.writerows(rows)
     return report
+
+
+def _keep(refs: list, cases: Iterable[str] | None, data: Path) -> list:
+    """The refs whose case ids are in `cases` (all of them for None), in their listing order."""
+    if cases is None:
+        return refs
+    wanted = {cases} if isinstance(cases, str) else set(cases)  # one id, not its characters
+    unknown = wanted - {r.case_id for r in refs}
+    if unknown:
+        raise EvaluationError(f"{data}: no case {', '.join(sorted(unknown))} among the {len(refs)} cases found "
+                              f"there")
+    return [r for r in refs if r.case_id in wanted]
 
 
 def _json_default(o):
@@ -124,6 +148,10 @@ def format_table(report: dict) -> str:
     for output, summary in (("delivered (post-processed, what PACS receives)", report["summary"]),
                             ("network (raw labels, before post-processing)", report["network_summary"])):
         lines += ["", f"{output}:", *_summary_lines(summary)]
+    timing = report.get("timing")
+    if timing and timing["cases"]:
+        lines += ["", (f"network: {timing['infer_seconds_mean']:.3f} s per case on average, "
+                       f"{timing['infer_seconds_total']:.1f} s for {timing['cases']} cases")]
     return "\n".join(lines)
 
 
