@@ -31,6 +31,10 @@ class TrainingError(LivernodeError):
     """Training could not run or produced no usable model."""
 
 
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C stopped training after saving a resumable checkpoint."""
+
+
 class ExportError(LivernodeError):
     """Export to ONNX failed or the exported model disagrees with the Keras model."""
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from livernode import __version__
-from livernode.config import ModelConfig, load_training_config
-from livernode.errors import ConfigError, EvaluationError, LivernodeError, TrainingError
+from livernode.config import load_training_config
+from livernode.errors import ConfigError, EvaluationError, LivernodeError, TrainingInterrupted
 from livernode.fsutil import replacing, write_text
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def compare(data: Path, fmt: str, out: Path, cfg_path: Path | None, archs: list[
         try:
             entry = _run_one(c, data, fmt, out / c.name, cfg_path, cache, progress)
         except Exception as exc:  # one configuration's failure is its own row; the others still run
-            interrupted = isinstance(exc, TrainingError) and str(exc).startswith("interrupted")
+            interrupted = isinstance(exc, TrainingInterrupted)
             if not isinstance(exc, LivernodeError):
                 log.exception("%s failed", c.name)
             reason = str(exc) if isinstance(exc, LivernodeError) else f"{type(exc).__name__}: {exc}"
@@ -168,12 +168,9 @@ def _prepare_cache(data: Path, fmt: str, cfg, cache: Path | None, progress: bool
 
 
 def _overrides(c: Configuration) -> dict:
-    overrides: dict = {"model.arch": c.arch}
     # Set through the config, like every other key, so a TOML's [model] context never leaks into a row that
-    # says otherwise. A config without the key can still run context 0 and refuses the others by name.
-    if c.context or "context" in ModelConfig.model_fields:
-        overrides["model.context"] = c.context
-    return overrides
+    # says otherwise.
+    return {"model.arch": c.arch, "model.context": c.context}
 
 
 def _run_one(c: Configuration, data: Path, fmt: str, folder: Path, cfg_path: Path | None, cache: Path | None,

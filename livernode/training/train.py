@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from livernode.config import PreprocessConfig, TrainingConfig
-from livernode.errors import TrainingError
+from livernode.errors import TrainingError, TrainingInterrupted
 from livernode.fsutil import replacing, write_json
 from livernode.imaging import metrics as M
 from livernode.imaging.preprocess import PreprocessSpec
@@ -429,12 +429,12 @@ def train(data: Path, fmt: str, out: Path, cfg: TrainingConfig, *, resume: bool 
     except KeyboardInterrupt:
         bar.close()
         if placement.workers > 1:  # saving needs every worker, and the signal reached this one only
-            raise TrainingError(f"interrupted; the last epoch's checkpoint in {out / LAST} and BackupAndRestore's "
+            raise TrainingInterrupted(f"interrupted; the last epoch's checkpoint in {out / LAST} and BackupAndRestore's "
                                 f"backup resume the run: start the same command on every worker") from None
         at = int(model.optimizer.iterations.numpy())  # steps applied, counting those of a restored checkpoint
         run.save(at, epochs_done=at // steps, val_score=state["best"], best_epoch=state["best_epoch"],
                  interrupted=True)
-        raise TrainingError(f"interrupted at step {at} of {last}; saved to {out / LAST}: continue with --resume") \
+        raise TrainingInterrupted(f"interrupted at step {at} of {last}; saved to {out / LAST}: continue with --resume") \
             from None
     bar.close()
     if not placement.chief:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from livernode.cli import main
-from livernode.errors import EvaluationError, TrainingError
+from livernode.errors import EvaluationError, TrainingError, TrainingInterrupted
 from livernode.imaging.synth import synthesize
 from livernode.training import compare as C
 from livernode.training.compare import Configuration, configurations
@@ -200,7 +200,7 @@ def test_an_interrupted_training_stops_the_comparison_with_what_it_has(tmp_path,
     import livernode.training.train as train_module
 
     def interrupted(data, fmt, out, cfg, **kw):
-        raise TrainingError(f"interrupted at step 1 of 2; saved to {out / 'last'}: continue with --resume")
+        raise TrainingInterrupted(f"interrupted at step 1 of 2; saved to {out / 'last'}: continue with --resume")
 
     monkeypatch.setattr(train_module, "train", interrupted)
     monkeypatch.setattr(C, "_prepare_cache", lambda *args: 0.0)
