@@ -10,7 +10,9 @@ post-processing is measured on the hard side.
 3. End to end: a 200-slice 512x512 study sent by dcmtk storescu to `livernode serve`; seconds from the last
    instance acknowledged to the SEG and SR acknowledged by a dcmtk storescp PACS, split by stage (the node's own
    summary.json). The peer is the pure model: the same slices through the same ONNX session, nothing else.
-4. Memory: peak RSS of `livernode infer` on a 600-slice 512x512 study against its int16 volume plus the model.
+4. Memory: peak RSS of `livernode infer` on a 600-slice 512x512 study against its int16 volume plus the model,
+   for the 2-D network and for a 3-D V-Net (config/compare.toml's recipe, trained once and kept in bench/cache),
+   run by sliding window over the resampled study.
 5. Scaling: pipeline seconds (summary.json, all stages) for 100, 200 and 400 slices.
 6. Coverage pass: on a whole 512x512 study as PACS sends it (`livernode synth --layout study`: two phases, thorax
    and pelvis series, a bone-kernel copy, MIP, MinIP, reformat, localizer, dose screen), the seconds the model's
@@ -130,6 +132,45 @@ def memory(template: list[Path], model: Path, work: Path, slices: int = 600) -> 
     return {"slices": slices, "peak_rss_bytes": peak, "int16_volume_bytes": volume, "model_bytes": model_bytes,
             "ratio_to_volume_plus_model": (peak - model_bytes) / volume, "pipeline_s": sum(stages.values()),
             "stages_s": stages}
+
+
+def vnet_model(work: Path) -> tuple[Path, dict]:
+    """A V-Net trained by config/compare.toml's recipe on the demo's training phantoms (kept in bench/cache): an
+    untrained network labels nearly every voxel, and post-processing and the SEG of such an output would be
+    measured instead of the 3-D path."""
+    from livernode.config import load_training_config
+    from livernode.export.onnx_export import export_run
+    from livernode.imaging.synth import synthesize
+    from livernode.training.train import train
+
+    cache = REPO / "bench" / "cache" / "vnet"
+    model, run = cache / "model.onnx", cache / "run"
+    if not model.is_file():
+        phantoms = REPO / "demo" / "phantoms-train"
+        if not phantoms.is_dir():
+            phantoms = cache / "phantoms"
+            if not phantoms.is_dir():
+                synthesize(phantoms, cases=16, slices=48, size=128, seed=0, layout="dicom")
+        cfg = load_training_config(REPO / "config" / "compare.toml", {"model.arch": "vnet"})
+        train(phantoms, "dicom", run, cfg, cache=cache / "prepared", progress=False)
+        export_run(run, model)
+    summary = json.loads((run / "run.json").read_text())
+    return model, {"test_dice_liver": summary["test_metrics"]["dice_liver"], "volume": summary["volume"]}
+
+
+def memory_3d(template: list[Path], work: Path, slices: int = 600) -> dict:
+    """The memory row for a 3-D model: the V-Net of `vnet_model`, sliding over the resampled study."""
+    model, trained = vnet_model(work)
+    files = stacked_study(template, slices, work / f"study-{slices}")
+    t0 = time.perf_counter()
+    peak, stages = _infer(files[0].parent, model, work / f"infer-3d-{slices}")
+    volume = slices * 512 * 512 * 2
+    model_bytes = model.stat().st_size
+    log(f"memory, 3-D: {slices} slices, peak RSS {peak / 2**20:.0f} MiB in {time.perf_counter() - t0:.0f} s")
+    return {"slices": slices, "peak_rss_bytes": peak, "int16_volume_bytes": volume, "model_bytes": model_bytes,
+            "ratio_to_volume_plus_model": (peak - model_bytes) / volume, "pipeline_s": sum(stages.values()),
+            "stages_s": stages, "spacing_mm": trained["volume"]["spacing_mm"], "patch": trained["volume"]["patch"],
+            "test_dice_liver": trained["test_dice_liver"]}
 
 
 def scaling(template: list[Path], model: Path, work: Path, counts=(100, 200, 400)) -> list[dict]:

@@ -59,6 +59,12 @@ def table(r: dict) -> list[dict]:
                      f"{mem['peak_rss_bytes'] / 2**20:.0f}",
                      f"{mem['int16_volume_bytes'] / 2**20:.0f} (+{mem['model_bytes'] / 2**20:.0f})",
                      f"{mem['ratio_to_volume_plus_model']:.2f}x", "<= 4x", mem["ratio_to_volume_plus_model"] <= 4))
+    mem = r["memory_3d"]
+    rows.append(_row(f"memory {mem['slices']} x 512^2, 3-D V-Net (patch {'x'.join(map(str, mem['patch']))} at "
+                     f"{'/'.join(f'{s:g}' for s in mem['spacing_mm'])} mm): peak RSS MiB vs int16 volume (+ model)",
+                     f"{mem['peak_rss_bytes'] / 2**20:.0f}",
+                     f"{mem['int16_volume_bytes'] / 2**20:.0f} (+{mem['model_bytes'] / 2**20:.0f})",
+                     f"{mem['ratio_to_volume_plus_model']:.2f}x", "<= 4x", mem["ratio_to_volume_plus_model"] <= 4))
     sc = r["scaling"]
     worst = max(x["per_slice_vs_smallest"] for x in sc)
     rows.append(_row("scaling: ms/slice at " + "/".join(str(x["slices"]) for x in sc) + " slices",
@@ -108,6 +114,8 @@ def main() -> int:
     results["end_to_end"] = pipeline.end_to_end(study, model, WORK)
     log("memory ...")
     results["memory"] = pipeline.memory(template, model, WORK)
+    log("memory, 3-D model ...")
+    results["memory_3d"] = pipeline.memory_3d(template, WORK)
     log("scaling ...")
     results["scaling"] = pipeline.scaling(template, model, WORK)
     log("coverage pass on a whole study, the network at the size it was trained at ...")
