@@ -1,0 +1,254 @@
+"""Ray, behind the `ray` extra: the one module that imports it. `livernode batch --ray` runs studies on actors that
+each load the model once: one actor per GPU when the cluster has GPUs, else one per CPU worker. Ray holds no state
+that livernode cannot rebuild: the batch's output folder and its markers are the record.
+
+Safe by default. Anyone who reaches a Ray port can run code on the cluster, so:
+- token authentication is always on (`RAY_AUTH_MODE=token`): a local Ray generates its token
+  (`~/.ray/auth_token`, unless `RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN_PATH` names one); to join a cluster the token
+  comes from the same places, set by the operator;
+- `local` binds every Ray process to 127.0.0.1 (`listeners_beyond_loopback` checks it);
+- no dashboard, hence no Jobs API, and no usage statistics sent anywhere."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from livernode.batch import IN_FLIGHT_PER_WORKER, Job, Outcome, StudyWorker, lost
+from livernode.errors import LivernodeError, MissingExtra
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+START_TIMEOUT_S = 120.0  # how long a run waits for an actor when it has none left to run on
+SPARE_ACTORS = 2  # replacements for lost actors, per actor the run started with
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MissingExtra("--ray needs Ray: pip install 'livernode[ray]'") from None
+    return ray
+
+
+def connect(address: str, num_cpus: int | None = None):
+    """Start Ray on this machine (`address` "local", with `num_cpus` CPU slots) or join the cluster at `address`
+    (host:port of its head); returns the `ray` module, initialised. Token authentication is on either way."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    loopback = address == "local" or address.rsplit(":", 1)[0] in LOOPBACK_HOSTS
+    if address != "local":
+        # Each try to reach the head waits about 40 s, and Ray tries 20 times: a mistyped address would hang for a
+        # quarter of an hour (read when ray is imported).
+        os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", "3")
+    if loopback:
+        # ray.init turns 127.0.0.1 into this machine's first routable address (so that other machines could
+        # join), and its servers then listen on every interface. With this set (read when ray is imported) 127.0.0.1
+        # stays 127.0.0.1 and every Ray process binds to loopback only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray = _import_ray()
+    try:
+        if address == "local":
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        raise LivernodeError(f"cannot {'start Ray' if address == 'local' else 'join the Ray cluster at ' + address}: "
+                             f"{exc}") from None
+    return ray
+
+
+@contextmanager
+def session(address: str, num_cpus: int | None = None) -> Iterator[object]:
+    """`connect`, and disconnect at the end (a local Ray stops, with its actors)."""
+    ray = connect(address, num_cpus)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class StudyActor:
+    """A Ray actor that holds one loaded model (a `StudyWorker`) and runs studies handed to it as bytes."""
+
+    def __init__(self, model_name: str, model_bytes: bytes, providers: str) -> None:
+        import ray
+
+        self._dir = tempfile.TemporaryDirectory(prefix="livernode-actor-")
+        path = Path(self._dir.name) / model_name  # the model's file name goes into every summary.json
+        path.write_bytes(model_bytes)
+        ctx = ray.get_runtime_context()
+        self.info = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "gpu_ids": ray.get_gpu_ids(),
+                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+                     "hostname": socket.gethostname()}
+        name = f"{socket.gethostname()}:{os.getpid()} actor {ctx.get_actor_id()[:8]}"
+        self.worker = StudyWorker(path, providers=providers, threads=1, name=name)
+        self.info.update(worker=name, providers=self.worker.segmenter.providers_used)
+
+    def describe(self) -> dict:
+        return self.info
+
+    def run(self, key: str, payload: Sequence[bytes]) -> Outcome:
+        return self.worker.run_payload(key, payload)
+
+
+def run_on_ray(jobs: Sequence[Job], model: Path, workers: int, finish: Callable[[Job, Outcome], None],
+               start_timeout_s: float = START_TIMEOUT_S) -> tuple[dict, ...]:
+    """Run `jobs` on actors of the connected cluster: one per GPU (num_gpus=1 each; ONNX Runtime uses CUDA when
+    the CUDA build is installed, the CPU otherwise), else `workers` CPU actors. At most IN_FLIGHT_PER_WORKER studies
+    per actor are handed out at a time, their files as bytes (no shared disk needed). A study whose actor or
+    machine is lost runs again on another actor (`lost`); a lost actor is replaced when the cluster has room.
+    Returns every actor that became ready, with its placement."""
+    ray = _import_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count, options, providers = ((gpus, {"num_gpus": 1, "num_cpus": 1}, "auto") if gpus else
+                                 (workers, {"num_cpus": 1}, "cpu"))
+    actor_cls = ray.remote(StudyActor).options(max_restarts=0, max_task_retries=0, **options)
+    model_ref = ray.put(Path(model).read_bytes())
+    log.info("starting %d Ray actor(s) (%s)", count, f"one per GPU of {gpus}" if gpus else "CPU")
+    starting: dict = {}  # describe() ref -> (actor id, handle) of actors not yet ready
+    ready: dict[int, object] = {}
+    load: dict[int, int] = {}
+    placed: list[dict] = []
+    spares = SPARE_ACTORS * count
+
+    def start(n: int) -> None:
+        actor = actor_cls.remote(Path(model).name, model_ref, providers)
+        starting[actor.describe.remote()] = (n, actor)
+
+    for n in range(count):
+        start(n)
+    next_id = count
+    pending = deque(jobs)
+    inflight: dict = {}  # run() ref -> (job, actor id)
+    lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                   ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError)
+
+    trouble = ""  # why the last actor was lost or did not start
+
+    def replace_actor(n: int, actor, what: str, why: str) -> None:
+        nonlocal next_id, spares, trouble
+        trouble = f"actor {what}: {why}"
+        log.warning("Ray actor %d %s (%s)%s", n, what, why, "; starting another" if spares else "")
+        ray.kill(actor)
+        if spares:
+            spares -= 1
+            start(next_id)
+            next_id += 1
+
+    while pending or inflight:
+        while pending:
+            free = [n for n in ready if load[n] < IN_FLIGHT_PER_WORKER]
+            if not free:
+                break
+            n = min(free, key=lambda k: load[k])
+            job = pending.popleft()
+            payload = [f.read_bytes() for f in job.study.files]
+            inflight[ready[n].run.remote(job.study.key, payload)] = (job, n)
+            load[n] += 1
+        waitable = list(inflight) + list(starting)
+        if not waitable:
+            break
+        done, _ = ray.wait(waitable, num_returns=1, timeout=None if inflight else start_timeout_s)
+        if not done:
+            break  # no actor to run on, and none started within the timeout
+        ref = done[0]
+        if ref in starting:
+            n, actor = starting.pop(ref)
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # its machine went away, or the model did not load there
+                replace_actor(n, actor, "did not start", _first_line(exc))
+                continue
+            ready[n], load[n] = actor, 0
+            placed.append(info)
+            log.info("Ray actor %d ready: %s, GPUs %s, ONNX Runtime on %s", n, info["worker"],
+                     info["gpu_ids"] or "none", ",".join(info["providers"]))
+            continue
+        job, n = inflight.pop(ref)
+        load[n] = load.get(n, 1) - 1
+        try:
+            outcome = ray.get(ref)
+        except lost_errors as exc:
+            if n in ready:  # the first of its studies to report the loss
+                replace_actor(n, ready.pop(n), "lost", _first_line(exc))
+            lost(job, "its Ray actor or machine was lost", pending.appendleft, finish)
+            continue
+        except ray.exceptions.RayError as exc:  # a failure inside the actor that StudyWorker did not catch
+            outcome = Outcome(job.study.key, False, f"{type(exc).__name__}: {_first_line(exc)}", transient=True)
+        finish(job, outcome)
+    why = trouble or f"none started within {start_timeout_s:.0f} s"
+    for job in pending:  # only when no actor is left to run them
+        finish(job, Outcome(job.study.key, False, f"no Ray actor to run on ({why}; cluster resources free: "
+                                                  f"{ray.available_resources()})", transient=True))
+    for _, actor in list(starting.values()) + [(n, a) for n, a in ready.items()]:
+        ray.kill(actor)
+    return tuple(placed)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_USERS = re.compile(r'\("([^"]*)",pid=(\d+)')
+
+
+def process_tree(root: int) -> set[int]:
+    """`root` and every process below it (by parent pid in /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        pid, ppid = int(text.split(" ", 1)[0]), int(text.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def listeners(root_pid: int) -> list[tuple[str, int, int, str]]:
+    """TCP sockets listening in `root_pid` or its descendants (a Ray driver and the Ray processes it started), as
+    (address, port, pid, process name), from `ss -ltnp`."""
+    pids = process_tree(root_pid)
+    try:
+        text = subprocess.run(["ss", "-H", "-ltnp"], capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LivernodeError(f"cannot list listening sockets with ss: {exc}") from None
+    found = []
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) < 6:
+            continue
+        address, _, port = cols[3].rpartition(":")
+        for name, pid in _USERS.findall(" ".join(cols[5:])):
+            if int(pid) in pids:
+                found.append((address.strip("[]"), int(port), int(pid), name))
+    return found
+
+
+def listeners_beyond_loopback(root_pid: int) -> list[str]:
+    """The listening sockets of `root_pid` and its descendants bound to anything but loopback, as
+    'address:port (process pid)'; empty when all listen on 127.0.0.1 only."""
+    def loopback(address: str) -> bool:
+        address = address.removeprefix("::ffff:")
+        return address.startswith("127.") or address == "::1"
+
+    return [f"{a}:{p} ({name} {pid})" for a, p, pid, name in listeners(root_pid) if not loopback(a)]
+
