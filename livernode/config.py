@@ -218,6 +218,12 @@ class PathsConfig(_Strict):
 class InferenceConfig(_Strict):
     model: Path | None = None
     providers: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: this process runs the model; ray: actors of a Ray cluster do, several studies "
+                             "at once (one actor per GPU, or ray_actors on CPUs)")
+    ray_address: str = Field("local", description="'local' starts Ray on this machine, bound to 127.0.0.1; "
+                                                  "host:port joins a cluster (token authentication on)")
+    ray_actors: int = Field(1, ge=1, description="CPU actors when the cluster has no GPU")
 
 
 class StudyConfig(_Strict):

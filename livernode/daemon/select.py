@@ -246,6 +246,9 @@ class NoUsableSeries(SeriesRejected):
         super().__init__("no usable CT series (" + "; ".join(
             f"{d.description or short_key(d.series_instance_uid)}: {d.reason}" for d in self.decisions) + ")")
 
+    def __reduce__(self):  # pickled whole (a Ray actor raises it to the node), decisions and all
+        return type(self), (self.decisions,)
+
 
 def select_series(items: Sequence[tuple[str, pydicom.Dataset]], rules: SelectionConfig | None = None,
                   coverage: CoveragePass | None = None) -> tuple[list[str], list[SeriesDecision]]:

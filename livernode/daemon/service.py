@@ -54,6 +54,11 @@ class Service:
         self.spool = Spool(state / "spool", min_free_bytes=int(cfg.study.min_free_mb * 1e6))
         self.store = Store(state / "index.sqlite")
         self.segmenter = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
+        self.ray = None
+        if cfg.inference.backend == "ray":  # the actors have loaded the model when this returns
+            from livernode.daemon.ray_backend import RayStudies
+
+            self.ray = RayStudies(cfg.inference, cfg.inference.model)
         self.metrics = Metrics()
         obs = cfg.observability
         self.audit = AuditLog(state / obs.audit_log if obs.audit_log is not None else None,
@@ -69,7 +74,7 @@ class Service:
         self.listeners = Listeners(cfg, self.spool, self.store, **parts)
         self.worker = Worker(lambda: self.cfg, self.store, self.segmenter, state / "results",
                              destinations=lambda: list(self.destinations), on_result=lambda: self.sender.wake.set(),
-                             **parts)
+                             ray=self.ray, **parts)
         self.sender = Sender(lambda: self.cfg, self.store, destinations=lambda: self.destinations,
                              on_requeue=self.worker.wake.set, **parts)
         self.retention = Retention(cfg.retention, self.store, state, self.audit)
@@ -175,6 +180,8 @@ class Service:
         if threads[worker_mod.NAME].is_alive() and busy is not None:
             self.store.stop_processing(busy, "the node stopped before the step in progress ended")
         log.info("worker and sender stopped %.1f s after the stop request", time.monotonic() - t0)
+        if self.ray is not None:
+            self.ray.close()
 
     def _retain(self, poll_s: float) -> None:
         """The retention thread: apply the policy every `retention.interval_seconds`; a heartbeat per study."""

@@ -246,6 +246,21 @@ class Store(RetentionQueries):
             db.execute("UPDATE jobs SET state = 'stopped', finished_at = ?, reason = ? WHERE study_instance_uid = ? "
                        "AND state = 'running'", (time.time(), reason, study))
 
+    def interrupt_processing(self, study: str, reason: str, max_attempts: int) -> int | None:
+        """The study's processing was lost without an answer (its Ray actor or machine died): the job is closed as
+        interrupted and the attempt counts, as a crash's does. The study stays due, or fails once it was cut short
+        `max_attempts` times; returns the attempts when it failed now, else None."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'interrupted', finished_at = ?, reason = ? WHERE "
+                       "study_instance_uid = ? AND state = 'running'", (time.time(), reason, study))
+            (attempts,) = db.execute("SELECT attempts FROM studies WHERE study_instance_uid = ?", (study,)).fetchone()
+            if attempts < max_attempts:
+                return None
+            db.execute("UPDATE studies SET state = 'failed', processed_instances = instances, "
+                       "generation = generation + 1, attempts = 0, reason = ? WHERE study_instance_uid = ?",
+                       (f"interrupted {attempts} times ({reason}); not retried until `livernode retry`", study))
+            return attempts
+
     def recover(self, max_attempts: int) -> tuple[int, list[tuple[str, int]]]:
         """At start, before any work: close the jobs a crash left running as interrupted, and fail each study
         whose processing was cut short `max_attempts` times (it stays failed until `livernode retry`). Returns
