@@ -13,7 +13,7 @@ from livernode.errors import LivernodeError
 
 log = logging.getLogger("livernode")
 DESCRIPTION = ("livernode segments the liver and liver tumours in abdominal CT. Offline it makes phantoms, trains, "
-               "exports, evaluates and compares models (synth, train, export, evaluate, compare); online it is a DICOM node that takes "
+               "exports, evaluates and compares models (synth, train, export, evaluate, compare) and segments archives (batch); online it is a DICOM node that takes "
                "studies by C-STORE or from a folder and returns a DICOM SEG, an SR, summary.json and a preview to "
                "PACS (serve, infer), with tools to run it (status, retry, purge, echo, check, version). `livernode "
                "demo` runs it all end to end on phantoms.")
@@ -127,6 +127,17 @@ def _infer(a: argparse.Namespace) -> int:
           f"{len(f.lesions)} lesion(s), tumour {f.tumour_volume_ml:.1f} mL ({f.tumour_burden_percent:.2f} % of liver)")
     print(f"wrote {r.seg_path}, {r.sr_path}, {r.summary_path}, {r.preview_path}")
     return 0
+
+
+def _batch(a: argparse.Namespace) -> int:
+    from livernode.batch import run_batch
+
+    r = run_batch(a.root, a.model, a.out, workers=a.workers, ray_address=a.ray, resume=a.resume)
+    print(f"{r.studies} studies, {r.processed} processed in {r.seconds:.0f} s ({r.studies_per_hour:.0f} studies/h): "
+          f"{r.done} done, {r.failed} failed, {r.up_to_date} complete and up to date; {r.files_skipped} files "
+          f"skipped (not DICOM, or without a study UID)")
+    print(f"wrote {r.csv_path}" + (f" and {r.parquet_path}" if r.parquet_path else ""))
+    return 1 if r.failed else 0
 
 
 def _serve(a: argparse.Namespace) -> int:
@@ -293,6 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto")
     i.add_argument("--config", type=Path, help="daemon TOML whose [selection] rules choose the series, as the node")
     i.set_defaults(func=_infer)
+
+    bt = sub.add_parser("batch", help="segment every study under a folder (an archive) with the node's pipeline, "
+                                      "on local processes or on Ray; studies.csv holds a row per study")
+    bt.add_argument("root", type=Path, help="folder searched for DICOM files, grouped by Study Instance UID")
+    bt.add_argument("--model", type=Path, required=True)
+    bt.add_argument("--out", type=Path, required=True, help="one folder per study (named by a digest of its UID) "
+                                                            "and studies.csv")
+    bt.add_argument("--workers", type=int, default=1, help="worker processes (or CPU actors on Ray), each with one "
+                                                           "ONNX Runtime thread (default 1)")
+    bt.add_argument("--ray", metavar="ADDRESS|local", help="run on Ray actors: 'local' starts Ray on this machine "
+                                                           "(127.0.0.1 only), ADDRESS joins a cluster (host:port)")
+    bt.add_argument("--resume", action="store_true", help="skip studies whose results are complete and up to date "
+                                                          "for this model and these files")
+    bt.set_defaults(func=_batch)
 
     sv = sub.add_parser("serve", help="run the DICOM node (C-STORE receiver and/or watched folder)")
     sv.add_argument("--config", type=Path, help="daemon TOML (config/livernode.toml documents every key)")
