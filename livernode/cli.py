@@ -13,10 +13,10 @@ from livernode.errors import LivernodeError
 
 log = logging.getLogger("livernode")
 DESCRIPTION = ("livernode segments the liver and liver tumours in abdominal CT. Offline it makes phantoms, trains, "
-               "exports, evaluates and compares models (synth, train, export, evaluate, compare) and segments archives (batch); online it is a DICOM node that takes "
-               "studies by C-STORE or from a folder and returns a DICOM SEG, an SR, summary.json and a preview to "
-               "PACS (serve, infer), with tools to run it (status, retry, purge, echo, check, version). `livernode "
-               "demo` runs it all end to end on phantoms.")
+               "exports, evaluates and compares models (synth, train, export, evaluate, compare) and segments "
+               "archives (batch); online it is a DICOM node that takes studies by C-STORE or from a folder and "
+               "returns a DICOM SEG, an SR, summary.json and a preview to PACS (serve, infer), with tools to run it "
+               "(status, retry, purge, echo, check, version). `livernode demo` runs it all end to end on phantoms.")
 
 
 def _synth(a: argparse.Namespace) -> int:
