@@ -15,3 +15,15 @@ def test_daemon_does_not_import_tensorflow():
             "print(len(names), bad); sys.exit(1 if bad or len(names) < 20 else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_node_without_ray_configured_never_imports_it():
+    """Ray is an optional extra: every daemon module imports without it, and only `backend = "ray"` loads it."""
+    code = ("import importlib, pkgutil, sys, livernode.daemon, livernode.batch\n"
+            "for m in pkgutil.walk_packages(livernode.daemon.__path__, 'livernode.daemon.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "from livernode.config import load_daemon_config\n"
+            "assert load_daemon_config(None).inference.backend == 'local'\n"
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
