@@ -1,6 +1,7 @@
 """`make bench`: one table of livernode against a peer measured in the same run, also written as
 bench/results.json. Parts: model speed (bench/model_speed.py), ingest (bench/ingest.py), end to end, memory and
-scaling (bench/pipeline.py), and the GPU script (bench/gpu.py) exercised on the CPU when there is no GPU."""
+scaling (bench/pipeline.py), an archive through `livernode batch` (bench/batch.py), and the GPU script
+(bench/gpu.py) exercised on the CPU when there is no GPU."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import ingest, model_speed, pipeline  # noqa: E402
+from bench import batch, ingest, model_speed, pipeline  # noqa: E402
 from bench.common import ENV, PY, REPO, log, stacked_study  # noqa: E402
 
 WORK = REPO / "bench" / "work"
@@ -65,6 +66,15 @@ def table(r: dict) -> list[dict]:
                      f"{mem['peak_rss_bytes'] / 2**20:.0f}",
                      f"{mem['int16_volume_bytes'] / 2**20:.0f} (+{mem['model_bytes'] / 2**20:.0f})",
                      f"{mem['ratio_to_volume_plus_model']:.2f}x", "<= 4x", mem["ratio_to_volume_plus_model"] <= 4))
+    b = r["batch"]
+    ph = b["studies_per_hour"]
+    rows.append(_row(f"batch, {b['studies']} studies of {b['slices']} x {b['size']}^2: studies/h with 1 / 2 workers "
+                     "vs livernode infer one study at a time", f"{ph['local_1']:.0f} / {ph['local_2']:.0f}",
+                     f"{ph['infer']:.0f}", f"{ph['local_1'] / ph['infer']:.2f}x / {ph['local_2'] / ph['infer']:.2f}x",
+                     "(report)", None))
+    rows.append(_row("batch: 2 workers vs 1 (scaling); Ray (local, 2 actors) vs local processes: s per study",
+                     f"{b['scaling_2_vs_1']:.2f}x", "-", f"{b['ray_overhead_s_per_study']:+.2f} s/study",
+                     "(report)", None))
     sc = r["scaling"]
     worst = max(x["per_slice_vs_smallest"] for x in sc)
     rows.append(_row("scaling: ms/slice at " + "/".join(str(x["slices"]) for x in sc) + " slices",
@@ -118,6 +128,8 @@ def main() -> int:
     results["memory_3d"] = pipeline.memory_3d(template, WORK)
     log("scaling ...")
     results["scaling"] = pipeline.scaling(template, model, WORK)
+    log("batch: an archive of phantom studies, local processes and Ray ...")
+    results["batch"] = batch.run(model, WORK / "batch")
     log("coverage pass on a whole study, the network at the size it was trained at ...")
     trained_size = results["pipeline_model"]["trained_size"]
     native, _ = pipeline.pipeline_model(WORK, WORK / "template", size=trained_size)
