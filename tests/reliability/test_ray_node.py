@@ -4,6 +4,7 @@ node mid-study nothing is delivered twice."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import signal
@@ -18,8 +19,10 @@ import pytest
 from tests.peers import at_pacs, free_port, restamp, start_node, stop_node, storescu, wait_for, wait_port
 from tests.reliability.conftest import db_rows, settled
 
-pytest.importorskip("ray")
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+# Ray is not imported here: it reads RAY_AUTH_MODE once, when first imported, and tests/batch sets it for the
+# clusters it starts in this process.
+pytestmark = [pytest.mark.slow, pytest.mark.ray,
+              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the ray extra is not installed")]
 
 # The cluster's token for these tests: a local Ray would otherwise write one into ~/.ray of whoever runs them.
 RAY_ENV = {"RAY_AUTH_TOKEN": secrets.token_hex(16)}
