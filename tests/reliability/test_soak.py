@@ -36,9 +36,18 @@ def _fds(pid: int) -> int:
 
 
 def _disk_bytes(state: Path) -> int:
-    """Bytes of patient data and results on the node: the spool and the results folders."""
-    return sum(p.stat().st_size for folder in ("spool", "results") for p in (state / folder).rglob("*")
-               if p.is_file())
+    """Bytes of patient data and results on the node: the spool and the results folders. Retention deletes while
+    this walks, so a folder or file that vanishes under it counts as gone (os.walk skips an unreadable folder;
+    Path.rglob raised FileNotFoundError here once in CI)."""
+    total = 0
+    for folder in ("spool", "results"):
+        for parent, _, names in os.walk(state / folder):
+            for name in names:
+                try:
+                    total += os.stat(os.path.join(parent, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return total
 
 
 def _window(samples: list[tuple], start: float, end: float, index: int, how=statistics.median):
