@@ -70,6 +70,8 @@ def test_lost_result_file_is_reprocessed_not_resent(running_node, trained_run, t
     pacs = start_storescp(pacs_port, pacs_out)
     try:
         got = wait_for(lambda: at_pacs(pacs_out, 2), 120, "SEG and SR")
+        # storescp has written the files before the node has its answers and marks the items sent
+        wait_for(lambda: "pending" not in [r[4] for r in node.store.outbox()], 30, "the sent items recorded")
     finally:
         stop_process(pacs)
     states = sorted(r[4] for r in node.store.outbox())
