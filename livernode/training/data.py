@@ -211,12 +211,18 @@ class Batches:
     def size(self) -> int:
         return self.cfg.batch_size
 
-    def picks(self, step: int) -> np.ndarray:
+    def shares(self) -> tuple[int, int, int]:
+        """(batch size, items from the tumour pool, items from the liver pool) of every batch."""
         b, c = self.size, self.cfg
-        rng = np.random.default_rng([self.seed, step, 0])
-        tumour, liver, anything = self._pools
+        tumour, liver, _ = self._pools
         n_tumour = int(round(b * c.tumour_slices_fraction)) if len(tumour) else 0
         n_liver = min(b - n_tumour, int(round(b * c.liver_slices_only_fraction))) if len(liver) else 0
+        return b, n_tumour, n_liver
+
+    def picks(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, 0])
+        tumour, liver, anything = self._pools
+        b, n_tumour, n_liver = self.shares()
         return np.concatenate([rng.choice(tumour, n_tumour), rng.choice(liver, n_liver),
                                rng.choice(anything, b - n_tumour - n_liver)]).astype(np.int64)
 

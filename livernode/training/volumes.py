@@ -136,11 +136,9 @@ class PatchBatches(Batches):
 
     def picks(self, step: int) -> np.ndarray:
         """(b, 3): pool (0 tumour, 1 liver, 2 anywhere), case, plane of each patch's centre."""
-        b, c = self.size, self.cfg
         rng = np.random.default_rng([self.seed, step, 0])
         tumour, liver, anything = self._pools
-        n_tumour = int(round(b * c.tumour_slices_fraction)) if len(tumour) else 0
-        n_liver = min(b - n_tumour, int(round(b * c.liver_slices_only_fraction))) if len(liver) else 0
+        b, n_tumour, n_liver = self.shares()
         rows = []
         for pool, pool_id, count in ((tumour, 0, n_tumour), (liver, 1, n_liver), (anything, 2, b - n_tumour - n_liver)):
             for i in rng.integers(0, len(pool), count):
