@@ -123,12 +123,13 @@ def _infer(files_dir: Path, model: Path, out: Path) -> tuple[float, dict]:
     return peak_kib * 1024, json.loads((out / "summary.json").read_text())["timings_s"]
 
 
-def memory(template: list[Path], model: Path, work: Path, slices: int = 600) -> dict:
+def memory(template: list[Path], model: Path, work: Path, slices: int = 600, label: str = "") -> dict:
+    """Peak RSS of `livernode infer` with `model` on a `slices`-slice 512x512 study against its int16 volume."""
     files = stacked_study(template, slices, work / f"study-{slices}")
-    peak, stages = _infer(files[0].parent, model, work / f"infer-{slices}")
+    peak, stages = _infer(files[0].parent, model, work / f"infer{label}-{slices}")
     volume = slices * 512 * 512 * 2
     model_bytes = model.stat().st_size
-    log(f"memory: {slices} slices, peak RSS {peak / 2**20:.0f} MiB")
+    log(f"memory{label}: {slices} slices, peak RSS {peak / 2**20:.0f} MiB")
     return {"slices": slices, "peak_rss_bytes": peak, "int16_volume_bytes": volume, "model_bytes": model_bytes,
             "ratio_to_volume_plus_model": (peak - model_bytes) / volume, "pipeline_s": sum(stages.values()),
             "stages_s": stages}
@@ -161,16 +162,8 @@ def vnet_model(work: Path) -> tuple[Path, dict]:
 def memory_3d(template: list[Path], work: Path, slices: int = 600) -> dict:
     """The memory row for a 3-D model: the V-Net of `vnet_model`, sliding over the resampled study."""
     model, trained = vnet_model(work)
-    files = stacked_study(template, slices, work / f"study-{slices}")
-    t0 = time.perf_counter()
-    peak, stages = _infer(files[0].parent, model, work / f"infer-3d-{slices}")
-    volume = slices * 512 * 512 * 2
-    model_bytes = model.stat().st_size
-    log(f"memory, 3-D: {slices} slices, peak RSS {peak / 2**20:.0f} MiB in {time.perf_counter() - t0:.0f} s")
-    return {"slices": slices, "peak_rss_bytes": peak, "int16_volume_bytes": volume, "model_bytes": model_bytes,
-            "ratio_to_volume_plus_model": (peak - model_bytes) / volume, "pipeline_s": sum(stages.values()),
-            "stages_s": stages, "spacing_mm": trained["volume"]["spacing_mm"], "patch": trained["volume"]["patch"],
-            "test_dice_liver": trained["test_dice_liver"]}
+    return {**memory(template, model, work, slices, label="-3d"), "spacing_mm": trained["volume"]["spacing_mm"],
+            "patch": trained["volume"]["patch"], "test_dice_liver": trained["test_dice_liver"]}
 
 
 def scaling(template: list[Path], model: Path, work: Path, counts=(100, 200, 400)) -> list[dict]:
