@@ -36,7 +36,8 @@ MARKER = "batch.json"
 CSV_NAME, PARQUET_NAME = "studies.csv", "studies.parquet"
 RESULT_FILES = ("seg.dcm", "sr.dcm", "summary.json", "preview.png")
 COLUMNS = ("study", "status", "reason", "series", "series_description", "liver_ml", "tumour_ml", "burden_percent",
-           "lesions", "slices", "select_s", "infer_s", "output_s", "total_s", "providers", "worker", "attempts")
+           "lesions", "slices", "select_s", "infer_s", "output_s", "total_s", "providers", "worker", "decoded_on",
+           "attempts")
 DONE, FAILED, UP_TO_DATE = "done", "failed", "skipped-up-to-date"
 MAX_ATTEMPTS = 3  # a study whose worker (process, actor or machine) dies this many times is a failed row
 IN_FLIGHT_PER_WORKER = 2  # one running, one waiting: a worker never idles while the next study is handed over
@@ -76,6 +77,7 @@ class Outcome:
     worker: str = ""
     seconds: float = 0.0
     transient: bool = False  # a failure that may not recur (a lost worker, an unexpected error): run it again
+    decoded_on: str = ""  # the process that read and decoded the files, when not `worker` (Ray's split)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class BatchReport:
     csv_path: Path
     parquet_path: Path | None
     workers: tuple[dict, ...] = ()  # the Ray actors that ran, with their placement; empty for local processes
+    peak_in_flight: int = 0  # the most studies between their decoding and their results at once (Ray)
 
     @property
     def studies_per_hour(self) -> float:
@@ -155,27 +158,92 @@ class StudyWorker:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="livernode-batch-") as tmp:
             out = Path(tmp) / "out"
-            try:
+            with study_failures(key, self.name, t0) as failed:
                 results = process_all([Path(f) for f in files], self.segmenter, out)
-            except LivernodeError as exc:  # an expected failure: its message says what and why
-                return Outcome(key, False, str(exc), worker=self.name, seconds=time.perf_counter() - t0)
-            except Exception as exc:  # a bug or an environment fault: this study's failure, never the run's end
-                log.error("study %s: unexpected %s", key, type(exc).__name__, exc_info=True, extra={"study": key})
-                return Outcome(key, False, f"{type(exc).__name__}: {exc}", worker=self.name,
-                               seconds=time.perf_counter() - t0, transient=True)
-            files_out = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-            summary = json.loads(results[0].summary_path.read_text())
-        return Outcome(key, True, summary=summary, files=files_out, worker=self.name, seconds=time.perf_counter() - t0)
+            if failed:
+                return failed[0]
+            return outcome_of(key, out, results, self.name, time.perf_counter() - t0)
 
-    def run_payload(self, key: str, payload: Sequence[bytes]) -> Outcome:
-        """`run` on files handed over as bytes (a Ray actor on a machine that does not share the archive's disk);
-        they are written under neutral names, never under names from the sender."""
-        with tempfile.TemporaryDirectory(prefix="livernode-input-") as tmp:
-            paths = []
-            for i, data in enumerate(payload):
-                paths.append(Path(tmp) / f"{i:06d}.dcm")
-                paths[-1].write_bytes(data)
-            return self.run(key, paths)
+
+@contextmanager
+def study_failures(key: str, worker: str, t0: float) -> Iterator[list[Outcome]]:
+    """Turn an exception in the block into a failed study's Outcome, appended to the list it yields: an expected
+    failure (its message says what and why) or a bug or environment fault (this study's failure, never the run's
+    end; it may not recur, so it is transient)."""
+    failed: list[Outcome] = []
+    try:
+        yield failed
+    except LivernodeError as exc:
+        failed.append(Outcome(key, False, str(exc), worker=worker, seconds=time.perf_counter() - t0))
+    except Exception as exc:
+        log.error("study %s: unexpected %s", key, type(exc).__name__, exc_info=True, extra={"study": key})
+        failed.append(Outcome(key, False, f"{type(exc).__name__}: {exc}", worker=worker,
+                              seconds=time.perf_counter() - t0, transient=True))
+
+
+def outcome_of(key: str, out: Path, results: Sequence, worker: str, seconds: float) -> Outcome:
+    """A finished study's Outcome: every file under `out`, and the first result's summary."""
+    files_out = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    summary = json.loads(results[0].summary_path.read_text())
+    return Outcome(key, True, summary=summary, files=files_out, worker=worker, seconds=seconds)
+
+
+@contextmanager
+def staged(payload: Sequence[bytes]) -> Iterator[list[Path]]:
+    """Files handed over as bytes (to a machine that does not share the archive's disk), written to a temporary
+    folder under neutral names, never under names from the sender."""
+    with tempfile.TemporaryDirectory(prefix="livernode-input-") as tmp:
+        paths = []
+        for i, data in enumerate(payload):
+            paths.append(Path(tmp) / f"{i:06d}.dcm")
+            paths[-1].write_bytes(data)
+        yield paths
+
+
+# The split pipeline (`livernode batch --ray`): decode on CPU workers, the network on the model's actor, the
+# results written on CPU workers again. These run in Ray's worker processes; they never raise for a study.
+_COVERAGE_MODELS: dict[str, object] = {}  # model digest -> a CPU Segmenter for coverage passes, kept per process
+
+
+def decode_payload(key: str, payload: Sequence[bytes], model: Sequence, model_sha256: str
+                   ) -> tuple[Outcome | tuple[float, str], list | None]:
+    """((seconds taken, this process's name), the study's decoded series) or (the failed Outcome, None). `model` is a one-item list holding the
+    model's bytes as a reference, fetched only when a coverage pass has to choose between series."""
+    from livernode.daemon.pipeline import decode_study
+    from livernode.inference.runner import Segmenter
+
+    def segmenter():
+        if model_sha256 not in _COVERAGE_MODELS:
+            import ray
+
+            with tempfile.TemporaryDirectory(prefix="livernode-model-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                path.write_bytes(ray.get(model[0]))
+                _COVERAGE_MODELS[model_sha256] = Segmenter(path, providers="cpu", threads=1)
+        return _COVERAGE_MODELS[model_sha256]
+
+    t0 = time.perf_counter()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    with staged(payload) as paths, study_failures(key, worker, t0) as failed:
+        decoded = decode_study(paths, segmenter)
+        return (time.perf_counter() - t0, worker), decoded
+    return failed[0], None
+
+
+def write_payload(key: str, decoded: Sequence, labels: Sequence, model, infer_s: Sequence[float], worker: str,
+                  seconds: float) -> Outcome:
+    """The Outcome of a decoded study whose labels the model's actor made: post-processing, SEG, SR, preview and
+    summary.json written as `livernode infer` writes them. `seconds`: the study's time in the earlier stages."""
+    from livernode.daemon.pipeline import write_decoded
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="livernode-batch-") as tmp:
+        out = Path(tmp) / "out"
+        with study_failures(key, worker, t0) as failed:
+            results = [write_decoded(d, lab, model, out, s) for d, lab, s in zip(decoded, labels, infer_s)]
+        if failed:
+            return replace(failed[0], seconds=seconds + failed[0].seconds)
+        return outcome_of(key, out, results, worker, seconds + time.perf_counter() - t0)
 
 
 def lost(job: Job, why: str, retry: Callable[[Job], None], finish: Callable[[Job, Outcome], None]) -> None:
@@ -192,7 +260,7 @@ def row_of(key: str, outcome: Outcome, attempts: int) -> dict:
     """The csv row of a finished study."""
     row = dict.fromkeys(COLUMNS, "")
     row.update(study=key, status=DONE if outcome.ok else FAILED, reason=outcome.reason, worker=outcome.worker,
-               attempts=attempts, total_s=round(outcome.seconds, 3))
+               decoded_on=outcome.decoded_on or outcome.worker, attempts=attempts, total_s=round(outcome.seconds, 3))
     s = outcome.summary
     if s is None:
         return row
@@ -359,12 +427,13 @@ def _run(root: Path, model: Path, out: Path, sha: str, workers: int, ray_address
              len(studies) - len(jobs))
     ended: set[str] = set()
     placement: tuple[dict, ...] = ()
+    peak = 0
     with ExitStack() as stack:
         if jobs and ray_address is not None:  # joined (or started) before the bar's clock starts
             from livernode import raycluster
 
-            # a local Ray gets a slot for each CPU actor, and at least one per core for GPU actors
-            stack.enter_context(raycluster.session(ray_address, max(workers, os.cpu_count() or 1)))
+            # a local Ray gets a slot for each CPU actor and one per core for decoding and writing
+            stack.enter_context(raycluster.session(ray_address, workers + (os.cpu_count() or 1)))
         bar = stack.enter_context(tqdm(total=len(jobs), desc="batch", unit="study", disable=not progress or not jobs,
                                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"))
         started = time.monotonic()
@@ -388,14 +457,15 @@ def _run(root: Path, model: Path, out: Path, sha: str, workers: int, ray_address
 
                 run_local(jobs, model, min(workers, len(jobs)), finish)
             elif jobs:
-                placement = raycluster.run_on_ray(jobs, model, workers, finish)
+                ran = raycluster.run_on_ray(jobs, model, workers, finish)
+                placement, peak = ran.actors, ran.peak_in_flight
         finally:  # a run stopped by Ctrl-C or an error keeps the rows so far
             csv_path = ledger.write_csv()
             parquet_path = ledger.write_parquet()
     statuses = [r["status"] for r in ledger.rows.values()]
     report = BatchReport(len(studies), len(ended), statuses.count(DONE), statuses.count(FAILED),
                          statuses.count(UP_TO_DATE), files_skipped, time.monotonic() - t0, csv_path, parquet_path,
-                         placement)
+                         placement, peak)
     log.info("batch: %d processed; %d done, %d failed, %d up to date in %.1f s", report.processed, report.done,
              report.failed, report.up_to_date, report.seconds)
     return report

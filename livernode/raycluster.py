@@ -17,12 +17,14 @@ import re
 import socket
 import subprocess
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from livernode.batch import IN_FLIGHT_PER_WORKER, Job, Outcome, StudyWorker, lost
+from livernode.batch import IN_FLIGHT_PER_WORKER, Job, Outcome, lost, study_failures
 from livernode.errors import LivernodeError, MissingExtra
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,18 @@ log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 START_TIMEOUT_S = 120.0  # how long a run waits for an actor when it has none left to run on
 SPARE_ACTORS = 2  # replacements for lost actors, per actor the run started with
+# Studies between their decoding and their results, per model actor: the actor's own two (IN_FLIGHT_PER_WORKER)
+# and two more being decoded or written. Each holds its volume in the object store.
+IN_FLIGHT_PER_ACTOR = 4
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """What a run on Ray did: the actors that became ready, with their placement, and the most studies that were
+    in flight at once."""
+
+    actors: tuple[dict, ...]
+    peak_in_flight: int
 
 
 def _import_ray():
@@ -78,11 +92,14 @@ def session(address: str, num_cpus: int | None = None) -> Iterator[object]:
         ray.shutdown()
 
 
-class StudyActor:
-    """A Ray actor that holds one loaded model (a `StudyWorker`) and runs studies handed to it as bytes."""
+class ModelActor:
+    """A Ray actor that holds one loaded model (an ONNX Runtime session) and segments decoded series: the only
+    part of a study that needs the GPU."""
 
     def __init__(self, model_name: str, model_bytes: bytes, providers: str) -> None:
         import ray
+
+        from livernode.inference.runner import Segmenter
 
         self._dir = tempfile.TemporaryDirectory(prefix="livernode-actor-")
         path = Path(self._dir.name) / model_name  # the model's file name goes into every summary.json
@@ -91,33 +108,73 @@ class StudyActor:
         self.info = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "gpu_ids": ray.get_gpu_ids(),
                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
                      "hostname": socket.gethostname()}
-        name = f"{socket.gethostname()}:{os.getpid()} actor {ctx.get_actor_id()[:8]}"
-        self.worker = StudyWorker(path, providers=providers, threads=1, name=name)
-        self.info.update(worker=name, providers=self.worker.segmenter.providers_used)
+        self.name = f"{socket.gethostname()}:{os.getpid()} actor {ctx.get_actor_id()[:8]}"
+        self.segmenter = Segmenter(path, providers=providers, threads=1)
+        self.info.update(worker=self.name, providers=self.segmenter.providers_used)
 
     def describe(self) -> dict:
         return self.info
 
-    def run(self, key: str, payload: Sequence[bytes]) -> Outcome:
-        return self.worker.run_payload(key, payload)
+    def segment(self, key: str, decoded: Sequence) -> tuple[Outcome | list[float], list | None]:
+        """(seconds per series, uint8 labels per series), or (the failed Outcome, None)."""
+        from livernode.daemon.pipeline import segment_decoded
+
+        t0 = time.perf_counter()
+        seconds, labels = [], []
+        with study_failures(key, self.name, t0) as failed:
+            for d in decoded:
+                t = time.perf_counter()
+                labels.append(segment_decoded(d, self.segmenter))
+                seconds.append(time.perf_counter() - t)
+            return seconds, labels
+        return failed[0], None
+
+
+@dataclass
+class _Flight:
+    """A study between its decoding and its results: the references it holds and the time it took so far."""
+
+    job: Job
+    decoded: object = None  # reference to its decoded series
+    labels: object = None  # reference to its labels, once an actor has them in hand
+    decoded_on: str = ""  # the process that decoded it
+    seconds: float = 0.0
+    actor: int = -1
 
 
 def run_on_ray(jobs: Sequence[Job], model: Path, workers: int, finish: Callable[[Job, Outcome], None],
-               start_timeout_s: float = START_TIMEOUT_S) -> tuple[dict, ...]:
-    """Run `jobs` on actors of the connected cluster: one per GPU (num_gpus=1 each; ONNX Runtime uses CUDA when
-    the CUDA build is installed, the CPU otherwise), else `workers` CPU actors. At most IN_FLIGHT_PER_WORKER studies
-    per actor are handed out at a time, their files as bytes (no shared disk needed). A study whose actor or
-    machine is lost runs again on another actor (`lost`); a lost actor is replaced when the cluster has room.
-    Returns every actor that became ready, with its placement."""
+               start_timeout_s: float = START_TIMEOUT_S) -> RayRun:
+    """Run `jobs` on the connected cluster, in three steps: decoding (headers, series selection, pixels) as a CPU
+    task anywhere in the cluster; the network on a model actor, one per GPU (num_gpus=1 each; ONNX Runtime uses
+    CUDA when the CUDA build is installed, the CPU otherwise), else `workers` CPU actors; post-processing and the
+    results as a CPU task again. Files go over as bytes and volumes and labels through Ray's object store, so no
+    shared disk is needed. At most IN_FLIGHT_PER_ACTOR studies per actor are between their decoding and their
+    results at a time, at most IN_FLIGHT_PER_WORKER of them handed to an actor. A study whose task, actor or
+    machine is lost runs again from its decoding (`lost`); a lost actor is replaced when the cluster has room."""
     ray = _import_ray()
+    from livernode.batch import decode_payload, write_payload
+    from livernode.daemon.pipeline import ModelFacts
+    from livernode.inference.runner import Segmenter
+
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    count, options, providers = ((gpus, {"num_gpus": 1, "num_cpus": 1}, "auto") if gpus else
+    # A GPU actor's slot is its GPU: the machine's CPU slots are for decoding and writing.
+    count, options, providers = ((gpus, {"num_gpus": 1, "num_cpus": 0}, "auto") if gpus else
                                  (workers, {"num_cpus": 1}, "cpu"))
-    actor_cls = ray.remote(StudyActor).options(max_restarts=0, max_task_retries=0, **options)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus - (0 if gpus else count) < 1:
+        raise LivernodeError(f"the Ray cluster has {cpus} CPU slot(s): {count} CPU actor(s) leave none for decoding; "
+                             f"ask for fewer --workers")
+    actor_cls = ray.remote(ModelActor).options(max_restarts=0, max_task_retries=0, **options)
+    # Ray retries neither: a study whose task is lost runs again from the start, counted (`lost`)
+    decode = ray.remote(decode_payload).options(num_cpus=1, num_returns=2, max_retries=0)
+    write = ray.remote(write_payload).options(num_cpus=1, max_retries=0)
     model_ref = ray.put(Path(model).read_bytes())
+    manifest = Segmenter(model, providers="cpu", threads=1).manifest
     log.info("starting %d Ray actor(s) (%s)", count, f"one per GPU of {gpus}" if gpus else "CPU")
     starting: dict = {}  # describe() ref -> (actor id, handle) of actors not yet ready
     ready: dict[int, object] = {}
+    facts: dict[int, ModelFacts] = {}
+    names: dict[int, str] = {}  # the actor's name: the csv's worker column
     load: dict[int, int] = {}
     placed: list[dict] = []
     spares = SPARE_ACTORS * count
@@ -130,10 +187,10 @@ def run_on_ray(jobs: Sequence[Job], model: Path, workers: int, finish: Callable[
         start(n)
     next_id = count
     pending = deque(jobs)
-    inflight: dict = {}  # run() ref -> (job, actor id)
-    lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                   ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError)
-
+    waiting: deque[_Flight] = deque()  # decoded, waiting for an actor
+    stage: dict = {}  # reference -> (step, flight): "decode", "segment" or "write"
+    flights = peak = 0
+    limit = IN_FLIGHT_PER_ACTOR * count
     trouble = ""  # why the last actor was lost or did not start
 
     def replace_actor(n: int, actor, what: str, why: str) -> None:
@@ -146,20 +203,37 @@ def run_on_ray(jobs: Sequence[Job], model: Path, workers: int, finish: Callable[
             start(next_id)
             next_id += 1
 
-    while pending or inflight:
-        while pending:
+    def landed(flight: _Flight, outcome: Outcome | None, why: str = "") -> None:
+        nonlocal flights
+        flights -= 1
+        if outcome is None:
+            lost(flight.job, why, pending.appendleft, finish)
+        else:
+            finish(flight.job, outcome)
+
+    while pending or flights:
+        while pending and flights < limit and (ready or starting):
+            job = pending.popleft()
+            payload = [f.read_bytes() for f in job.study.files]
+            small, big = decode.remote(job.study.key, payload, [model_ref], manifest.weights_sha256)
+            stage[small] = ("decode", _Flight(job, big))
+            flights += 1
+            peak = max(peak, flights)
+        while waiting:
             free = [n for n in ready if load[n] < IN_FLIGHT_PER_WORKER]
             if not free:
                 break
             n = min(free, key=lambda k: load[k])
-            job = pending.popleft()
-            payload = [f.read_bytes() for f in job.study.files]
-            inflight[ready[n].run.remote(job.study.key, payload)] = (job, n)
+            flight = waiting.popleft()
+            flight.actor = n
+            small, labels = ready[n].segment.options(num_returns=2).remote(flight.job.study.key, flight.decoded)
+            stage[small] = ("segment", flight)
+            flight.labels = labels
             load[n] += 1
-        waitable = list(inflight) + list(starting)
+        waitable = list(stage) + list(starting)
         if not waitable:
             break
-        done, _ = ray.wait(waitable, num_returns=1, timeout=None if inflight else start_timeout_s)
+        done, _ = ray.wait(waitable, num_returns=1, timeout=None if stage else start_timeout_s)
         if not done:
             break  # no actor to run on, and none started within the timeout
         ref = done[0]
@@ -171,29 +245,42 @@ def run_on_ray(jobs: Sequence[Job], model: Path, workers: int, finish: Callable[
                 replace_actor(n, actor, "did not start", _first_line(exc))
                 continue
             ready[n], load[n] = actor, 0
+            names[n] = info["worker"]
+            facts[n] = ModelFacts(manifest, Path(model).name, tuple(info["providers"]))
             placed.append(info)
             log.info("Ray actor %d ready: %s, GPUs %s, ONNX Runtime on %s", n, info["worker"],
                      info["gpu_ids"] or "none", ",".join(info["providers"]))
             continue
-        job, n = inflight.pop(ref)
-        load[n] = load.get(n, 1) - 1
+        step, flight = stage.pop(ref)
+        if step == "segment":
+            load[flight.actor] = max(0, load.get(flight.actor, 1) - 1)
         try:
-            outcome = ray.get(ref)
-        except lost_errors as exc:
-            if n in ready:  # the first of its studies to report the loss
-                replace_actor(n, ready.pop(n), "lost", _first_line(exc))
-            lost(job, "its Ray actor or machine was lost", pending.appendleft, finish)
+            answer = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # our code never raises for a study: a process, object or machine
+            why = _first_line(exc)
+            if step == "segment" and isinstance(exc, ray.exceptions.RayActorError) and flight.actor in ready:
+                replace_actor(flight.actor, ready.pop(flight.actor), "lost", why)
+            landed(flight, None, f"its Ray {'actor' if step == 'segment' else step + ' task'} or machine was lost")
             continue
-        except ray.exceptions.RayError as exc:  # a failure inside the actor that StudyWorker did not catch
-            outcome = Outcome(job.study.key, False, f"{type(exc).__name__}: {_first_line(exc)}", transient=True)
-        finish(job, outcome)
+        if step == "write":  # the study's results, or its failure there; the seconds of every step
+            landed(flight, replace(answer, decoded_on=flight.decoded_on))
+        elif isinstance(answer, Outcome):  # the study failed in this step
+            landed(flight, replace(answer, seconds=flight.seconds + answer.seconds))
+        elif step == "decode":
+            flight.seconds, flight.decoded_on = answer
+            waiting.append(flight)
+        elif step == "segment":
+            n = flight.actor
+            flight.seconds += sum(answer)
+            stage[write.remote(flight.job.study.key, flight.decoded, flight.labels, facts[n], answer, names[n],
+                               flight.seconds)] = ("write", flight)
     why = trouble or f"none started within {start_timeout_s:.0f} s"
-    for job in pending:  # only when no actor is left to run them
+    for job in list(pending) + [f.job for f in waiting]:  # only when no actor is left to run them
         finish(job, Outcome(job.study.key, False, f"no Ray actor to run on ({why}; cluster resources free: "
                                                   f"{ray.available_resources()})", transient=True))
     for _, actor in list(starting.values()) + [(n, a) for n, a in ready.items()]:
         ray.kill(actor)
-    return tuple(placed)
+    return RayRun(tuple(placed), peak)
 
 
 def _first_line(exc: BaseException) -> str:

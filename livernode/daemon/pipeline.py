@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from livernode.imaging.orient import Orientation
 from livernode.imaging.postprocess import Findings, postprocess
 from livernode.imaging.segwrite import Algorithm
 from livernode.imaging.volume import CtVolume
+from livernode.inference.manifest import Manifest
 from livernode.inference.runner import Segmenter
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,28 @@ def process_all(files: list[Path], segmenter: Segmenter, out_dir: Path, *, serie
     into `out_dir` for one series, into `out_dir/series-N` for each of several (`rules.segment_all`).
     `series_number_offset` numbers a reprocess's SEG and SR series after the ones they supersede; `progress` is
     told of every file read, every inference batch and every stage finished."""
+    headers, chosen, shared, clock = _choose(files, lambda: segmenter, rules, progress)
+    results = []
+    for i, uid in enumerate(chosen):
+        target = out_dir / _subdir(i, len(chosen))
+        results.append(_process_series(headers, uid, segmenter, target, clock.fork(),
+                                       series_number=_series_number(i, series_number_offset), series=shared))
+    return results
+
+
+def _subdir(i: int, count: int) -> str:
+    return "" if count == 1 else f"series-{i + 1}"
+
+
+def _series_number(i: int, series_number_offset: int) -> int:
+    return 9001 + 2 * series_number_offset + 10000 * i
+
+
+def _choose(files: list[Path], segmenter: Callable[[], Segmenter], rules: SelectionConfig | None,
+            progress: Progress) -> tuple[list[tuple[str, Dataset]], list[str], dict, "_Clock"]:
+    """Read the headers of `files` and choose the series to segment: (headers, chosen series UIDs, the
+    selection's record for summary.json, the study's clock). `segmenter()` gives the model for the coverage pass,
+    asked for only when there is a choice to make."""
     rules = rules or SelectionConfig()
     clock = _Clock(progress)
     headers, skipped = [], []
@@ -90,11 +113,12 @@ def process_all(files: list[Path], segmenter: Segmenter, out_dir: Path, *, serie
             skipped.append(str(exc))
     if not headers:
         raise SeriesRejected(f"no readable DICOM files among {len(files)} ({'; '.join(skipped[:3])})")
-    measure = coverage_pass(segmenter, rules.coverage_step_mm, lambda done, total: progress("coverage", done, total))
 
     def timed_coverage(candidates):
         t = time.perf_counter()
         try:
+            measure = coverage_pass(segmenter(), rules.coverage_step_mm,
+                                    lambda done, total: progress("coverage", done, total))
             return measure(candidates)
         finally:
             clock.timings["coverage"] = round(time.perf_counter() - t, 3)
@@ -102,12 +126,74 @@ def process_all(files: list[Path], segmenter: Segmenter, out_dir: Path, *, serie
     clock.lap("select")
     clock.timings["select"] = round(clock.timings["select"] - clock.timings.get("coverage", 0.0), 3)
     shared = {"chosen": chosen, "decisions": [asdict(d) for d in decisions], "skipped_files": skipped}
-    results = []
+    return headers, chosen, shared, clock
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the results say of the model that made them: its manifest, file name and the providers it ran on."""
+
+    manifest: Manifest
+    file: str
+    providers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, segmenter: Segmenter) -> "ModelFacts":
+        return cls(segmenter.manifest, segmenter.path.name, tuple(segmenter.providers_used))
+
+
+@dataclass(frozen=True)
+class DecodedSeries:
+    """One chosen series, decoded, with everything its results need but the labels: what a decoding worker hands
+    to the model's worker and then to the one that writes the results (`livernode batch` on Ray). Picklable."""
+
+    series_uid: str
+    source: tuple[Dataset, ...]  # the kept slices' headers, in order (no pixels)
+    hu: np.ndarray  # (slices, rows, cols) HU as stored, int16 when exact
+    spacing: tuple[float, float, float]  # slice step, row, column mm
+    turn: Orientation
+    subdir: str  # "" for a study's only series, else series-N
+    series_number: int
+    series: dict  # the selection's record, as in summary.json
+    timings: dict[str, float]
+
+
+def decode_study(files: list[Path], segmenter: Callable[[], Segmenter], *, series_number_offset: int = 0,
+                 rules: SelectionConfig | None = None) -> list[DecodedSeries]:
+    """The first half of `process_all`, without the network (but for the coverage pass, which asks
+    `segmenter()` when there is a choice): choose the series and decode each into memory."""
+    headers, chosen, shared, clock = _choose(files, segmenter, rules, _no_progress)
+    out = []
     for i, uid in enumerate(chosen):
-        target = out_dir if len(chosen) == 1 else out_dir / f"series-{i + 1}"
-        results.append(_process_series(headers, uid, segmenter, target, clock.fork(),
-                                       series_number=9001 + 2 * series_number_offset + 10000 * i, series=shared))
-    return results
+        series_clock = clock.fork()
+        kept, order, turn = _ordered(headers, uid)
+        slices = _Slices(kept, _hu_dtype(kept))
+        hu = np.empty((len(kept), int(kept[0][1].Rows), int(kept[0][1].Columns)), slices.dtype)
+        for k in range(len(kept)):
+            hu[k] = slices[k]
+        series_clock.lap("load")
+        volume = ordered_volume([ds for _, ds in kept], order, hu, uid)
+        out.append(DecodedSeries(uid, tuple(ds for _, ds in kept), hu, volume.spacing, turn,
+                                 _subdir(i, len(chosen)), _series_number(i, series_number_offset), shared,
+                                 series_clock.timings))
+    return out
+
+
+def segment_decoded(decoded: DecodedSeries, segmenter: Segmenter) -> np.ndarray:
+    """The second half's first step, where the model is: uint8 labels of a decoded series."""
+    hu = decoded.hu
+    return segmenter.segment_streamed(len(hu), hu.shape[1:], hu.__getitem__, hu.dtype, orientation=decoded.turn,
+                                      spacing=decoded.spacing)[1]
+
+
+def write_decoded(decoded: DecodedSeries, labels: np.ndarray, model: ModelFacts, out_dir: Path,
+                  infer_s: float) -> StudyResult:
+    """The rest of the second half: post-processing, SEG, SR, preview and summary.json of a decoded series into
+    `out_dir / decoded.subdir`, as `process_all` writes them."""
+    clock = _Clock(_no_progress, {**decoded.timings, "infer": round(infer_s, 3)})
+    return _write_series(decoded.source, labels, decoded.spacing, decoded.hu.shape, decoded.hu, decoded.turn,
+                         out_dir / decoded.subdir, clock, model, decoded.series_uid,
+                         series_number=decoded.series_number, series=decoded.series)
 
 
 class _Clock:
@@ -127,14 +213,18 @@ class _Clock:
         return _Clock(self.progress, self.timings)
 
 
+def _ordered(headers: list[tuple[str, Dataset]], series_uid: str
+             ) -> tuple[list[tuple[str, Dataset]], SliceOrder, Orientation]:
+    """The slices of one series to use, in order, with their order and how they are turned."""
+    chosen = [(src, ds) for src, ds in headers if str(ds.SeriesInstanceUID) == series_uid]
+    order = order_slices(chosen, series_uid)
+    return [chosen[i] for i in order.kept], order, Orientation.from_iop(order.orientation)
+
+
 def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segmenter: Segmenter, out_dir: Path,
                     clock: _Clock, *, series_number: int, series: dict) -> StudyResult:
     """Segment one series of the study and write its SEG, SR, summary.json and preview.png into `out_dir`."""
-    chosen = [(src, ds) for src, ds in headers if str(ds.SeriesInstanceUID) == series_uid]
-    order = order_slices(chosen, series_uid)
-    kept = [chosen[i] for i in order.kept]
-    source = [ds for _, ds in kept]  # headers only: the pixels live in the volume below, once
-    turn = Orientation.from_iop(order.orientation)
+    kept, order, turn = _ordered(headers, series_uid)
     clock.lap("load")
     volume, labels, slices = _segment(kept, order, segmenter, series_uid, clock.progress, turn)
     clock.lap("infer")
@@ -142,11 +232,21 @@ def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segment
     # study's HU volume (2 bytes a voxel) is not held through post-processing and SEG writing.
     spacing, shape = volume.spacing, volume.hu.shape
     del volume
+    return _write_series([ds for _, ds in kept], labels, spacing, shape, slices, turn, out_dir, clock,
+                         ModelFacts.of(segmenter), series_uid, series_number=series_number, series=series)
+
+
+def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[float, float, float],
+                  shape: tuple[int, ...], slices, turn: Orientation, out_dir: Path, clock: _Clock,
+                  model: ModelFacts, series_uid: str, *, series_number: int, series: dict) -> StudyResult:
+    """Post-process a series' labels and write its SEG, SR, summary.json and preview.png (from `slices`, HU slice
+    by index) into `out_dir`."""
+    source = list(source)  # headers only
     findings = postprocess(labels, spacing)
     del labels
     clock.lap("postprocess")
     out_dir.mkdir(parents=True, exist_ok=True)
-    m = segmenter.manifest
+    m = model.manifest
     algorithm = Algorithm(name=f"livernode {m.architecture.name}-{m.architecture.backbone}",
                           version=f"{m.livernode_version} ({m.weights_sha256[:12]})")
     note = " (liver cut off)" if findings.liver_touches_scan_edge else ""  # SeriesDescription holds 64
@@ -169,9 +269,9 @@ def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segment
         series={**series, "chosen": series_uid},
         volume={"slices": int(shape[0]), "rows": int(shape[1]), "columns": int(shape[2]), "spacing_mm": list(spacing),
                 "orientation": turn.describe()},
-        model={"file": segmenter.path.name, "architecture": m.architecture.name, "backbone": m.architecture.backbone,
+        model={"file": model.file, "architecture": m.architecture.name, "backbone": m.architecture.backbone,
                "weights_sha256": m.weights_sha256, "created": m.created, "training_data": m.training_data},
-        providers=segmenter.providers_used,
+        providers=list(model.providers),
         timings_s=clock.timings,
     )
     summary_path = out_dir / "summary.json"
@@ -198,16 +298,21 @@ class _Slices:
         return np.clip(hu, -32768, 32767).astype(self.dtype) if self.dtype == np.int16 else hu
 
 
+def _hu_dtype(kept: list[tuple[str, Dataset]]):
+    """int16 for integer HU (slope 1, integer intercept: every CT scanner we know of), else float32."""
+    exact = all(float(getattr(ds, "RescaleSlope", 1) or 1) == 1.0 and
+                float(getattr(ds, "RescaleIntercept", 0) or 0).is_integer() for _, ds in kept)
+    return np.int16 if exact else np.float32
+
+
 def _segment(kept: list[tuple[str, Dataset]], order: SliceOrder, segmenter: Segmenter,
              series_uid: str, progress: Progress, turn: Orientation) -> tuple[CtVolume, np.ndarray, _Slices]:
     """Decode the ordered slices into a volume while the network runs on the ones already decoded; returns the
     volume, the labels and the slices' reader. Integer HU (slope 1, integer intercept: every CT scanner we know of)
     are held as int16, otherwise as float32."""
     ref = kept[0][1]
-    exact = all(float(getattr(ds, "RescaleSlope", 1) or 1) == 1.0 and
-                float(getattr(ds, "RescaleIntercept", 0) or 0).is_integer() for _, ds in kept)
     shape = (int(ref.Rows), int(ref.Columns))
-    slices = _Slices(kept, np.int16 if exact else np.float32)
+    slices = _Slices(kept, _hu_dtype(kept))
     row_mm, col_mm = (float(v) for v in ref.PixelSpacing)
     hu, labels = segmenter.segment_streamed(len(kept), shape, slices.__getitem__, slices.dtype,
                                             on_batch=lambda done, total: progress("infer", done, total),

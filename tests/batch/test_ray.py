@@ -18,6 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from livernode import raycluster
 from livernode.batch import CSV_NAME, MARKER, run_batch
 from livernode.raycluster import listeners, listeners_beyond_loopback, process_tree
 from tests.batch.conftest import read_rows
@@ -102,14 +103,17 @@ def cluster(monkeypatch):
         c.shutdown()
 
 
-def test_one_actor_per_gpu_on_each_machine(cluster, archive, liver_model, tmp_path):
+def test_one_actor_per_gpu_on_each_machine(cluster, archive, liver_model, tmp_path, monkeypatch):
     """Placement: two actors, one per simulated GPU, on different nodes, each with its GPU in
-    CUDA_VISIBLE_DEVICES; ONNX Runtime runs on the CPU there. Nothing listens beyond loopback, and a client with
-    another token is turned away."""
+    CUDA_VISIBLE_DEVICES; ONNX Runtime runs on the CPU there. The studies are decoded in other processes (CPU
+    tasks), and with one study in flight per actor no more than two are ever between decoding and results. Nothing
+    listens beyond loopback, and a client with another token is turned away."""
     c, _ = cluster
-    root = archive.subset(tmp_path / "in", set(archive.good[:4]))
+    monkeypatch.setattr(raycluster, "IN_FLIGHT_PER_ACTOR", 1)
+    root = archive.subset(tmp_path / "in", set(archive.good[:6]))
     report = run_batch(root, liver_model, tmp_path / "out", ray_address=c.address, progress=False)
-    assert report.done == 4
+    assert report.done == 6
+    assert report.peak_in_flight == 2
     assert len(report.workers) == 2
     assert len({w["node_id"] for w in report.workers}) == 2
     for w in report.workers:
@@ -117,6 +121,9 @@ def test_one_actor_per_gpu_on_each_machine(cluster, archive, liver_model, tmp_pa
         assert w["providers"] == ["CPUExecutionProvider"]
     rows = read_rows(report.csv_path)
     assert {r["worker"] for r in rows} <= {w["worker"] for w in report.workers}
+    decoders = {int(r["decoded_on"].split(":")[1]) for r in rows}
+    assert decoders and not decoders & {w["pid"] for w in report.workers}
+    assert all(float(r["select_s"]) > 0 and float(r["infer_s"]) > 0 for r in rows)
     assert {r["providers"] for r in rows} == {"CPUExecutionProvider"}
     assert {name for _, _, _, name in listeners(os.getpid())} >= {"gcs_server", "raylet"}
     assert listeners_beyond_loopback(os.getpid()) == []
