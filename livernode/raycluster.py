@@ -7,7 +7,10 @@ Safe by default. Anyone who reaches a Ray port can run code on the cluster, so:
   (`~/.ray/auth_token`, unless `RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN_PATH` names one); to join a cluster the token
   comes from the same places, set by the operator;
 - `local` binds every Ray process to 127.0.0.1 (`listeners_beyond_loopback` checks it);
-- no dashboard, hence no Jobs API, and no usage statistics sent anywhere."""
+- no dashboard, hence no Jobs API, and no usage statistics sent anywhere;
+- TLS where the cluster is configured for it: Ray's own `RAY_USE_TLS=1` with `RAY_TLS_SERVER_CERT`,
+  `RAY_TLS_SERVER_KEY` and `RAY_TLS_CA_CERT` (mutual: every Ray process, and this one, presents the certificate);
+  livernode checks the three files before Ray starts, and says when traffic to another machine goes unencrypted."""
 
 from __future__ import annotations
 
@@ -54,6 +57,27 @@ def _import_ray():
     return ray
 
 
+TLS_FILES = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+
+
+def tls_configured() -> bool:
+    """Whether Ray's TLS is asked for (`RAY_USE_TLS`); if so, each of its three files must be readable: Ray
+    itself would only hang on a connection it cannot make."""
+    if os.environ.get("RAY_USE_TLS", "0").strip().lower() not in ("1", "true"):
+        return False
+    for var in TLS_FILES:
+        path = os.environ.get(var, "")
+        if not path:
+            raise LivernodeError(f"RAY_USE_TLS is on but {var} is not set (Ray's TLS needs {', '.join(TLS_FILES)})")
+        try:
+            with open(path, "rb") as fh:
+                if not fh.read(1):
+                    raise LivernodeError(f"{var}: {path} is empty")
+        except OSError as exc:
+            raise LivernodeError(f"{var}: cannot read {path}: {exc.strerror}") from None
+    return True
+
+
 def connect(address: str, num_cpus: int | None = None):
     """Start Ray on this machine (`address` "local", with `num_cpus` CPU slots) or join the cluster at `address`
     (host:port of its head); returns the `ray` module, initialised. Token authentication is on either way."""
@@ -69,6 +93,10 @@ def connect(address: str, num_cpus: int | None = None):
         # join), and its servers then listen on every interface. With this set (read when ray is imported) 127.0.0.1
         # stays 127.0.0.1 and every Ray process binds to loopback only.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    tls = tls_configured()
+    if not tls and not loopback:
+        log.warning("Ray traffic to %s is not encrypted (token authentication does not encrypt): set RAY_USE_TLS "
+                    "and its certificates on every machine, or keep the cluster on a private network", address)
     ray = _import_ray()
     try:
         if address == "local":
@@ -79,6 +107,8 @@ def connect(address: str, num_cpus: int | None = None):
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         raise LivernodeError(f"cannot {'start Ray' if address == 'local' else 'join the Ray cluster at ' + address}: "
                              f"{exc}") from None
+    log.info("Ray %s: token authentication on, TLS %s", "started on 127.0.0.1" if address == "local" else
+             f"joined at {address}", "on" if tls else "off")
     return ray
 
 
