@@ -7,12 +7,14 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
 
 from livernode.errors import LivernodeError
 from livernode.fsutil import replacing
 from livernode.imaging.labels import LABELS
-from livernode.imaging.segwrite import Algorithm, build_seg
+from livernode.imaging.segwrite import Algorithm, build_seg, save_seg
 
 
 class SegCheckFailed(LivernodeError):
@@ -28,29 +30,81 @@ def write_result_seg(source: Sequence[Dataset], labels: np.ndarray, path: Path, 
     seg = build_seg(source, labels, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number,
                     algorithm=algorithm, series_description=name[:64 - len(note)] + note)  # LO: 64; the note stays
     with replacing(path) as tmp:  # checked before it takes the final name; durable once it has
-        seg.save_as(tmp, enforce_file_format=True)
+        save_seg(seg, tmp)  # what seg.save_as(tmp, enforce_file_format=True) writes, faster
         verify_seg(tmp, source, labels)
     return seg
 
 
 def verify_seg(path: Path, source: Sequence[Dataset], labels: np.ndarray, chunk: int = 32) -> None:
-    """Read the SEG back: every frame's position must equal its source slice's, and the masks must round-trip."""
-    seg = hd.seg.segread(str(path))
-    positions = {str(ds.SOPInstanceUID): [float(v) for v in ds.ImagePositionPatient] for ds in source}
-    for i, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
-        ref_uid = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-        pos = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
-        if ref_uid not in positions:
-            raise SegCheckFailed(f"{path}: frame {i} references {ref_uid}, which is not a source slice")
-        if not np.allclose(pos, positions[ref_uid], atol=1e-3):
-            raise SegCheckFailed(f"{path}: frame {i} at {pos} but its source slice {ref_uid} is at "
-                                 f"{positions[ref_uid]}: misregistered")
-    uids = [str(ds.SOPInstanceUID) for ds in source]
-    for start in range(0, len(uids), chunk):  # a few slices at a time: a 600-slice study read back whole is 300 MB
-        back = seg.get_pixels_by_source_instance(uids[start:start + chunk],
-                                                 segment_numbers=[li.value for li in LABELS],
-                                                 assert_missing_frames_are_empty=True)
-        for k, li in enumerate(LABELS):
-            if not np.array_equal(back[..., k] > 0, labels[start:start + chunk] == li.value):
-                raise SegCheckFailed(f"{path}: segment {li.name} read back differs from the prediction "
-                                     f"(slices {start}-{start + len(back) - 1})")
+    """Read the SEG back: every frame's position must equal its source slice's, and the masks must round-trip
+    (each frame equals its slice's voxels of its segment; a slice's segment without a frame has no voxels), and
+    every segment is declared. Compares `chunk` frames at a time (rounded to a multiple of 8).
+
+    Read with pydicom, not highdicom's segread: the check needs the per-frame references and the packed bits,
+    not highdicom's frame look-up tables and decoded frames, which cost more than building the SEG did.
+    """
+    ds = pydicom.dcmread(path)
+    n_src, rows, cols = labels.shape
+    if ds.SOPClassUID != SegmentationStorage or ds.get("SegmentationType") != "BINARY":
+        raise SegCheckFailed(f"{path}: not a BINARY SEG ({ds.SOPClassUID}, {ds.get('SegmentationType')})")
+    if (ds.Rows, ds.Columns, ds.BitsAllocated) != (rows, cols, 1):
+        raise SegCheckFailed(f"{path}: frames are {ds.Rows}x{ds.Columns} at {ds.BitsAllocated} bit, "
+                             f"not {rows}x{cols} at 1 bit")
+    index = {str(s.SOPInstanceUID): j for j, s in enumerate(source)}
+    positions = np.array([[float(v) for v in s.ImagePositionPatient] for s in source])
+    names = {li.value: li.name for li in LABELS}
+    declared = sorted(int(item.SegmentNumber) for item in ds.get("SegmentSequence", []))
+    if declared != sorted(names):
+        raise SegCheckFailed(f"{path}: segments {declared} declared, not {sorted(names)}")
+    frames = ds.PerFrameFunctionalGroupsSequence
+    if len(frames) != int(ds.NumberOfFrames):
+        raise SegCheckFailed(f"{path}: {len(frames)} per-frame groups for {ds.NumberOfFrames} frames")
+    refs, pos, numbers = [], [], []
+    for frame in frames:
+        refs.append(str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID))
+        pos.append([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+        numbers.append(int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
+    for i, ref_uid in enumerate(refs):
+        if ref_uid not in index:
+            raise SegCheckFailed(f"{path}: frame {i + 1} references {ref_uid}, which is not a source slice")
+    slice_of = np.array([index[r] for r in refs], np.intp)  # frame -> source slice
+    segment_of = np.array(numbers, np.intp)  # frame -> segment number
+    off = ~np.isclose(np.array(pos, float).reshape(-1, 3), positions[slice_of], atol=1e-3).all(axis=1)
+    if off.any():
+        i = int(np.argmax(off))
+        raise SegCheckFailed(f"{path}: frame {i + 1} at {pos[i]} but its source slice {refs[i]} is at "
+                             f"{positions[slice_of[i]].tolist()}: misregistered")
+    seen = set(zip(slice_of.tolist(), numbers))
+    for i, number in enumerate(numbers):
+        if number not in names:
+            raise SegCheckFailed(f"{path}: frame {i + 1} is of segment {number}, which is not declared")
+    if len(seen) != len(frames):
+        raise SegCheckFailed(f"{path}: {len(frames) - len(seen)} frames repeat a slice's segment")
+    # The frames' bits lie one after the other, LSB first (PS3.5 8.1.1): the prediction packed the same way must
+    # give the same bytes. Whole multiples of 8 frames start on a byte boundary, whatever the frame size.
+    data = memoryview(ds.PixelData)
+    step = max(8, chunk // 8 * 8)
+    frame_bits = rows * cols
+    want = np.empty((step, rows, cols), bool)
+    for start in range(0, len(frames), step):
+        m = min(step, len(frames) - start)
+        for k in range(m):
+            np.equal(labels[slice_of[start + k]], segment_of[start + k], out=want[k])
+        packed = np.packbits(want[:m], bitorder="little")
+        lo = start * frame_bits // 8
+        got = np.frombuffer(data[lo:lo + len(packed)], np.uint8)
+        if len(got) != len(packed) or not np.array_equal(got, packed):
+            bad = start
+            if len(got) == len(packed):
+                back = np.unpackbits(got, bitorder="little", count=m * frame_bits).reshape(m, rows, cols)
+                bad += int(np.argmax([not np.array_equal(back[k], want[k]) for k in range(m)]))
+            raise SegCheckFailed(f"{path}: segment {names[int(segment_of[bad])]} read back differs from the "
+                                 f"prediction (slice {slice_of[bad]}, frame {bad + 1})")
+    for j in range(n_src):  # frames left out must have been empty
+        missing = [v for v in names if (j, v) not in seen]
+        if len(missing) == len(names) and not labels[j].any():
+            continue  # a slice without any frame: one pass over it, not one per segment
+        for v in missing:
+            if (labels[j] == v).any():
+                raise SegCheckFailed(f"{path}: segment {names[v]} read back differs from the prediction "
+                                     f"(slice {j} has it but no frame)")

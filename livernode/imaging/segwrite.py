@@ -1,14 +1,19 @@
-"""DICOM SEG (BINARY, highdicom) from a label volume, with the project's coded segment descriptions."""
+"""DICOM SEG (BINARY, highdicom) from a label volume, with the project's coded segment descriptions, and its writer."""
 
 from __future__ import annotations
 
+import io
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import ExplicitVRLittleEndian
 
 from livernode import __version__
 from livernode.imaging.labels import LABELS, CodedConcept
@@ -80,3 +85,101 @@ def build_seg(source: Sequence[Dataset], labels: np.ndarray, *, series_uid: str,
     )
     seg.SeriesDescription = series_description[:64]
     return seg
+
+
+# Writing: pydicom spends tens of microseconds per element on a path made for every case (ambiguous VRs,
+# character sets, raw elements), and a SEG's per-frame functional groups are thousands of small items (about 20
+# elements in 9 nested items a frame), which made save_as cost as much as highdicom's constructor. Those items
+# hold a few plain VRs, written here as pydicom writes them (a test pins the file to save_as byte for byte);
+# anything else goes to pydicom.
+_PER_FRAME = Tag(0x52009230)  # PerFrameFunctionalGroupsSequence
+_PIXEL_DATA = Tag(0x7FE00010)
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}  # 4-byte length
+_NUMBERS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
+_ASCII = {"UI", "CS", "SH", "LO", "DA", "TM", "DT", "AS", "AE"}  # in every character set, ASCII is ASCII
+_ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
+
+
+class _Unhandled(Exception):
+    """An element this encoder leaves to pydicom."""
+
+
+def _element(tag: BaseTag, vr: str, value: bytes) -> bytes:
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", tag.group, tag.element, vr.encode(), 0, len(value)) + value
+    if len(value) > 0xFFFF:
+        raise _Unhandled(tag)
+    return struct.pack("<HH2sH", tag.group, tag.element, vr.encode(), len(value)) + value
+
+
+def _items(items: Sequence[Dataset]) -> bytes:
+    parts = []
+    for item in items:
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            raise _Unhandled("undefined length item")
+        body = _encode(item)
+        parts += [_ITEM, struct.pack("<L", len(body)), body]
+    return b"".join(parts)
+
+
+def _encode(ds: Dataset) -> bytes:
+    """`ds` in explicit VR little endian as pydicom's write_dataset writes it (tag order, defined lengths)."""
+    out = []
+    for tag in sorted(ds.keys()):
+        if tag.element == 0 and tag.group > 6:
+            continue  # group lengths, which pydicom leaves out too
+        elem = ds[tag]
+        vr, v = elem.VR, elem.value
+        multi = isinstance(v, (list, tuple)) or (hasattr(v, "__len__") and not isinstance(v, (str, bytes, Dataset)))
+        if vr == "SQ":
+            if elem.is_undefined_length:
+                raise _Unhandled(tag)
+            value = _items(v)
+        elif (len(v) == 0) if multi else (v is None or v == ""):
+            value = b""
+        elif vr in _NUMBERS:
+            vals = list(v) if multi else [v]
+            value = struct.pack(f"<{len(vals)}{_NUMBERS[vr]}", *vals)
+        elif vr in ("DS", "IS"):
+            vals = list(v) if multi else [v]
+            text = "\\".join(x.original_string if hasattr(x, "original_string") else str(x) for x in vals)
+            value = (text + " " * (len(text) % 2)).encode("ascii")
+        elif vr in _ASCII:
+            text = "\\".join(v) if multi else v
+            if not isinstance(text, str):
+                raise _Unhandled(tag)
+            value = (text + ("\0" if vr == "UI" else " ") * (len(text) % 2)).encode("ascii")
+        else:
+            raise _Unhandled(tag)
+        out.append(_element(tag, vr, value))
+    return b"".join(out)
+
+
+def save_seg(seg: Dataset, path: Path) -> None:
+    """Write `seg` to `path` as `seg.save_as(path, enforce_file_format=True)` would, byte for byte, faster: the
+    per-frame functional groups and the (native, bit-packed) pixel data are encoded here, the rest by pydicom."""
+    tail = [elem.tag for elem in seg if elem.tag > _PER_FRAME]
+    try:
+        if (_PER_FRAME not in seg or tail != [_PIXEL_DATA]
+                or seg.file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian):
+            raise _Unhandled("not a native explicit VR little endian multi-frame image")
+        if (int(seg.BitsAllocated) > 8 or seg[_PIXEL_DATA].VR not in ("OB", "OB or OW")
+                or not isinstance(seg.PixelData, bytes)):
+            raise _Unhandled("pixel data")  # pydicom would write more than 8 bits as OW
+        pixels = seg.PixelData + b"\0" * (len(seg.PixelData) % 2)
+        rest = _element(_PER_FRAME, "SQ", _items(seg.PerFrameFunctionalGroupsSequence)) + _element(
+            _PIXEL_DATA, "OB", pixels)
+    except (_Unhandled, UnicodeEncodeError, struct.error):
+        seg.save_as(path, enforce_file_format=True)
+        return
+    head = Dataset()  # everything before the per-frame groups; the elements are seg's own, not copies
+    head.file_meta = seg.file_meta
+    head.preamble = getattr(seg, "preamble", None)
+    for elem in seg:
+        if elem.tag < _PER_FRAME:
+            head.add(elem)
+    buf = io.BytesIO()
+    head.save_as(buf, enforce_file_format=True)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
+        f.write(rest)

@@ -4,12 +4,13 @@ import copy
 import re
 import subprocess
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 
 from livernode.daemon.seg import SegCheckFailed, verify_seg, write_result_seg
-from livernode.imaging.segwrite import Algorithm
+from livernode.imaging.segwrite import Algorithm, build_seg, save_seg
 
 
 def _source(synth_dirs):
@@ -77,3 +78,127 @@ def test_sr_measures_the_largest_lesions_and_counts_them_all(synth_dirs, tmp_pat
     counts = [m.MeasuredValueSequence[0].NumericValue for g in groups[0].ContentSequence
               for m in g.ContentSequence if m.ValueType == "NUM" and m.ConceptNameCodeSequence[0].CodeValue == "LC"]
     assert [int(c) for c in counts] == [25]
+
+
+def _pair(synth_dirs, rows=64, cols=64):
+    """Source headers and labels; other frame sizes than the fixture's by changing Rows/Columns (headers only)."""
+    source = _source(synth_dirs)
+    if (rows, cols) != (64, 64):
+        source = [copy.deepcopy(ds) for ds in source]
+        for ds in source:
+            ds.Rows, ds.Columns = rows, cols
+    labels = np.zeros((len(source), rows, cols), np.uint8)
+    labels[2:-2, 3:rows - 5, 4:cols - 3] = 1
+    labels[3:5, 9:17, 11:20] = 2
+    labels[6, rows - 1, cols - 1] = 2  # a lone voxel in the frame's last bit
+    return source, labels
+
+
+def _build(source, labels):
+    return build_seg(source, labels, series_uid="1.2.3.4", sop_uid="1.2.3.5", series_number=9001,
+                     algorithm=Algorithm("t", "1"), series_description="t")
+
+
+def test_save_seg_writes_what_save_as_writes(synth_dirs, tmp_path):
+    """The hand-encoded per-frame groups and pixel data are pydicom's bytes; what they cannot encode (a non-ASCII
+    text in a frame) goes to pydicom whole."""
+    for rows, cols in [(64, 64), (61, 63)]:  # frames on byte boundaries, and not
+        seg = _build(*_pair(synth_dirs, rows, cols))
+        save_seg(seg, tmp_path / "fast.dcm")
+        seg.save_as(tmp_path / "pydicom.dcm", enforce_file_format=True)
+        assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+    seg.PerFrameFunctionalGroupsSequence[0].FrameContentSequence[0].FrameLabel = "Lèber"
+    save_seg(seg, tmp_path / "fast.dcm")
+    seg.save_as(tmp_path / "pydicom.dcm", enforce_file_format=True)
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+
+
+def _differences(a, b, path=""):
+    """Element by element, into sequences; dates, times and the dimension organisation's UID (new at each
+    construction) are left out."""
+    out = []
+    for tag in sorted(set(a.keys()) | set(b.keys())):
+        if tag not in a or tag not in b:
+            out.append(f"{path}{tag} only in one")
+            continue
+        ea, eb = a[tag], b[tag]
+        if ea.VR in ("DA", "TM", "DT") or ea.keyword == "DimensionOrganizationUID":
+            continue
+        if ea.VR == "SQ":
+            if len(ea.value) != len(eb.value):
+                out.append(f"{path}{ea.keyword}: {len(ea.value)} vs {len(eb.value)} items")
+            for i, (ia, ib) in enumerate(zip(ea.value, eb.value)):
+                out += _differences(ia, ib, f"{path}{ea.keyword}[{i}].")
+        elif (ea.VR, ea.value) != (eb.VR, eb.value):
+            out.append(f"{path}{ea.keyword}: {ea.value!r:.60} vs {eb.value!r:.60}")
+    return out
+
+
+def test_result_seg_equals_the_highdicom_path(synth_dirs, tmp_path):
+    """write_result_seg's file against highdicom's Segmentation written by pydicom's save_as (the path it
+    replaced): the same elements, the same pixel data bytes, and the same masks through highdicom's reader."""
+    source, labels = _pair(synth_dirs)
+    write_result_seg(source, labels, tmp_path / "new.dcm", algorithm=Algorithm("t", "1"), series_uid="1.2.3.4",
+                     sop_uid="1.2.3.5", description="t")
+    _build(source, labels).save_as(tmp_path / "old.dcm", enforce_file_format=True)
+    new, old = pydicom.dcmread(tmp_path / "new.dcm"), pydicom.dcmread(tmp_path / "old.dcm")
+    assert _differences(new.file_meta, old.file_meta) == []
+    assert _differences(new, old) == []
+    assert new.PixelData == old.PixelData
+    seg = hd.seg.segread(tmp_path / "new.dcm")
+    uids = [str(ds.SOPInstanceUID) for ds in source]
+    back = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], assert_missing_frames_are_empty=True)
+    assert np.array_equal(back[..., 0] > 0, labels == 1) and np.array_equal(back[..., 1] > 0, labels == 2)
+
+
+def _corrupt(path, out, change):
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_verify_seg_catches_a_damaged_file(synth_dirs, tmp_path):
+    """Each kind of damage in the file itself: a frame moved, a bit flipped (also off byte boundaries, past the
+    first chunk of frames), a frame left out, a frame that references a slice not in the series, a segment not
+    declared."""
+    for rows, cols in [(64, 64), (61, 63)]:
+        source, labels = _pair(synth_dirs, rows, cols)
+        good = tmp_path / f"seg{rows}.dcm"
+        write_result_seg(source, labels, good, algorithm=Algorithm("t", "1"), series_uid="1.2.3.4",
+                         sop_uid="1.2.3.5")
+        verify_seg(good, source, labels, chunk=8)
+        n = int(pydicom.dcmread(good, stop_before_pixels=True).NumberOfFrames)
+        assert n > 8
+
+        def move(ds):
+            p = ds.PerFrameFunctionalGroupsSequence[n - 2].PlanePositionSequence[0]
+            p.ImagePositionPatient = [*p.ImagePositionPatient[:2], float(p.ImagePositionPatient[2]) + 0.5]
+
+        def flip(ds, bit):
+            data = bytearray(ds.PixelData)
+            data[bit // 8] ^= 1 << (bit % 8)
+            ds.PixelData = bytes(data)
+
+        def drop_last(ds):
+            del ds.PerFrameFunctionalGroupsSequence[-1]
+            ds.NumberOfFrames = n - 1
+            bits = np.unpackbits(np.frombuffer(ds.PixelData, np.uint8), bitorder="little")[:(n - 1) * rows * cols]
+            ds.PixelData = np.packbits(bits, bitorder="little").tobytes()
+
+        def stranger(ds):
+            ds.PerFrameFunctionalGroupsSequence[3].DerivationImageSequence[0].SourceImageSequence[0]\
+                .ReferencedSOPInstanceUID = "1.2.3.999"
+
+        def undeclare(ds):
+            del ds.SegmentSequence[-1]
+
+        cases = [(move, "misregistered"), (stranger, "not a source slice"), (drop_last, "but no frame"),
+                 (undeclare, "declared"),
+                 (lambda ds: flip(ds, 0), "read back differs"),  # the first bit of the first frame
+                 (lambda ds: flip(ds, (n - 1) * rows * cols + 5), "read back differs"),  # inside the last frame
+                 (lambda ds: flip(ds, 9 * rows * cols - 1), "read back differs")]  # the last bit of frame 9
+        for change, reason in cases:
+            bad = _corrupt(good, tmp_path / "bad.dcm", change)
+            with pytest.raises(SegCheckFailed, match=reason):
+                verify_seg(bad, source, labels, chunk=8)
