@@ -38,6 +38,16 @@ COUNT = Code("{lesions}", "UCUM", "lesions")
 MAX_SR_LESIONS = 20
 
 
+class _Measurement(hd.sr.Measurement):
+    """highdicom's Measurement (TID 300), built without coordinates. The ROI groups ask each measurement for its
+    coordinates (TID 1410/1411 forbid them), which searches its items twice: a fifth of building the report.
+    A measurement made without referenced_coordinates has none to find."""
+
+    @property
+    def referenced_coordinates(self) -> list:
+        return []
+
+
 def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algorithm: Algorithm, *,
              series_uid: str, sop_uid: str, series_number: int = 9002, note: str = "",
              description: str = "") -> hd.sr.Comprehensive3DSR:
@@ -51,7 +61,7 @@ def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algori
                                        segment_number=number, source_series=source_series)
 
     def measure(name: Code, value: float, unit: Code) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name=name, value=round(float(value), 3), unit=unit, algorithm_id=algo)
+        return _Measurement(name=name, value=round(float(value), 3), unit=unit, algorithm_id=algo)
 
     site = [hd.sr.FindingSite(anatomic_location=LIVER)]
     groups = [hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -93,11 +103,9 @@ def build_sr(seg: Dataset, source: Sequence[Dataset], findings: Findings, algori
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=CT_PROCEDURE, imaging_measurements=groups,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *source], content=report, series_instance_uid=series_uid, series_number=series_number,
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer="livernode",
-        is_complete=True, is_final=False, is_verified=False,
-    )
+    sr = _document(report, [seg, *source], series_instance_uid=series_uid, series_number=series_number,
+                   sop_instance_uid=sop_uid, instance_number=1, manufacturer="livernode",
+                   is_complete=True, is_final=False, is_verified=False)
     name = description or "livernode liver measurements"  # the research-use statement, when the model has one
     sr.SeriesDescription = name[:64 - len(note)] + note
     sr.SoftwareVersions = __version__
@@ -116,6 +124,24 @@ def _diameter_line(lesion, source: Sequence[Dataset]) -> hd.sr.ImageRegion | Non
                              source_image=hd.sr.SourceImageForRegion.from_source_image(source[k]))
 
 
+def _document(report: hd.sr.MeasurementReport, evidence: Sequence[Dataset], **kw) -> hd.sr.Comprehensive3DSR:
+    """highdicom's Comprehensive3DSR around `report`, built in one pass. Given the whole tree, highdicom
+    deep-copies it, parses the copy back into content items and searches it twice for references to check against
+    the evidence: over half of building a 50-lesion report (tests/daemon/test_sr_fast.py). Here it gets the root
+    container without children and the tree is attached as built. Every reference in the tree is `seg` or a source
+    image, all in `evidence` by construction; the test pins the result to highdicom's own construction."""
+    root = report[0]
+    bare = Dataset()
+    for elem in root:
+        if elem.keyword != "ContentSequence":
+            bare.add(elem)
+    bare.ContentSequence = []  # highdicom searches it for references: none
+    sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=bare, **kw)
+    sr.ContentSequence = root.ContentSequence  # the element highdicom would have copied from `report`
+    sr._content = report  # what `sr.content` returns; highdicom's own from_dataset sets it the same way
+    return sr
+
+
 def _private_scheme():
     item = Dataset()
     item.CodingSchemeDesignator = "99LIVERNODE"
@@ -125,4 +151,21 @@ def _private_scheme():
 
 
 def write_sr(sr: hd.sr.Comprehensive3DSR, path: Path) -> None:
+    """The SR as a Part 10 file, atomically. pydicom checks for ambiguous VRs over the whole tree from the top and
+    then again below every nested item it writes (a quarter of writing the ~5,000 items of a 50-lesion report);
+    the items built here are marked as already in the file's encoding, so they are checked once, from the top."""
+    implicit = sr.file_meta.TransferSyntaxUID.is_implicit_VR  # what save_as will write
+    for keyword in ("ContentSequence", "CurrentRequestedProcedureEvidenceSequence"):  # not those shared with `seg`
+        _mark_encoded(sr.get(keyword) or [], implicit=implicit)
     write_dataset(path, sr)
+
+
+def _mark_encoded(items: Sequence[Dataset], *, implicit: bool) -> None:
+    """Mark `items` and every item below them as little endian in `implicit` VR and their inherited character set:
+    pydicom writes them as it writes items read from such a file. A wrong mark costs only the check the top-level
+    pass over the whole tree has done already."""
+    for item in items:
+        item.set_original_encoding(implicit, True, item._character_set)
+        for elem in item:
+            if elem.VR == "SQ":
+                _mark_encoded(elem.value, implicit=implicit)
