@@ -71,6 +71,14 @@ def _pure_model_seconds(files: list[Path], model: Path) -> float:
     return best_of(lambda: seg.run(x), 2, warmup=False)  # the faster of two: the peer is not handicapped by noise
 
 
+def _pydicom_decode_seconds(files: list[Path]) -> float:
+    """Reading and decoding `files` with pydicom, one after the other (the faster of two rounds): the peer of the
+    work around the model."""
+    import pydicom
+
+    return best_of(lambda: [pydicom.dcmread(f).pixel_array for f in files], 2, warmup=False)
+
+
 def _failed(state: Path) -> str:
     import sqlite3
 
@@ -105,9 +113,13 @@ def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
     summary = json.loads(next(state.rglob("summary.json")).read_text())
     stages = summary["timings_s"]
     model_s = _pure_model_seconds(files, model)
-    log(f"end to end: {e2e:.2f} s after the last ack; pure model {model_s:.2f} s")
+    decode_s = _pydicom_decode_seconds(files)
+    tail_s = e2e - QUIET_S - model_s  # everything but the network's own compute and the quiet period
+    log(f"end to end: {e2e:.2f} s after the last ack; pure model {model_s:.2f} s; the rest {tail_s:.2f} s against "
+        f"{decode_s:.2f} s of pydicom reading the files")
     return {"slices": len(files), "send_s": send_s, "last_ack_to_pacs_s": e2e, "quiet_period_s": QUIET_S,
-            "stages_s": stages, "pure_model_s": model_s, "overhead": e2e / model_s,
+            "stages_s": stages, "pure_model_s": model_s, "overhead": e2e / model_s, "non_model_s": tail_s,
+            "pydicom_decode_s": decode_s, "non_model_vs_decode": tail_s / decode_s,
             "lesions_found": summary["lesion_count"], "liver_ml": summary.get("liver_volume_ml")}
 
 
