@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -55,24 +54,16 @@ class NodeActor:
         An expected failure (no usable series, a refused input) is raised as itself and reaches the node."""
         from livernode.daemon.pipeline import process_all
 
-        work = Path(tempfile.mkdtemp(prefix="study-", dir=self._dir))
-        try:
-            inputs = work / "in"
-            inputs.mkdir()
-            paths = []
-            for i, data in enumerate(files):
-                p = inputs / f"{i:06d}.dcm"
-                p.write_bytes(data)
-                paths.append(p)
-            out = work / "out"
+        from livernode.batch import staged
+
+        with staged(files) as paths, tempfile.TemporaryDirectory(prefix="study-", dir=self._dir) as work:
+            out = Path(work) / "out"
             results = process_all(paths, self.segmenter, out, series_number_offset=series_number_offset,
                                   rules=rules)
             remote = [RemoteResult(str(r.seg_path.relative_to(out)), str(r.sr_path.relative_to(out)),
                                    dict(r.timings), r.slices, tuple(r.decisions)) for r in results]
             blobs = {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
             return remote, blobs
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 class RayStudies:
