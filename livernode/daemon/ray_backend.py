@@ -114,9 +114,13 @@ class RayStudies:
         self.load[k] = max(0, self.load[k] - 1)
 
     def lost(self, k: int) -> None:
-        """Actor k died: no study for it until Ray has restarted it and it answers."""
+        """Actor k died: no study for it until Ray has restarted it and it answers. Its machine may be gone with it,
+        and the idle actors there too, unnoticed until they are handed a study: every idle actor is asked as well,
+        so a study is never given to an actor that is already dead (which would cost it a second attempt)."""
         self.done(k)
-        self.probes[k] = self.actors[k].describe.remote()
+        for i in range(len(self.actors)):
+            if i == k or (self.load[i] == 0 and i not in self.probes):
+                self.probes[i] = self.actors[i].describe.remote()
 
     def wait(self, refs: list, timeout: float) -> list:
         ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
