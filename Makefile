@@ -6,6 +6,9 @@ STAMP    := $(VENV)/.installed
 ORT_GPU  := onnxruntime-gpu==1.32.0
 DEB_PKGS := dcmtk dicom3tools orthanc
 PYTEST_ARGS ?=
+# `make test` runs on two pytest-xdist workers: most tests keep one core busy (TensorFlow's training steps here run
+# at about 100 % of one core) or wait on sockets, so two workers take about half the time on two cores.
+TEST_WORKERS ?= 2
 
 .PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-train compare compare-long gpu-wheels lock clean \
         reliability-figures
@@ -44,11 +47,11 @@ demo: setup
 	$(BIN)/livernode demo
 
 test: setup deb-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Everything except the tests that train or export a network.
 test-fast: setup deb-deps
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 # RELIABILITY.md's appendix of measured figures, from the last `make test` (build/reliability-figures.json).
 reliability-figures: setup

@@ -6,15 +6,45 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from livernode.imaging.synth import synthesize
 
 REPO = Path(__file__).resolve().parent.parent
 CHAOS_SAMPLE = REPO.parent / "shared" / "data" / "chaos-ct-sample"
 SYNTH = dict(cases=3, slices=12, size=64, seed=7)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs on two pytest-xdist workers (--dist loadgroup). Tests that start Ray share one group, so
+    two Ray clusters never start at once on two cores; a module whose module-scoped fixture trains networks
+    (test_compare) stays on one worker, so it trains them once."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif item.module.__name__.endswith("test_compare"):
+            item.add_marker(pytest.mark.xdist_group("compare"))
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that `build(folder)` fills once per test run, also when pytest-xdist's workers each run a session
+    of their own: the first worker to ask builds it under a file lock, the others wait for it and reuse it. A
+    build that failed (no `.built` mark) is tried again by the next one to ask."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    root = base / f"once-{name}"
+    with FileLock(str(base / f"once-{name}.lock")):
+        if not (root / ".built").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            build(root)
+            (root / ".built").touch()
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -56,29 +86,34 @@ def cli_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """4 epochs of 2 steps at 64 px on 4 dicom phantoms, through the real CLI."""
+    """3 epochs of 2 steps at 64 px on 4 dicom phantoms, through the real CLI: (root with data/, the run folder).
+    Shared by every test of the run: treat it as read-only."""
     from livernode.imaging.synth import synthesize
 
-    root = tmp_path_factory.mktemp("train")
-    synthesize(root / "data", cases=4, slices=8, size=64, seed=11, layout="dicom")
-    run = root / "run"
-    r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
-                        "dicom", "--out", str(run), "--size", "64", "--epochs", "3", "--steps-per-epoch", "2"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "epoch 3/3" in r.stderr  # the progress bar
-    return root, run
+    def build(root: Path) -> None:
+        synthesize(root / "data", cases=4, slices=8, size=64, seed=11, layout="dicom")
+        r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
+                            "dicom", "--out", str(root / "run"), "--size", "64", "--epochs", "3",
+                            "--steps-per-epoch", "2"], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "epoch 3/3" in r.stderr  # the progress bar
+
+    root = built_once(tmp_path_factory, "trained-run", build)
+    return root, root / "run"
 
 
 @pytest.fixture(scope="session")
-def exported(trained_run):
-    root, run = trained_run
-    out = root / "model.onnx"
-    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:onnxruntime", "-m", "livernode.cli",
-                        "export", str(run), "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "argmax agreement" in r.stdout
-    return out
+def exported(trained_run, tmp_path_factory):
+    _, run = trained_run
+
+    def build(root: Path) -> None:
+        r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:onnxruntime", "-m", "livernode.cli",
+                            "export", str(run), "--out", str(root / "model.onnx")], capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "argmax agreement" in r.stdout
+
+    return built_once(tmp_path_factory, "exported", build) / "model.onnx"
 
 
 @pytest.fixture()
@@ -99,20 +134,21 @@ def liver_model(tmp_path_factory) -> Path:
     tests need one that sees the liver; `trained_run` is only trained enough to exercise the code."""
     import re
 
-    root = tmp_path_factory.mktemp("liver-model")
-    synthesize(root / "data", cases=8, slices=24, size=64, seed=21, layout="dicom")
-    # Left-right flips on: these 24-slice phantoms show liver on nearly every slice, and without flips a network
-    # this small learns "liver is where the liver usually is" and paints it into the pelvis of a 100-slice study
-    # (about 460 px on every liver-free slice), which is not what the selection tests are about.
-    (root / "train.toml").write_text("[train.augment]\nflip = true\n")
-    r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
-                        "dicom", "--out", str(root / "run"), "--size", "64", "--epochs", "8", "--steps-per-epoch",
-                        "8", "--config", str(root / "train.toml")], capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-3000:]
-    dice = float(re.search(r"test Dice liver ([0-9.]+)", r.stdout).group(1))
-    assert dice >= 0.8, f"the liver model reached a test Dice of {dice} only: {r.stdout}"
-    out = root / "model.onnx"
-    r = subprocess.run([sys.executable, "-m", "livernode.cli", "export", str(root / "run"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    def build(root: Path) -> None:
+        synthesize(root / "data", cases=8, slices=24, size=64, seed=21, layout="dicom")
+        # Left-right flips on: these 24-slice phantoms show liver on nearly every slice, and without flips a network
+        # this small learns "liver is where the liver usually is" and paints it into the pelvis of a 100-slice study
+        # (about 460 px on every liver-free slice), which is not what the selection tests are about.
+        (root / "train.toml").write_text("[train.augment]\nflip = true\n")
+        r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
+                            "dicom", "--out", str(root / "run"), "--size", "64", "--epochs", "8", "--steps-per-epoch",
+                            "8", "--config", str(root / "train.toml")], capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, r.stderr[-3000:]
+        dice = float(re.search(r"test Dice liver ([0-9.]+)", r.stdout).group(1))
+        assert dice >= 0.8, f"the liver model reached a test Dice of {dice} only: {r.stdout}"
+        out = root / "model.onnx"
+        r = subprocess.run([sys.executable, "-m", "livernode.cli", "export", str(root / "run"), "--out", str(out)],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "liver-model", build) / "model.onnx"

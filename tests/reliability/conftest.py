@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.peers import make_pki
 
@@ -25,11 +26,13 @@ def figure(request):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """Each pytest-xdist worker merges its own figures in: one at a time (a file lock), so none is lost."""
     if FIGURES:
         OUT.parent.mkdir(exist_ok=True)
-        previous = json.loads(OUT.read_text()) if OUT.exists() else {}
-        previous.update(FIGURES)
-        OUT.write_text(json.dumps(previous, indent=1, sort_keys=True) + "\n")
+        with FileLock(str(OUT) + ".lock"):
+            previous = json.loads(OUT.read_text()) if OUT.exists() else {}
+            previous.update(FIGURES)
+            OUT.write_text(json.dumps(previous, indent=1, sort_keys=True) + "\n")
 
 
 @pytest.fixture(scope="session")

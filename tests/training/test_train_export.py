@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,10 @@ def test_run_folder_holds_checkpoint_history_plots_and_metrics(trained_run):
     assert not set(cases["train"]) & set(cases["test"])  # split by patient
 
 
-def test_resume_continues_from_checkpoint(trained_run):
-    root, run = trained_run
+def test_resume_continues_from_checkpoint(trained_run, tmp_path):
+    root, shared = trained_run
+    run = tmp_path / "run"  # the session's run stays as trained: other tests read it
+    shutil.copytree(shared, run)
     r = subprocess.run([sys.executable, "-m", "livernode.cli", "train", "--data", str(root / "data"), "--format",
                         "dicom", "--out", str(run), "--size", "64", "--epochs", "4", "--steps-per-epoch", "2",
                         "--resume"], capture_output=True, text=True, timeout=900)
@@ -93,9 +96,9 @@ def test_onnx_runtime_loads_without_warnings_and_matches_keras(exported, trained
     assert seg.segment(np.zeros((2, 50, 70), np.float32)).shape == (2, 50, 70)
 
 
-def test_evaluate_writes_tables(exported, trained_run):
+def test_evaluate_writes_tables(exported, trained_run, tmp_path):
     root, _ = trained_run
-    out = root / "eval"
+    out = tmp_path / "eval"
     r = subprocess.run([sys.executable, "-m", "livernode.cli", "evaluate", "--model", str(exported), "--data",
                         str(root / "data"), "--format", "dicom", "--out", str(out)],
                        capture_output=True, text=True, timeout=900)
