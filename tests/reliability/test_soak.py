@@ -94,9 +94,13 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
     # Descriptors: the floor of each window. A leak raises the floor; an association still closing does not.
     fd_start, fd_end = _window(samples, 0.25, 0.40, 2, min), _window(samples, 0.85, 1.0, 2, min)
     rss_growth, fd_growth = rss_end / rss_start - 1, fd_end / fd_start - 1
-    # Disk: the most held in each window. Without retention it grows with every study (about 3x from the first
-    # window to the last); with it, only the studies of the last few seconds are on disk.
+    # Disk: without retention it grows with every study (about 3x from the first window to the last); with it, only
+    # the studies of the last few seconds are on disk. The check is on the floor of each window, as for the
+    # descriptors: how many studies are waiting for their 2 s at one sample depends on how fast the node runs
+    # beside other work (with make test's two workers the most held doubled once, one study more), while studies
+    # that are never purged raise the floor.
     disk_start, disk_end = _window(samples, 0.25, 0.40, 3, max), _window(samples, 0.85, 1.0, 3, max)
+    floor_start, floor_end = _window(samples, 0.25, 0.40, 3, min), _window(samples, 0.85, 1.0, 3, min)
     purged = len([e for e in audit_events(tmp_path / "state" / "audit.jsonl") if e["event"] == "purge"])
     figure("duration_s", round(seconds))
     figure("studies", studies)
@@ -106,8 +110,9 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
     figure("open_fds_floor_after_warmup_and_at_end", [fd_start, fd_end])
     figure("open_fds_max", max(s[2] for s in samples))
     figure("disk_mib_most_in_window_after_warmup_and_at_end", [round(disk_start / 2**20, 2), round(disk_end / 2**20, 2)])
+    figure("disk_mib_floor_after_warmup_and_at_end", [round(floor_start / 2**20, 2), round(floor_end / 2**20, 2)])
     figure("purge_runs", purged)
     assert studies >= 20
     assert rss_growth < 0.05, f"RSS grew {100 * rss_growth:.1f} % ({rss_start} -> {rss_end} KiB)"
     assert fd_growth < 0.05, f"open descriptors grew {fd_start} -> {fd_end}"
-    assert purged > 0 and disk_end <= 1.5 * disk_start, f"disk use grew {disk_start} -> {disk_end} bytes"
+    assert purged > 0 and floor_end <= 1.5 * floor_start, f"disk use grew {floor_start} -> {floor_end} bytes"
