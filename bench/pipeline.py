@@ -18,7 +18,8 @@ post-processing is measured on the hard side.
    and pelvis series, a bone-kernel copy, MIP, MinIP, reformat, localizer, dose screen), the seconds the model's
    coverage pass takes against the seconds of inference on the series it chose (`livernode infer`, summary.json).
    Here the network runs at the size it was trained at: run at 256 px, the 128 px demo network labels some 26 cm²
-   of "liver" on every slice above and below the liver, which no usable model does."""
+   of "liver" on every slice above and below the liver, which no usable model does.
+7. The fused model against the host path (`fused_speed`)."""
 
 from __future__ import annotations
 
@@ -204,3 +205,24 @@ def coverage_cost(model: Path, work: Path, size: int = 512) -> dict:
     return {"series": len(series), "files": sum(len(v) for v in series.values()), "chosen": chosen["description"],
             "chosen_slices": chosen["images"], "coverage_s": stages["coverage"], "infer_s": stages["infer"],
             "ratio": stages["coverage"] / stages["infer"], "stages_s": stages}
+
+
+def fused_speed(files: list[Path], model: Path, work: Path, slices: int = 32) -> dict:
+    """7. The fused model (`livernode fuse`: window, pad, resize, argmax and label map inside the ONNX graph)
+    against today's host path (OpenCV before and after the same network), on the CPU: ms per 512x512 slice from
+    stored HU to uint8 labels, the better of two runs each, and the share of voxels on which they agree."""
+    from livernode.export.fused import fuse_file
+    from livernode.imaging.dicomio import read_ct_series
+    from livernode.inference.runner import Segmenter
+
+    fused = work / "fused.onnx"
+    fuse_file(model, fused)
+    hu = np.clip(np.rint(read_ct_series(files[:slices]).hu), -32768, 32767).astype(np.int16)
+    plain, fast = Segmenter(model, providers="cpu"), Segmenter(fused, providers="cpu")
+    plain.segment(hu[:4]), fast.segment(hu[:4])  # warm-up, both
+    host_s = best_of(lambda: plain.segment(hu), 2, warmup=False)
+    fused_s = best_of(lambda: fast.segment(hu), 2, warmup=False)
+    want, got = plain.segment(hu), fast.segment(hu)
+    return {"slices": len(hu), "host_ms_per_slice": 1000 * host_s / len(hu),
+            "fused_ms_per_slice": 1000 * fused_s / len(hu), "agreement": float((want == got).mean()),
+            "liver_voxels": int((want > 0).sum())}

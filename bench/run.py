@@ -83,6 +83,11 @@ def table(r: dict) -> list[dict]:
     rows.append(_row("scaling: ms/slice at " + "/".join(str(x["slices"]) for x in sc) + " slices",
                      "/".join(f"{x['ms_per_slice']:.0f}" for x in sc), f"{sc[0]['ms_per_slice']:.0f} (100 slices)",
                      f"{worst:.2f}x", "<= 1.15x (linear)", worst <= 1.15))
+    f = r["fused"]
+    rows.append(_row(f"fused model 512^2 -> 256 px, {f['slices']} slices: ms/slice HU to labels vs the host path "
+                     f"(agreement {100 * f['agreement']:.3f} %)", f"{f['fused_ms_per_slice']:.0f}",
+                     f"{f['host_ms_per_slice']:.0f}", f"{f['host_ms_per_slice'] / f['fused_ms_per_slice']:.2f}x",
+                     "(report)", None))
     c = r["coverage"]
     rows.append(_row(f"coverage pass, {c['series']}-series study ({c['files']} files): s vs inference of the chosen "
                      f"{c['chosen_slices']} slices", f"{c['coverage_s']:.2f}", f"{c['infer_s']:.2f}",
@@ -137,6 +142,8 @@ def main() -> int:
     trained_size = results["pipeline_model"]["trained_size"]
     native, _ = pipeline.pipeline_model(WORK, WORK / "template", size=trained_size)
     results["coverage"] = pipeline.coverage_cost(native, WORK)
+    log("fused model (pre- and post-processing in the graph) against the host path ...")
+    results["fused"] = pipeline.fused_speed(study, model, WORK)
     log("GPU script, exercised on the CPU ...")
     gpu_out = WORK / "gpu-on-cpu.json"
     subprocess.run([PY, str(REPO / "bench" / "gpu.py"), "--model", results["model"]["model_512_fp16"],

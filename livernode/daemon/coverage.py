@@ -164,6 +164,11 @@ def model_probe(segmenter: Segmenter, progress: Callable[[int, int], None] = lam
             done[0] += len(idx)
             progress(done[0], 0)
             return whole[c.uid][list(idx)]
+        if segmenter.fused:  # labels at the slices' own size, straight from the graph (no context: fusable)
+            labels = segmenter.fused_labels(np.stack([decode(c, i) for i in idx]), c.orientation)
+            done[0] += len(idx)
+            progress(done[0], 0)
+            return np.isin(labels, (LIVER, TUMOUR)).reshape(len(idx), -1).sum(axis=1) * row_mm * col_mm
         shape = (int(ref.Rows), int(ref.Columns))
         pixel_mm2 = (max(shape) / size) ** 2 * row_mm * col_mm  # square padding keeps pixels' aspect
         read: dict[int, np.ndarray] = {}

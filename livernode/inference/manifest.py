@@ -116,6 +116,15 @@ class Parity(_Frozen):
     tolerance: float
 
 
+class Fused(_Frozen):
+    """Preprocessing and restoring run inside the graph (`livernode fuse`, export/fused.py): the host sends int16
+    HU slices at their stored size with the four resize matrices and receives uint8 labels in livernode's values."""
+
+    input: Literal["hu"] = "hu"
+    dtype: Literal["int16"] = "int16"
+    output: Literal["labels"] = "labels"
+
+
 class Manifest(_Frozen):
     schema_: Literal["livernode-model-manifest"] = Field("livernode-model-manifest", alias="schema")
     schema_version: Literal[1, 2] = SCHEMA_VERSION
@@ -134,6 +143,7 @@ class Manifest(_Frozen):
     livernode_version: str
     created: str
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    fused: Fused | None = None  # absent: the graph takes the network's float input and gives probabilities
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -63,8 +63,10 @@ class Segmenter:
         self.mode = self.manifest.run  # 2-D with `context` neighbours, or 3-D by sliding window
         self.lut = self.manifest.label_lut()  # output channel -> livernode's label; refuses a map it cannot use
         self.input_name = self.session.get_inputs()[0].name
+        self.fused = self.manifest.fused is not None  # preprocessing and restoring in the graph: export/fused.py
+        self._matrices: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         rank = len(self.session.get_inputs()[0].shape)
-        if rank != self.mode.dims + 2:
+        if rank != self.mode.dims + 2 - self.fused:  # a fused model takes (n, rows, cols) HU
             raise ManifestError(f"{self.path}: the manifest says {self.mode.dims}-D but the network's input has "
                                 f"{rank} dimensions")
         # On the CPU a batch buys no speed (the benchmark's ms per slice at batch 1 is no worse than at 8) and its
@@ -77,6 +79,8 @@ class Segmenter:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Network input (n, s, s, c) float32 -> softmax probabilities (n, s, s, k); 3-D: patches (n, d, h, w, 1)."""
+        if self.fused:
+            raise ManifestError(f"{self.path}: a fused model takes HU slices and gives labels (fused_labels)")
         outs = [self.session.run(None, {self.input_name: x[i : i + self.batch_size]})[0]
                 for i in range(0, len(x), self.batch_size)]
         return np.concatenate(outs).astype(np.float32, copy=False)
@@ -99,6 +103,27 @@ class Segmenter:
         prob = restore_probabilities(self.run(self.inputs(hu, len(hu), 0, len(hu), 0, orientation)), seen_shape)
         return np.ascontiguousarray(orientation.inverse(prob.transpose(3, 0, 1, 2)).transpose(1, 2, 3, 0))
 
+    def fused_labels(self, hu: np.ndarray, orientation: Orientation = Orientation()) -> np.ndarray:
+        """A fused model: (n, rows, cols) stored HU -> (n, rows, cols) uint8 labels. The graph windows, resizes,
+        runs the network, resizes back and takes the argmax; the host turns the slices to the convention (views)
+        and sends int16 (HU that are not integers, which no CT scanner we know of writes, are rounded to 1 HU)."""
+        from livernode.export.fused import COLS_IN, COLS_OUT, HU, ROWS_IN, ROWS_OUT, resize_matrices
+
+        seen = orientation.forward(hu)
+        shape = seen.shape[1:]
+        if shape not in self._matrices:
+            self._matrices[shape] = dict(zip((ROWS_IN, COLS_IN, ROWS_OUT, COLS_OUT),
+                                             resize_matrices(shape, self.spec.size)))
+        mats = self._matrices[shape]
+        out = np.empty(seen.shape, np.uint8)
+        for i in range(0, len(seen), self.batch_size):
+            part = seen[i:i + self.batch_size]
+            if part.dtype != np.int16:
+                part = np.clip(np.rint(part), -32768, 32767)
+            feed = {HU: np.ascontiguousarray(part, np.int16), **mats}
+            out[i:i + len(part)] = self.session.run(None, feed)[0]
+        return orientation.inverse(out)
+
     def labels_of(self, prob: np.ndarray) -> np.ndarray:
         """(..., k) network output -> (...) uint8 labels in livernode's values (the manifest's label map)."""
         return self.lut[prob.argmax(-1)]
@@ -109,6 +134,8 @@ class Segmenter:
         a 3-D model needs it."""
         if self.mode.dims == 3:
             return self.segment_volume(hu, orientation, spacing)
+        if self.fused:
+            return self.fused_labels(hu, orientation)
         return self.labels_of(self.probabilities(hu, orientation))
 
     def segment_volume(self, hu: np.ndarray, orientation: Orientation, spacing: tuple[float, float, float] | None,
@@ -205,8 +232,12 @@ class Segmenter:
                 # a batch runs once its slices and the neighbours its context needs are decoded
                 while start < have and (have == n or min(n, start + bs) + k <= have):
                     stop = min(n, start + bs)
-                    first, last = context_span(n, start, stop, k)
-                    probs.put((start, self.run(self.inputs(hu[first:last], n, start, stop, first, orientation))))
+                    if self.fused:  # labels straight from the graph: nothing left to restore
+                        labels[start:stop] = self.fused_labels(hu[start:stop], orientation)
+                    else:
+                        first, last = context_span(n, start, stop, k)
+                        probs.put((start, self.run(self.inputs(hu[first:last], n, start, stop, first,
+                                                               orientation))))
                     if on_batch is not None:
                         on_batch(stop, n)
                     start = stop

@@ -1,0 +1,124 @@
+"""The fused model (`livernode fuse`): preprocessing and restoring inside the ONNX graph give the labels of the host
+path (OpenCV windowing, padding, resizing and argmax) on at least 99.99 % of voxels, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from livernode.errors import ManifestError
+from livernode.export.fused import PARITY, fusable, fuse, resize_matrices
+from livernode.export.onnx_export import weights_sha256
+from livernode.imaging.dicomio import read_ct_series
+from livernode.imaging.orient import Orientation
+from livernode.imaging.preprocess import PreprocessSpec, prepare_slices, restore_probabilities, window
+from livernode.inference.manifest import METADATA_KEY, Inference, parse_manifest
+from livernode.inference.runner import Segmenter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fused(liver_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused") / "fused.onnx"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "fuse", str(liver_model), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "labels equal to the host path on" in r.stdout
+    return out
+
+
+def _manifest(path):
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA_KEY])
+
+
+@pytest.mark.parametrize("shape,size", [((512, 512), 64), ((490, 467), 64), ((40, 52), 64), ((64, 64), 64)])
+def test_the_matrices_are_opencvs_padding_and_resizes(shape, size):
+    """rows_in @ window(hu) @ cols_in is prepare_slices' input; rows_out @ p @ cols_out is restore_probabilities."""
+    rng = np.random.default_rng(1)
+    hu = rng.normal(100, 200, (2, *shape)).astype(np.float32)
+    rows_in, cols_in, rows_out, cols_out = resize_matrices(shape, size)
+    want = prepare_slices(hu, PreprocessSpec(size=size))[..., 0]
+    np.testing.assert_allclose(rows_in @ window(hu, -100, 400) @ cols_in, want, atol=1e-5)
+    p = rng.random((2, size, size, 3)).astype(np.float32)
+    got = np.einsum("rs,nsck,cw->nrwk", rows_out, p, cols_out)
+    np.testing.assert_allclose(got, restore_probabilities(p, shape), atol=1e-5)
+
+
+def test_fused_labels_equal_the_host_paths_on_the_real_chaos_case(fused, liver_model, chaos_sample):
+    files = sorted((chaos_sample / "DICOM_anon").rglob("*.dcm"))
+    hu = read_ct_series(files).hu[20:44]
+    plain, fast = Segmenter(liver_model, providers="cpu"), Segmenter(fused, providers="cpu")
+    assert fast.fused and not plain.fused
+    for turn in (Orientation(), Orientation(flip_rows=True, transpose=True)):
+        for part in (hu, hu[:, 7:500, 30:491]):  # 512 x 512 and a non-square crop
+            want, got = plain.segment(part, turn), fast.segment(part, turn)
+            assert got.dtype == np.uint8 and got.shape == part.shape
+            assert (want > 0).sum() > 1000  # the model sees something: the comparison is not of empty volumes
+            assert (got == want).mean() >= PARITY, (got == want).mean()
+
+
+def test_streamed_inference_with_the_fused_model(fused, liver_model, chaos_sample):
+    files = sorted((chaos_sample / "DICOM_anon").rglob("*.dcm"))
+    hu = np.clip(np.rint(read_ct_series(files).hu[10:40]), -32768, 32767).astype(np.int16)
+    turn = Orientation(flip_cols=True)
+    runs = [Segmenter(m, providers="cpu").segment_streamed(len(hu), hu.shape[1:], hu.__getitem__, np.int16,
+                                                           orientation=turn) for m in (liver_model, fused)]
+    (hu_plain, want), (hu_fused, got) = runs
+    assert np.array_equal(hu_plain, hu_fused) and np.array_equal(hu_fused, hu)
+    assert (want > 0).sum() > 1000 and (got == want).mean() >= PARITY
+
+
+def test_the_graph_and_manifest_record_the_fusion(fused, liver_model):
+    plain, model = _manifest(liver_model), _manifest(fused)
+    assert plain["fused"] is None and model["fused"] == {"input": "hu", "dtype": "int16", "output": "labels"}
+    assert model["weights_sha256"] == plain["weights_sha256"] == weights_sha256(onnx.load(str(fused)))
+    graph = onnx.load(str(fused)).graph
+    ins = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert ins == {"hu": onnx.TensorProto.INT16, "rows_in": onnx.TensorProto.FLOAT, "cols_in": onnx.TensorProto.FLOAT,
+                   "rows_out": onnx.TensorProto.FLOAT, "cols_out": onnx.TensorProto.FLOAT}
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.UINT8]
+    with pytest.raises(ManifestError, match="a fused model takes HU slices"):
+        Segmenter(fused, providers="cpu").run(np.zeros((1, 64, 64, 1), np.float32))
+
+
+def test_models_the_graph_cannot_hold_are_refused(liver_model, fused):
+    manifest = parse_manifest(json.dumps(_manifest(liver_model)), str(liver_model))
+    assert fusable(manifest) == ""
+    assert "context" in fusable(manifest.model_copy(update={"inference": Inference(dims=2, context=1)}))
+    assert "3-D" in fusable(manifest.model_copy(update={"inference": Inference(
+        dims=3, patch_size=(16, 32, 32), target_spacing_mm=(4.0, 6.0, 6.0), overlap=0.5)}))
+    again = parse_manifest(json.dumps(_manifest(fused)), str(fused))
+    with pytest.raises(ManifestError, match="cannot be fused: the model is fused already"):
+        fuse(onnx.load(str(fused)), again)
+
+
+def test_the_command_names_the_file_it_cannot_fuse(fused, tmp_path):
+    out = tmp_path / "twice.onnx"
+    r = subprocess.run([sys.executable, "-m", "livernode.cli", "fuse", str(fused), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"livernode fuse: error: {fused}: cannot be fused: the model is fused already" in r.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_infer_with_the_fused_model_gives_the_same_findings(fused, liver_model, tmp_path):
+    from livernode.imaging.synth import synthesize
+
+    case = synthesize(tmp_path / "data", cases=1, slices=24, size=96, seed=5, layout="dicom")[0]
+    found = []
+    for model in (liver_model, fused):
+        out = tmp_path / model.stem
+        r = subprocess.run([sys.executable, "-m", "livernode.cli", "infer", str(case), "--model", str(model), "--out",
+                            str(out), "--providers", "cpu"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (out / "seg.dcm").stat().st_size > 0 and (out / "sr.dcm").stat().st_size > 0
+        found.append(json.loads((out / "summary.json").read_text()))
+    plain, fast = found
+    assert plain["liver_volume_ml"] > 0 and plain["providers"] == fast["providers"] == ["CPUExecutionProvider"]
+    assert fast["liver_volume_ml"] == pytest.approx(plain["liver_volume_ml"], rel=1e-3)
