@@ -87,6 +87,12 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
             wait_for(lambda: len(list(pacs_out.iterdir())) >= 2 * studies, 60, f"study {studies} delivered", 0.05)
             samples.append((done(), _rss_kib(node.pid), _fds(node.pid), _disk_bytes(tmp_path / "state")))
         seconds = time.monotonic() - t0
+        # Once traffic stops, every study must go within its 2 s and a purge interval (20 s allowed for a busy machine).
+        quiet = time.monotonic()
+        while _disk_bytes(tmp_path / "state") > 0 and time.monotonic() - quiet < 20:
+            time.sleep(0.2)
+        drained = time.monotonic() - quiet
+        left = _disk_bytes(tmp_path / "state")
     finally:
         err = stop_node(node)
     assert "Traceback" not in err, err[-3000:]
@@ -95,13 +101,15 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
     fd_start, fd_end = _window(samples, 0.25, 0.40, 2, min), _window(samples, 0.85, 1.0, 2, min)
     rss_growth, fd_growth = rss_end / rss_start - 1, fd_end / fd_start - 1
     # Disk: without retention it grows with every study (about 3x from the first window to the last); with it, only
-    # the studies of the last few seconds are on disk. The check is on the floor of each window, as for the
-    # descriptors: how many studies are waiting for their 2 s at one sample depends on how fast the node runs
-    # beside other work (with make test's two workers the most held doubled once, one study more), while studies
-    # that are never purged raise the floor.
+    # the studies of the last few seconds are on disk, and once traffic stops, none. How many wait for their 2 s at
+    # one moment depends on how fast the node runs beside other work (beside another test worker the lowest held
+    # doubled in CI: one study more), so the checks are on what retention owes rather than on a level: every
+    # delivered study purged, and nothing left once the last one has had its time.
     disk_start, disk_end = _window(samples, 0.25, 0.40, 3, max), _window(samples, 0.85, 1.0, 3, max)
     floor_start, floor_end = _window(samples, 0.25, 0.40, 3, min), _window(samples, 0.85, 1.0, 3, min)
-    purged = len([e for e in audit_events(tmp_path / "state" / "audit.jsonl") if e["event"] == "purge"])
+    events = [e for e in audit_events(tmp_path / "state" / "audit.jsonl") if e["event"] == "purge"]
+    purged_studies = {u for e in events for u in e["study_instance_uids"]}
+    purged = len(events)
     figure("duration_s", round(seconds))
     figure("studies", studies)
     figure("associations", associations)
@@ -112,7 +120,10 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path, exported, pacs, figure)
     figure("disk_mib_most_in_window_after_warmup_and_at_end", [round(disk_start / 2**20, 2), round(disk_end / 2**20, 2)])
     figure("disk_mib_floor_after_warmup_and_at_end", [round(floor_start / 2**20, 2), round(floor_end / 2**20, 2)])
     figure("purge_runs", purged)
+    figure("studies_purged", len(purged_studies))
+    figure("seconds_until_nothing_left_after_the_last_study", round(drained, 1))
     assert studies >= 20
     assert rss_growth < 0.05, f"RSS grew {100 * rss_growth:.1f} % ({rss_start} -> {rss_end} KiB)"
     assert fd_growth < 0.05, f"open descriptors grew {fd_start} -> {fd_end}"
-    assert purged > 0 and floor_end <= 1.5 * floor_start, f"disk use grew {floor_start} -> {floor_end} bytes"
+    assert purged > 0 and len(purged_studies) == studies, f"{len(purged_studies)} of {studies} studies purged"
+    assert left == 0, f"{left} bytes of spool and results still on disk {drained:.1f} s after the last study"
