@@ -14,7 +14,8 @@ import numpy as np
 from livernode.errors import ManifestError
 from livernode.imaging.grid import Grid, from_grid, sliding_window, to_grid
 from livernode.imaging.orient import CONVENTION, Orientation
-from livernode.imaging.preprocess import (context_span, prepare_slices, prepared_spacing, restore_probabilities,
+from livernode.imaging.preprocess import (context_span, prepare_slices, prepared_spacing, restore_labels,
+                                          restore_probabilities,
                                           stack_context)
 from livernode.inference.manifest import METADATA_KEY, Manifest, parse_manifest
 
@@ -128,6 +129,11 @@ class Segmenter:
         """(..., k) network output -> (...) uint8 labels in livernode's values (the manifest's label map)."""
         return self.lut[prob.argmax(-1)]
 
+    def labels_at(self, prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """(n, size, size, k) network output -> (n, rows, cols) uint8 labels in livernode's values at the slices'
+        `shape` (preprocess.restore_labels: the argmax of the resized probabilities without resizing them all)."""
+        return self.lut[restore_labels(prob, shape)]
+
     def segment(self, hu: np.ndarray, orientation: Orientation = Orientation(),
                 spacing: tuple[float, float, float] | None = None) -> np.ndarray:
         """(n, rows, cols) HU -> (n, rows, cols) uint8 labels. `spacing` (slice step, row, column) mm, as stored:
@@ -136,7 +142,9 @@ class Segmenter:
             return self.segment_volume(hu, orientation, spacing)
         if self.fused:
             return self.fused_labels(hu, orientation)
-        return self.labels_of(self.probabilities(hu, orientation))
+        seen = orientation.shape(hu.shape[1:])
+        prob = self.run(self.inputs(hu, len(hu), 0, len(hu), 0, orientation))
+        return np.ascontiguousarray(orientation.inverse(self.labels_at(prob, seen)))
 
     def segment_volume(self, hu: np.ndarray, orientation: Orientation, spacing: tuple[float, float, float] | None,
                        on_patch: Callable[[int, int], None] | None = None, out: np.ndarray | None = None
@@ -167,7 +175,7 @@ class Segmenter:
         del volume
         labels = np.empty(hu.shape, np.uint8) if out is None else out
         for start, p in from_grid(prob, grid, chunk=16):
-            lab = orientation.inverse(self.labels_of(restore_probabilities(p, seen)))
+            lab = orientation.inverse(self.labels_at(p, seen))
             labels[stored(start, start + len(p))] = lab[::-1] if rev else lab
         return labels
 
@@ -216,7 +224,7 @@ class Segmenter:
             while (item := probs.get()) is not None:
                 start, prob = item
                 try:
-                    labels[start:start + len(prob)] = orientation.inverse(self.labels_of(restore_probabilities(prob, seen)))
+                    labels[start:start + len(prob)] = orientation.inverse(self.labels_at(prob, seen))
                 except BaseException as exc:
                     errors.append(exc)
 

@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 
 from livernode.imaging.dicomio import dicom_files, read_ct_series
-from livernode.imaging.preprocess import PreprocessSpec, prepare_labels, prepare_slices, restore_probabilities, window
+import cv2
+
+from livernode.imaging.preprocess import (PreprocessSpec, argmax_last, prepare_labels, prepare_slices, restore_labels,
+                                          restore_probabilities, window)
 from livernode.training.cache import prepare
 from livernode.training.data import CaseSplit
 from livernode.training.datasets import list_cases
@@ -24,6 +27,31 @@ def test_prepare_pads_non_square_and_sizes_to_multiple_of_32():
     back = restore_probabilities(prob, (40, 64))
     assert back.shape == (2, 40, 64, 3)
     assert prepare_labels(np.ones((1, 40, 64), np.uint8), 96).sum() > 0
+
+
+def _network_like(rng, n: int, size: int, cells: int, noise: float) -> np.ndarray:
+    """Softmax of smooth random logits (organ-like regions of about size/cells px) plus pixel noise."""
+    coarse = rng.normal(size=(n, max(2, size // cells), max(2, size // cells), 3)).astype(np.float32)
+    logits = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_CUBIC) for c in coarse]) * 8
+    logits += rng.normal(size=logits.shape).astype(np.float32) * noise
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,size", [((512, 512), 256), ((493, 461), 256), ((200, 300), 256), ((128, 128), 256),
+                                        ((256, 256), 256), ((97, 130), 64)])
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_restore_labels_is_the_argmax_of_the_resized_probabilities(shape, size, noise):
+    """Upsampling, downsampling, no resize, padding to a square in either direction; smooth and noisy outputs."""
+    prob = _network_like(np.random.default_rng(size + shape[1]), 6, size, 16, noise)
+    full = restore_probabilities(prob, shape).argmax(-1)
+    got = restore_labels(prob, shape)
+    assert got.shape == (6, *shape) and got.dtype == np.uint8
+    assert len(np.unique(full)) == 3  # every class present, boundaries everywhere
+    assert (got == full).mean() >= 0.99999, f"{(got != full).sum()} of {full.size} differ"
+    assert np.array_equal(argmax_last(prob), prob.argmax(-1))
+    ties = np.zeros((1, 4, 4, 3), np.float32)
+    assert argmax_last(ties).max() == 0  # the first of equal maxima, as numpy
 
 
 def test_spec_rejects_size_not_multiple_of_32():
