@@ -157,7 +157,7 @@ def _serve(a: argparse.Namespace) -> int:
         "inference.model": a.model, "inference.providers": a.providers, "node.ae_title": a.ae_title,
         "node.bind": a.bind, "node.port": a.port, "paths.state": a.state, "paths.watch": a.watch,
         "paths.output": a.output, "send.destinations": a.destination, "study.quiet_seconds": a.study_timeout,
-        "observability.metrics_port": a.metrics_port}
+        "observability.metrics_port": a.metrics_port, "node.workers": a.workers}
     return serve(load_daemon_config(a.config, overrides), lambda: load_daemon_config(a.config, overrides))
 
 
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--destination", action="append", help="AET@HOST:PORT, repeatable")
     sv.add_argument("--study-timeout", type=float, help="quiet seconds after which a study is complete")
     sv.add_argument("--metrics-port", type=int, help="port of /metrics and /healthz on 127.0.0.1 (default 9464)")
+    sv.add_argument("--workers", type=int, help="C-STORE receiver processes on the port (node.workers; default: the "
+                    "number of cores, at most 4; 1: in the node's own process)")
     sv.set_defaults(func=_serve)
 
     for name, helptext, func in (("status", "studies, jobs and outbox of a node as tables", _status),
@@ -399,13 +401,14 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Log lines to stderr as text or JSON; below DEBUG, the libraries' chatter is quieted. Receiver processes
+    (daemon/receivers.py) call it too, so their lines look like the node's."""
     handler = logging.StreamHandler()
-    handler.setFormatter(_JsonFormatter() if args.log_format == "json" else
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    if not args.verbose:  # per-association and per-module chatter from the libraries
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    if level > logging.DEBUG:  # per-association and per-module chatter from the libraries
         for name in ("pynetdicom", "highdicom", "tf2onnx", "absl", "tensorflow"):
             logging.getLogger(name).setLevel(logging.WARNING)
         # pydicom warns about every non-conforming value and quotes it in full: unbounded log lines that can
@@ -417,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="pydicom")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except LivernodeError as exc:

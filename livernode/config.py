@@ -200,6 +200,9 @@ class NodeConfig(_Strict):
         (), description="empty: any calling AE title; otherwise only these may associate")
     require_called_ae_title: bool = Field(True, description="refuse associations not addressed to ae_title")
     tls: ServerTlsConfig | None = None
+    workers: int | None = Field(None, ge=1, le=64, description=(
+        "C-STORE receiver processes sharing the port (each association is served whole by one); 1 receives in "
+        "the node's own process; default: the number of cores, at most 4"))
 
     @model_validator(mode="after")
     def _titles(self) -> "NodeConfig":

@@ -23,9 +23,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
+def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview], replace: bool = True) -> bool:
     """Write `data` (bytes, or pieces written one after the other) so that after return it survives a crash, and
-    a crash before never leaves a partial file. The folder is made only when it is missing (not for every file)."""
+    a crash before never leaves a partial file. The folder is made only when it is missing (not for every file).
+    `replace=False`: never replace an existing `path` (another process may have written it meanwhile); returns
+    whether this call created it."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
@@ -40,11 +42,20 @@ def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None
                 fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:  # a hard link is created only where no file is: the first writer wins, whole
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
     except BaseException:  # a full disk (ENOSPC) or an I/O error: leave no partial file behind
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return True
 
 
 @contextmanager

@@ -79,14 +79,20 @@ def stop_process(proc: subprocess.Popen) -> str:
     return log_text(proc)
 
 
+# Nodes under test receive in this many processes (node.workers): 2, as the issue that made them asks of the
+# reliability suite, unless LIVERNODE_TEST_RECEIVERS says otherwise (1: the single-process receiver).
+RECEIVERS = os.environ.get("LIVERNODE_TEST_RECEIVERS", "2")
+
+
 def start_node(state: Path, model: Path, *args: str, faults: dict[str, str] | None = None,
                env: dict[str, str] | None = None) -> subprocess.Popen:
     """`livernode serve` on `state`, its log in a new file beside the state folder. `faults` (environment
     variables read by tests/faulty_node.py) start it through that wrapper instead."""
     cmd = [sys.executable, str(FAULTY_NODE)] if faults else [sys.executable, "-m", "livernode.cli"]
     log = state.parent / f"{state.name}-node-{next(_runs)}.log"
+    receivers = [] if "--workers" in args else ["--workers", RECEIVERS]
     return logged_popen([*cmd, "serve", "--model", str(model), "--providers", "cpu", "--state", str(state),
-                         "--bind", "127.0.0.1", "--study-timeout", "1", "--metrics-port", "0", *args], log,
+                         "--bind", "127.0.0.1", "--study-timeout", "1", "--metrics-port", "0", *receivers, *args], log,
                         {**ENV, **(faults or {}), **(env or {})})
 
 

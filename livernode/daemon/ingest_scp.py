@@ -4,6 +4,8 @@ later, from the spool. Only what is on disk and in the index is ever acknowledge
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -50,6 +52,29 @@ class _Server(ThreadedAssociationServer):
     tls: ssl.SSLContext | None = None
     on_tls_failure: Callable[[tuple, Exception], None] = staticmethod(lambda address, exc: None)
 
+    def __init__(self, *args, listen_socket: socket.socket | None = None, **kwargs) -> None:
+        # A receiver process (receivers.py) accepts on the node's listening socket, bound once by the parent and
+        # shared by every receiver: the kernel gives each connection to one of them, whole.
+        self.listen_socket = listen_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.listen_socket is None:
+            return super().server_bind()
+        self.socket.close()
+        self.socket = self.listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.listen_socket is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self.listen_socket is None:
+            return super().server_close()
+        self.socket.close()  # only this process' descriptor: shutting the socket down would stop every receiver
+
+
     def process_request_thread(self, request, client_address) -> None:
         if self.tls is not None:
             try:
@@ -80,7 +105,8 @@ class StoreSCP:
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, store: Store,
                  on_stored: Callable[[str], None] | None = None, metrics: Metrics | None = None,
                  audit: AuditLog | None = None, *, allowed_calling: Sequence[str] = (),
-                 require_called: bool = True, tls: ssl.SSLContext | None = None) -> None:
+                 require_called: bool = True, tls: ssl.SSLContext | None = None,
+                 listen_socket: socket.socket | None = None) -> None:
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = 0  # no limit: fewer PDUs per instance
         self.ae.require_calling_aet = [t.strip() for t in allowed_calling]
@@ -89,14 +115,15 @@ class StoreSCP:
         for sop_class in STORAGE_CLASSES:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self.host, self.port = host, port
-        self.tls = tls
+        self.tls, self.listen_socket = tls, listen_socket
         self.spool, self.store = spool, store
         self.on_stored = on_stored
         self.server = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        # Writers of the same SOP Instance UID take turns (that keeps "store once" exact); different instances,
-        # from parallel associations, are written and fsynced at the same time.
+        # Writers of the same SOP Instance UID in this process take turns; across receiver processes the spool's
+        # create-if-absent keeps "store once" exact. Different instances, from parallel associations, are written
+        # and fsynced at the same time.
         self._uid_locks = [threading.Lock() for _ in range(64)]
         self.metrics = metrics or Metrics()
         self.audit = audit or AuditLog(None)
@@ -105,7 +132,8 @@ class StoreSCP:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
-        server = self.ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=_Server)
+        server = self.ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=_Server,
+                                     listen_socket=self.listen_socket)
         server.tls, server.on_tls_failure = self.tls, self._on_tls_failure
         self.ae._servers.append(server)  # as pynetdicom's start_server does: its shutdown() removes it again
         self._thread = threading.Thread(target=server.serve_forever, name=f"scp-{self.ae.ae_title}", daemon=True)
@@ -136,7 +164,7 @@ class StoreSCP:
             subject = ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
         self.audit.write("association_accepted", calling_ae=r.ae_title, called_ae=self._called(event),
                          address=r.address, tls=bool(sock is not None and isinstance(sock, ssl.SSLSocket)),
-                         peer_certificate=subject)
+                         peer_certificate=subject, process=os.getpid())
 
     @staticmethod
     def _called(event) -> str:

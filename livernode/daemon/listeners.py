@@ -12,6 +12,7 @@ from livernode.daemon.health import Liveness, work_loop
 from livernode.daemon.ingest_folder import FolderIngest
 from livernode.daemon.ingest_scp import StoreSCP, server_tls_context
 from livernode.daemon.metrics import AuditLog, Metrics
+from livernode.daemon.receivers import ReceiverPool, ReceiverSpec, default_workers
 from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
 
@@ -24,12 +25,21 @@ class Listeners:
                  liveness: Liveness, stop: threading.Event) -> None:
         self.liveness, self.stop = liveness, stop
         self.scp = None
+        self.receivers_dir: Path | None = None  # the receiver processes' metrics files, when there are several
         if cfg.node.port is not None:
             node = cfg.node
-            tls = server_tls_context(node.tls.cert_file, node.tls.key_file, node.tls.ca_file) if node.tls else None
-            self.scp = StoreSCP(node.ae_title, node.bind, node.port, spool, store, metrics=metrics, audit=audit,
-                                allowed_calling=node.allowed_calling_ae_titles,
-                                require_called=node.require_called_ae_title, tls=tls)
+            workers = node.workers or default_workers()
+            if workers > 1:
+                self.receivers_dir = Path(cfg.paths.state) / "receivers-metrics"
+                self.scp = ReceiverPool(workers, node.bind, node.port,
+                                        _receiver_spec(cfg, spool, store, audit, self.receivers_dir),
+                                        spool.min_free_bytes)
+                spool.share_threshold(self.scp.min_free)  # a reload's new threshold reaches the receivers
+            else:
+                tls = server_tls_context(node.tls.cert_file, node.tls.key_file, node.tls.ca_file) if node.tls else None
+                self.scp = StoreSCP(node.ae_title, node.bind, node.port, spool, store, metrics=metrics, audit=audit,
+                                    allowed_calling=node.allowed_calling_ae_titles,
+                                    require_called=node.require_called_ae_title, tls=tls)
         self.folder = None
         if cfg.paths.watch is not None:
             self.folder = FolderIngest(cfg.paths.watch, spool, store, Path(cfg.paths.state) / "rejected",
@@ -52,6 +62,11 @@ class Listeners:
         if self.folder:
             self.folder.scan()
 
+    def tend(self) -> None:
+        """From the main thread: restart a receiver process that died."""
+        if isinstance(self.scp, ReceiverPool):
+            self.scp.tend()
+
     def close_port(self) -> None:
         """No new associations from now on (associations in progress finish)."""
         if self.scp:
@@ -67,10 +82,24 @@ class Listeners:
         parts = []
         if self.scp is not None:
             if not self.scp.listening():
-                raise RuntimeError(f"C-STORE port {self.scp.host}:{self.scp.port} is not accepting associations")
-            parts.append(f"C-STORE on {self.scp.host}:{self.scp.port}")
+                dead = self.scp.dead() if isinstance(self.scp, ReceiverPool) and self.scp.socket else []
+                why = f" (receiver process {', '.join(map(str, dead))} exited)" if dead else ""
+                raise RuntimeError(f"C-STORE port {self.scp.host}:{self.scp.port} is not accepting associations{why}")
+            parts.append(f"C-STORE on {self.scp.host}:{self.scp.port}" + (
+                f" ({self.scp.workers} receiver processes)" if isinstance(self.scp, ReceiverPool) else ""))
         if self.folder is not None:
             if not self.folder.watching():
                 raise RuntimeError(f"watched folder {self.folder.watch}: the observer has stopped")
             parts.append(f"watching {self.folder.watch}")
         return ", ".join(parts)
+
+
+def _receiver_spec(cfg: DaemonConfig, spool: Spool, store: Store, audit: AuditLog, metrics_dir: Path) -> ReceiverSpec:
+    node, root = cfg.node, logging.getLogger()
+    tls = (str(node.tls.cert_file), str(node.tls.key_file), str(node.tls.ca_file) if node.tls.ca_file else None) \
+        if node.tls else None
+    json_logs = any(type(h.formatter).__name__ == "_JsonFormatter" for h in root.handlers)
+    return ReceiverSpec(node.ae_title, tuple(node.allowed_calling_ae_titles), node.require_called_ae_title, tls,
+                        str(spool.root), str(store.path),
+                        (str(audit.path), audit.max_bytes, audit.backups) if audit.path else None,
+                        str(metrics_dir), "json" if json_logs else "text", root.getEffectiveLevel())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import threading
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,47 @@ class Metrics:
         self.study_failures = Counter("livernode_study_failures", "Studies that failed, by cause", ["cause"],
                                       registry=r)
 
+    def exposition(self, receivers_dir: Path | None = None) -> CollectorRegistry:
+        """What /metrics serves: this registry, plus the counters of receiver processes (receivers.py) read from
+        prometheus-client's multiprocess files in `receivers_dir`, added to this process' own."""
+        if receivers_dir is None:
+            return self.registry
+        out = CollectorRegistry(auto_describe=False)
+        out.register(_Merged(self.registry, Path(receivers_dir)))
+        return out
+
+
+class _Merged:
+    """A collector: the node's own metrics with the receivers' counters summed in, sample by sample."""
+
+    def __init__(self, own: CollectorRegistry, receivers_dir: Path) -> None:
+        self.own, self.receivers_dir = own, receivers_dir
+
+    def collect(self):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple, list]] = {}
+        sources = [self.own.collect()]
+        if self.receivers_dir.is_dir():
+            sources.append(MultiProcessCollector(None, str(self.receivers_dir)).collect())
+        for source in sources:
+            for fam in source:
+                if fam.name not in families:
+                    families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                    values[fam.name] = {}
+                for smp in fam.samples:
+                    key = (smp.name, tuple(sorted(smp.labels.items())))
+                    have = values[fam.name].get(key)
+                    if have is None:
+                        values[fam.name][key] = [smp.name, dict(smp.labels), smp.value]
+                    elif not smp.name.endswith("_created"):  # counts add up; the creation time is the first
+                        have[2] += smp.value
+        for name, fam in families.items():
+            for sample_name, labels, value in values[name].values():
+                fam.add_sample(sample_name, labels, value)
+            yield fam
+
 
 class AuditLog:
     """Append-only JSON lines: associations accepted and rejected, instances received, results sent, security
@@ -50,8 +93,11 @@ class AuditLog:
         self.path = Path(path) if path else None
         self.max_bytes, self.backups = max_bytes, backups
         self._lock = threading.Lock()
+        self._lock_file = None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # receiver processes (receivers.py) append to the same log: rotation and writes take this file's lock
+            self._lock_file = open(self.path.with_name(f".{self.path.name}.lock"), "a")
 
     def write(self, event: str, **fields) -> None:
         if self.path is None:
@@ -60,11 +106,15 @@ class AuditLog:
                 + "\n").encode()
         try:
             with self._lock:
-                size = self.path.stat().st_size if self.path.exists() else 0
-                if size and size + len(line) > self.max_bytes:
-                    self._rotate()
-                with open(self.path, "ab") as fh:
-                    fh.write(line)
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+                try:
+                    size = self.path.stat().st_size if self.path.exists() else 0
+                    if size and size + len(line) > self.max_bytes:
+                        self._rotate()
+                    with open(self.path, "ab") as fh:
+                        fh.write(line)
+                finally:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         except OSError as exc:  # a full disk must not end the thread that reports the event
             log.error("audit log %s: cannot write %s event: %s", self.path, event, exc)
 

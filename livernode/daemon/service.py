@@ -106,7 +106,8 @@ class Service:
         self.worker.recover()
         obs = self.cfg.observability
         if obs.metrics_port is not None:
-            self.http = serve_http(obs.metrics_bind, obs.metrics_port, self.metrics.registry, self.health,
+            self.http = serve_http(obs.metrics_bind, obs.metrics_port,
+                                   self.metrics.exposition(self.listeners.receivers_dir), self.health,
                                    before_scrape=self.update_gauges)
         self.listeners.start()
 
@@ -144,6 +145,7 @@ class Service:
                 if period is not None and self._part_failed():
                     code = 1
                     break
+                self.listeners.tend()  # from this thread: a receiver process dies with the thread that made it
                 time.sleep(0.1)
         finally:
             self._stop_parts(threads, notifier)

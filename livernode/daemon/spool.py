@@ -41,13 +41,31 @@ class Spool:
         self.root = Path(root)
         self.instances = self.root / "instances"
         self.instances.mkdir(parents=True, exist_ok=True)
-        self.min_free_bytes = min_free_bytes
+        self._min_free = min_free_bytes  # an int, or a multiprocessing.Value shared with receiver processes
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.instances / uid_key(study_uid) / uid_key(series_uid) / f"{uid_key(sop_uid)}.dcm"
 
     def has_room(self, incoming: int = 0) -> bool:
         return shutil.disk_usage(self.root).free - incoming >= self.min_free_bytes
+
+    @property
+    def min_free_bytes(self) -> int:
+        return self._min_free.value if hasattr(self._min_free, "value") else self._min_free
+
+    @min_free_bytes.setter
+    def min_free_bytes(self, value: int) -> None:
+        if hasattr(self._min_free, "value"):  # shared with the receiver processes (receivers.py)
+            self._min_free.value = value
+        else:
+            self._min_free = value
+
+    def share_threshold(self, shared, owner: bool = True) -> None:
+        """Keep the free-space threshold in `shared` (a multiprocessing.Value): the node, its `owner`, writes its
+        threshold there (and a reload's, on SIGHUP); receiver processes only read it."""
+        if owner:
+            shared.value = self.min_free_bytes
+        self._min_free = shared
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str,
               data: bytes | Sequence[bytes | memoryview]) -> tuple[Path, bool]:
@@ -56,8 +74,7 @@ class Spool:
         path = self.path_for(study_uid, series_uid, sop_uid)
         if path.exists():
             return path, False
-        atomic_write(path, data)
-        return path, True
+        return path, atomic_write(path, data, replace=False)  # another receiver process may be writing it too
 
     def clean_partials(self) -> int:
         """Remove temp files left by a crash mid-write (never acknowledged); returns how many."""

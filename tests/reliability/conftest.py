@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from tests.peers import make_pki
+from tests.peers import RECEIVERS, make_pki
 
 FIGURES: dict[str, dict] = {}
 OUT = Path(__file__).resolve().parents[2] / "build" / "reliability-figures.json"
@@ -101,6 +101,7 @@ def running_node(tmp_path, exported):
         cfg = load_daemon_config(None, {
             "inference.model": exported, "inference.providers": "cpu", "node.port": 0, "node.bind": "127.0.0.1",
             "paths.state": tmp_path / "state", "study.quiet_seconds": 0.3, "observability.metrics_port": 0,
+            "node.workers": int(RECEIVERS),
             **{k.replace("__", "."): v for k, v in overrides.items()}})
         service = Service(cfg)
         service.start()

@@ -15,7 +15,7 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from livernode.config import load_daemon_config
 from livernode.daemon.service import Service
-from tests.peers import ENV, PacsStandIn, free_port, start_storescp, stop_process, storescu
+from tests.peers import ENV, RECEIVERS, PacsStandIn, free_port, start_storescp, stop_process, storescu
 
 pytestmark = pytest.mark.slow
 BACKOFF_S, MAX_ATTEMPTS, TIMEOUT_S = 0.5, 4, 2.0
@@ -30,7 +30,7 @@ def make_service(tmp_path, exported):
             "inference.model": exported, "inference.providers": "cpu", "node.port": 0, "node.bind": "127.0.0.1",
             "paths.state": tmp_path / "state", "study.quiet_seconds": 0, "observability.metrics_port": None,
             "send.destinations": [f"PACS@127.0.0.1:{dest_port}"], "send.backoff_seconds": BACKOFF_S,
-            "send.max_attempts": MAX_ATTEMPTS, "send.timeout_seconds": TIMEOUT_S})
+            "send.max_attempts": MAX_ATTEMPTS, "send.timeout_seconds": TIMEOUT_S, "node.workers": int(RECEIVERS)})
         s = Service(cfg)
         s.start()
         made.append(s)
