@@ -407,7 +407,7 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     handler = logging.StreamHandler()
     handler.setFormatter(_JsonFormatter() if log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])
     if level > logging.DEBUG:  # per-association and per-module chatter from the libraries
         for name in ("pynetdicom", "highdicom", "tf2onnx", "absl", "tensorflow"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -4,8 +4,10 @@ way. After return it survives a crash or power loss, and a crash before leaves n
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import shutil
 import threading
@@ -13,6 +15,17 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+
+_warned_no_links: list[bool] = []
+
+
+def _no_links(folder: Path, exc: OSError) -> None:
+    if not _warned_no_links:  # once per process
+        _warned_no_links.append(True)
+        logging.getLogger(__name__).warning(
+            "%s: no hard links on this filesystem (%s); a SOP Instance UID received by two receiver processes at "
+            "once may be written twice (the same instance, the last copy kept)", folder, exc.strerror)
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,8 +60,14 @@ def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview], replace
         else:  # a hard link is created only where no file is: the first writer wins, whole
             try:
                 os.link(tmp, path)
-            except FileExistsError:
+            except FileExistsError:  # the other writer's file: durable before anyone answers for it
+                fsync_dir(path.parent)
                 return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                _no_links(path.parent, exc)  # a filesystem without hard links: replace, as before
+                os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
     except BaseException:  # a full disk (ENOSPC) or an I/O error: leave no partial file behind

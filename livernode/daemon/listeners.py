@@ -29,6 +29,8 @@ class Listeners:
         if cfg.node.port is not None:
             node = cfg.node
             workers = node.workers or default_workers()
+            # built here whatever the number of receivers, so a bad certificate or key stops the node at its start
+            tls = server_tls_context(node.tls.cert_file, node.tls.key_file, node.tls.ca_file) if node.tls else None
             if workers > 1:
                 self.receivers_dir = Path(cfg.paths.state) / "receivers-metrics"
                 self.scp = ReceiverPool(workers, node.bind, node.port,
@@ -36,7 +38,6 @@ class Listeners:
                                         spool.min_free_bytes)
                 spool.share_threshold(self.scp.min_free)  # a reload's new threshold reaches the receivers
             else:
-                tls = server_tls_context(node.tls.cert_file, node.tls.key_file, node.tls.ca_file) if node.tls else None
                 self.scp = StoreSCP(node.ae_title, node.bind, node.port, spool, store, metrics=metrics, audit=audit,
                                     allowed_calling=node.allowed_calling_ae_titles,
                                     require_called=node.require_called_ae_title, tls=tls)

@@ -64,8 +64,9 @@ class _Merged:
         families: dict[str, Metric] = {}
         values: dict[str, dict[tuple, list]] = {}
         sources = [self.own.collect()]
-        if self.receivers_dir.is_dir():
-            sources.append(MultiProcessCollector(None, str(self.receivers_dir)).collect())
+        if self.receivers_dir.is_dir():  # receivers count; their gauges are the node's to report
+            sources.append(f for f in MultiProcessCollector(None, str(self.receivers_dir)).collect()
+                           if f.type == "counter")
         for source in sources:
             for fam in source:
                 if fam.name not in families:

@@ -29,9 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from livernode.errors import LivernodeError
+
 log = logging.getLogger(__name__)
 # A receiver asked to stop finishes the associations it is serving for at most this long.
 FINISH_S = 30.0
+# A receiver that dies sooner than this after its start died "quickly": those are restarted with a growing delay.
+RESTART_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -52,23 +56,27 @@ class ReceiverSpec:
 
 def default_workers() -> int:
     """The number of cores this process may run on, at most 4."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> bool:
+    """Ask for SIGKILL when the node dies; False when it already has."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the parent's stop and the ppid check below remain
         pass
+    return os.getppid() == parent
 
 
-def _receiver(spec: ReceiverSpec, listener: socket.socket, min_free, parent: int) -> None:
+def _receiver(spec: ReceiverSpec, listener: socket.socket, min_free, parent: int, ready) -> None:
     """A receiver process: serve C-STORE on `listener` until SIGTERM or the parent is gone."""
-    _die_with_parent()
+    if not _die_with_parent(parent):
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))  # only a flag: the loop below acts on it
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = spec.metrics_dir
     from prometheus_client import values
 
@@ -89,17 +97,21 @@ def _receiver(spec: ReceiverSpec, listener: socket.socket, min_free, parent: int
                    allowed_calling=spec.allowed_calling, require_called=spec.require_called, tls=tls,
                    listen_socket=listener)
     scp.start()
-    while not stop.wait(0.5):
-        if os.getppid() != parent:
-            break
+    ready.set()
+    while not stopping and os.getppid() == parent:
+        time.sleep(0.2)
     scp.stop()  # this process stops accepting; the socket stays open in the others
     deadline = time.monotonic() + FINISH_S
     while scp.ae.active_associations and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = len(scp.ae.active_associations)
-    if left:
-        log.error("receiver %d: %d association(s) still open after %.0f s; stopping without them", os.getpid(),
-                  left, FINISH_S)
+    left = scp.ae.active_associations
+    if left:  # what they sent and was answered 0x0000 is on disk and indexed; the rest was never acknowledged
+        log.error("receiver %d: %d association(s) still open after %.0f s; aborting them", os.getpid(), len(left),
+                  FINISH_S)
+        for assoc in left:
+            assoc.abort()
+    logging.shutdown()
+    os._exit(0)  # pynetdicom's per-association threads are not daemons: do not wait for them
 
 
 class ReceiverPool:
@@ -111,52 +123,87 @@ class ReceiverPool:
         self._ctx = mp.get_context("spawn")
         self.min_free = self._ctx.Value("q", min_free_bytes, lock=False)
         self.socket: socket.socket | None = None
-        self.processes: list[mp.process.BaseProcess] = []
+        self.processes: list[mp.process.BaseProcess | None] = []  # None: waiting to be started again
+        self.started_at: list[float] = []
+        self.due = [0.0] * workers
+        self.ready: list = []
+        self.quick_deaths = [0] * workers  # deaths in a row within RESTART_GRACE_S of a start, per slot
         self.restarts = 0
         self._stopping = False
         self._lock = threading.Lock()
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Bind the port and start the receivers; returns once every one accepts, or raises naming the one that
+        could not start (its reason is in the log above)."""
         metrics_dir = Path(self.spec.metrics_dir)
         shutil.rmtree(metrics_dir, ignore_errors=True)  # counts of an earlier run (the node's own start over)
         metrics_dir.mkdir(parents=True)
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(128)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
         # Every receiver waits on the socket; one takes each connection and the others' accept() returns at once
         # instead of blocking until the next one (the flag belongs to the socket, so all receivers share it).
         sock.setblocking(False)
         self.socket, self.port = sock, sock.getsockname()[1]
-        self.processes = [self._spawn(i) for i in range(self.workers)]
+        spawned = [self._spawn(i) for i in range(self.workers)]
+        # the events stay referenced here: one collected before its process has read it is gone from the system
+        self.processes, self.ready = [p for p, _ in spawned], [e for _, e in spawned]
+        self.started_at = [time.monotonic()] * self.workers
+        end = time.monotonic() + timeout
+        for p, ready in spawned:
+            while not ready.wait(0.1):
+                if not p.is_alive() or time.monotonic() > end:
+                    self.stop()
+                    raise LivernodeError(f"receiver process {p.pid} did not start (exit status {p.exitcode}); "
+                                         "its log lines above say why")
         log.info("C-STORE on %s:%d served by %d receiver processes (%s)%s", self.host, self.port, self.workers,
                  ", ".join(str(p.pid) for p in self.processes), " (TLS)" if self.spec.tls else "")
 
-    def _spawn(self, i: int) -> mp.process.BaseProcess:
+    def _spawn(self, i: int):
+        ready = self._ctx.Event()
         p = self._ctx.Process(target=_receiver, name=f"livernode-receiver-{i}",
-                              args=(self.spec, self.socket, self.min_free, os.getpid()), daemon=True)
+                              args=(self.spec, self.socket, self.min_free, os.getpid(), ready), daemon=True)
         p.start()
-        return p
+        return p, ready
 
     def tend(self) -> None:
-        """From the node's main thread: start again a receiver that died (its associations in progress were never
-        acknowledged further than what is on disk and in the index)."""
+        """From the node's main thread: start again a receiver that died (what it had answered 0x0000 is on disk
+        and indexed; the rest of its associations was never acknowledged). One that keeps dying soon after its
+        start is started again less and less often: after 1 s, 2 s, ... up to a minute."""
         with self._lock:
             if self._stopping or self.socket is None:
                 return
+            now = time.monotonic()
             for i, p in enumerate(self.processes):
-                if not p.is_alive():
-                    log.error("receiver process %d exited with status %s; starting another", p.pid, p.exitcode)
+                if p is not None and p.is_alive():
+                    continue
+                if p is not None:  # it has just died
+                    quick = now - self.started_at[i] < RESTART_GRACE_S
+                    self.quick_deaths[i] = self.quick_deaths[i] + 1 if quick else 0
+                    delay = min(60.0, 2.0 ** (self.quick_deaths[i] - 1)) if self.quick_deaths[i] else 0.0
+                    log.error("receiver process %d exited with status %s; starting another%s", p.pid, p.exitcode,
+                              f" in {delay:.0f} s" if delay else "")
                     p.join(0)
-                    self.processes[i] = self._spawn(i)
+                    p.close()
+                    self.processes[i], self.due[i] = None, now + delay
+                if now >= self.due[i]:
+                    self.processes[i], self.ready[i] = self._spawn(i)
+                    self.started_at[i] = now
                     self.restarts += 1
 
     def listening(self) -> bool:
         sock = self.socket
-        return sock is not None and sock.fileno() >= 0 and all(p.is_alive() for p in self.processes)
+        return sock is not None and sock.fileno() >= 0 and all(p is not None and p.is_alive()
+                                                               for p in self.processes)
 
-    def dead(self) -> list[int]:
-        return [p.pid for p in self.processes if not p.is_alive()]
+    def dead(self) -> list[str]:
+        return ["(waiting to restart)" if p is None else str(p.pid) for p in self.processes
+                if p is None or not p.is_alive()]
 
     def stop(self, timeout: float = FINISH_S + 5) -> None:
         """No new associations from now on; the receivers finish the ones they are serving, then exit."""
@@ -170,11 +217,12 @@ class ReceiverPool:
         except OSError:
             pass
         sock.close()
-        for p in self.processes:
+        started = [p for p in self.processes if p is not None]
+        for p in started:
             if p.is_alive():
                 p.terminate()
         deadline = time.monotonic() + timeout
-        for p in self.processes:
+        for p in started:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 log.error("receiver process %d did not stop; killing it", p.pid)

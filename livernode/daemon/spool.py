@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from livernode.errors import InputError
-from livernode.fsutil import atomic_write
+from livernode.fsutil import atomic_write, fsync_dir
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -72,7 +72,8 @@ class Spool:
         """Store one encoded instance (bytes, or pieces in order) durably; (path, False) when that SOP Instance
         UID is already stored."""
         path = self.path_for(study_uid, series_uid, sop_uid)
-        if path.exists():
+        if path.exists():  # written by an earlier association, or by another receiver process just now: its
+            fsync_dir(path.parent)  # folder entry may not be durable yet, and we are about to answer for it
             return path, False
         return path, atomic_write(path, data, replace=False)  # another receiver process may be writing it too
 

@@ -50,6 +50,7 @@ def _node(tmp_path: Path, exported: Path, pacs_port: int, port: int, *extra: str
     node = start_node(tmp_path / "state", exported, "--port", str(port), "--workers", "2", "--metrics-port",
                       str(metrics_port), "--destination", f"PACS@127.0.0.1:{pacs_port}", *extra)
     wait_port(port, node)
+    wait_for(lambda: "served by 2 receiver processes" in log_text(node), 60, "both receivers accepting")
     return node, metrics_port
 
 
@@ -150,7 +151,7 @@ def test_a_reloaded_free_space_threshold_reaches_the_receivers(tmp_path, exporte
 
 
 def _write_all(paths: list[str], tag: bytes, out) -> None:
-    out.put([atomic_write(Path(p), tag * 1000, replace=False) for p in paths])
+    out.put((tag, [atomic_write(Path(p), tag * 1000, replace=False) for p in paths]))
 
 
 def _audit_lines(path: str, k: int) -> None:
@@ -170,11 +171,11 @@ def test_two_processes_writing_one_path_store_it_once_and_audit_lines_are_never_
     procs = [ctx.Process(target=_write_all, args=(paths, tag, out)) for tag in (b"a", b"b")]
     for p in procs:
         p.start()
-    created = [out.get(timeout=60) for _ in procs]
+    created = dict(out.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(30)
-    assert all(a != b for a, b in zip(*created)), "a path was created by both processes, or by neither"
-    for path, by_a in zip(paths, created[0]):
+    assert all(a != b for a, b in zip(created[b"a"], created[b"b"])), "a path was created by both, or by neither"
+    for path, by_a in zip(paths, created[b"a"]):
         assert Path(path).read_bytes() == (b"a" if by_a else b"b") * 1000  # whole, from the one that created it
     assert not list((tmp_path / "spool").glob(".*"))
 
