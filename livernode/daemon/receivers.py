@@ -97,14 +97,16 @@ def _receiver(spec: ReceiverSpec, listener: socket.socket, min_free, parent: int
                    allowed_calling=spec.allowed_calling, require_called=spec.require_called, tls=tls,
                    listen_socket=listener)
     scp.start()
-    ready.set()
+    ready.value = 1
     while not stopping and os.getppid() == parent:
         time.sleep(0.2)
     scp.stop()  # this process stops accepting; the socket stays open in the others
+    # Associations under way finish (for at most FINISH_S); a connection that has not asked for one yet is simply
+    # dropped when this process exits, as is anything never acknowledged.
     deadline = time.monotonic() + FINISH_S
-    while scp.ae.active_associations and time.monotonic() < deadline:
+    while time.monotonic() < deadline and any(a.is_established for a in scp.ae.active_associations):
         time.sleep(0.05)
-    left = scp.ae.active_associations
+    left = [a for a in scp.ae.active_associations if a.is_established]
     if left:  # what they sent and was answered 0x0000 is on disk and indexed; the rest was never acknowledged
         log.error("receiver %d: %d association(s) still open after %.0f s; aborting them", os.getpid(), len(left),
                   FINISH_S)
@@ -151,12 +153,13 @@ class ReceiverPool:
         sock.setblocking(False)
         self.socket, self.port = sock, sock.getsockname()[1]
         spawned = [self._spawn(i) for i in range(self.workers)]
-        # the events stay referenced here: one collected before its process has read it is gone from the system
+        # the flags stay referenced here: one collected before its process has read it would be gone
         self.processes, self.ready = [p for p, _ in spawned], [e for _, e in spawned]
         self.started_at = [time.monotonic()] * self.workers
         end = time.monotonic() + timeout
         for p, ready in spawned:
-            while not ready.wait(0.1):
+            while not ready.value:
+                time.sleep(0.05)
                 if not p.is_alive() or time.monotonic() > end:
                     self.stop()
                     raise LivernodeError(f"receiver process {p.pid} did not start (exit status {p.exitcode}); "
@@ -165,7 +168,7 @@ class ReceiverPool:
                  ", ".join(str(p.pid) for p in self.processes), " (TLS)" if self.spec.tls else "")
 
     def _spawn(self, i: int):
-        ready = self._ctx.Event()
+        ready = self._ctx.Value("b", 0, lock=False)  # shared memory, set by the receiver once it accepts
         p = self._ctx.Process(target=_receiver, name=f"livernode-receiver-{i}",
                               args=(self.spec, self.socket, self.min_free, os.getpid(), ready), daemon=True)
         p.start()

@@ -254,7 +254,7 @@ def test_uid_abuse_is_refused_and_nothing_lands_outside_the_spool(scp, tmp_path,
     assert len(list(rejected.glob("*.reason"))) == len(BAD_UIDS)
     assert all("not a valid DICOM UID" in p.read_text() for p in rejected.glob("*.reason"))
     assert not _stored(scp)
-    expected = {tmp_path / "audit.jsonl", tmp_path / "index.sqlite", tmp_path / "index.sqlite-wal",
+    expected = {tmp_path / "audit.jsonl", tmp_path / ".audit.jsonl.lock", tmp_path / "index.sqlite", tmp_path / "index.sqlite-wal",
                 tmp_path / "index.sqlite-shm"}
     assert set(files_outside(tmp_path, scp.spool.root, rejected)) <= expected
     assert not (tmp_path.parent / "x").exists() and not (tmp_path / "b").exists()
