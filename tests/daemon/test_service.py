@@ -20,7 +20,7 @@ def service(tmp_path, exported):
     cfg = load_daemon_config(None, {"inference.model": exported, "inference.providers": "cpu", "node.port": 0,
                                     "node.bind": "127.0.0.1", "paths.state": tmp_path / "state",
                                     "paths.output": tmp_path / "out", "study.quiet_seconds": 0,
-                                    "observability.metrics_port": None})
+                                    "observability.metrics_port": 0})
     s = Service(cfg)
     s.start()
     yield s

@@ -28,7 +28,7 @@ def make_service(tmp_path, exported):
     def make(dest_port: int) -> Service:
         cfg = load_daemon_config(None, {
             "inference.model": exported, "inference.providers": "cpu", "node.port": 0, "node.bind": "127.0.0.1",
-            "paths.state": tmp_path / "state", "study.quiet_seconds": 0, "observability.metrics_port": None,
+            "paths.state": tmp_path / "state", "study.quiet_seconds": 0, "observability.metrics_port": 0,
             "send.destinations": [f"PACS@127.0.0.1:{dest_port}"], "send.backoff_seconds": BACKOFF_S,
             "send.max_attempts": MAX_ATTEMPTS, "send.timeout_seconds": TIMEOUT_S, "node.workers": int(RECEIVERS)})
         s = Service(cfg)
