@@ -132,3 +132,24 @@ def test_stored_file_is_the_peers_bytes_behind_the_header(scp, synth_dirs):
     assert got.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
     assert got.file_meta.MediaStorageSOPInstanceUID == src.SOPInstanceUID
     assert _body(stored) == _body(f) and len(_body(f)) > src.Rows * src.Columns * 2
+
+
+def test_a_wall_clock_step_does_not_abort_an_association(scp, synth_dirs, monkeypatch):
+    """NTP stepping the clock an hour forward mid-association is not an hour of silence: pynetdicom's idle timer
+    (network_timeout, 60 s) would otherwise abort the association and leave the next instance unanswered."""
+    import time
+
+    files = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[:2]
+    first, second = (pydicom.dcmread(f) for f in files)
+    client = RawClient(scp.port)
+    try:
+        assert client.store(encoded(first), str(first.SOPInstanceUID)) == 0x0000
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() + 3600)
+        time.sleep(0.5)  # the server's reactor looks at its timers every millisecond
+        assert client.store(encoded(second), str(second.SOPInstanceUID)) == 0x0000
+        assert client.assoc.is_established
+    finally:
+        monkeypatch.undo()
+        client.close()
+    assert scp.store.study(str(first.StudyInstanceUID)).instances == 2
