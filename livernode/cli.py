@@ -10,6 +10,7 @@ from pathlib import Path
 
 from livernode import __version__
 from livernode.errors import LivernodeError
+from livernode.logs import configure_logging
 
 log = logging.getLogger("livernode")
 DESCRIPTION = ("livernode segments the liver and liver tumours in abdominal CT. Offline it makes phantoms, trains, "
@@ -385,41 +386,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fresh", action="store_true", help="ignore the cached model and train again")
     d.set_defaults(func=_demo)
     return p
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-               "message": record.getMessage()}
-        for key in ("study", "job"):
-            if hasattr(record, key):
-                out[key] = getattr(record, key)
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Log lines to stderr as text or JSON; below DEBUG, the libraries' chatter is quieted. Receiver processes
-    (daemon/receivers.py) call it too, so their lines look like the node's."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(_JsonFormatter() if log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-    if level > logging.DEBUG:  # per-association and per-module chatter from the libraries
-        for name in ("pynetdicom", "highdicom", "tf2onnx", "absl", "tensorflow"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        # pydicom warns about every non-conforming value and quotes it in full: unbounded log lines that can
-        # carry patient data. Our own checks name the file and the reason instead.
-        import warnings
-
-        import pydicom.config
-
-        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", module="pydicom")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,13 +85,13 @@ RECEIVERS = os.environ.get("LIVERNODE_TEST_RECEIVERS", "2")
 
 
 def start_node(state: Path, model: Path, *args: str, faults: dict[str, str] | None = None,
-               env: dict[str, str] | None = None) -> subprocess.Popen:
+               env: dict[str, str] | None = None, log_format: str = "text") -> subprocess.Popen:
     """`livernode serve` on `state`, its log in a new file beside the state folder. `faults` (environment
     variables read by tests/faulty_node.py) start it through that wrapper instead."""
     cmd = [sys.executable, str(FAULTY_NODE)] if faults else [sys.executable, "-m", "livernode.cli"]
     log = state.parent / f"{state.name}-node-{next(_runs)}.log"
     receivers = [] if "--workers" in args else ["--workers", RECEIVERS]
-    return logged_popen([*cmd, "serve", "--model", str(model), "--providers", "cpu", "--state", str(state),
+    return logged_popen([*cmd, "--log-format", log_format, "serve", "--model", str(model), "--providers", "cpu", "--state", str(state),
                          "--bind", "127.0.0.1", "--study-timeout", "1", "--metrics-port", "0", *receivers, *args], log,
                         {**ENV, **(faults or {}), **(env or {})})
 

@@ -15,6 +15,7 @@ from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.receivers import ReceiverPool, ReceiverSpec, default_workers
 from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
+from livernode.logs import current_format
 
 log = logging.getLogger(__name__)
 FOLDER = "folder"
@@ -35,8 +36,7 @@ class Listeners:
                 self.receivers_dir = Path(cfg.paths.state) / "receivers-metrics"
                 self.scp = ReceiverPool(workers, node.bind, node.port,
                                         _receiver_spec(cfg, spool, store, audit, self.receivers_dir),
-                                        spool.min_free_bytes)
-                spool.share_threshold(self.scp.min_free)  # a reload's new threshold reaches the receivers
+                                        spool.threshold)
             else:
                 self.scp = StoreSCP(node.ae_title, node.bind, node.port, spool, store, metrics=metrics, audit=audit,
                                     allowed_calling=node.allowed_calling_ae_titles,
@@ -99,8 +99,7 @@ def _receiver_spec(cfg: DaemonConfig, spool: Spool, store: Store, audit: AuditLo
     node, root = cfg.node, logging.getLogger()
     tls = (str(node.tls.cert_file), str(node.tls.key_file), str(node.tls.ca_file) if node.tls.ca_file else None) \
         if node.tls else None
-    json_logs = any(type(h.formatter).__name__ == "_JsonFormatter" for h in root.handlers)
     return ReceiverSpec(node.ae_title, tuple(node.allowed_calling_ae_titles), node.require_called_ae_title, tls,
                         str(spool.root), str(store.path),
                         (str(audit.path), audit.max_bytes, audit.backups) if audit.path else None,
-                        str(metrics_dir), "json" if json_logs else "text", root.getEffectiveLevel())
+                        str(metrics_dir), current_format(), root.getEffectiveLevel())

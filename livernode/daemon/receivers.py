@@ -70,7 +70,7 @@ def _die_with_parent(parent: int) -> bool:
     return os.getppid() == parent
 
 
-def _receiver(spec: ReceiverSpec, listener: socket.socket, min_free, parent: int, ready) -> None:
+def _receiver(spec: ReceiverSpec, listener: socket.socket, threshold, parent: int, ready) -> None:
     """A receiver process: serve C-STORE on `listener` until SIGTERM or the parent is gone."""
     if not _die_with_parent(parent):
         os._exit(0)
@@ -81,15 +81,14 @@ def _receiver(spec: ReceiverSpec, listener: socket.socket, min_free, parent: int
     from prometheus_client import values
 
     values.ValueClass = values.get_value_class()  # before any metric of this process exists
-    from livernode.cli import configure_logging
     from livernode.daemon.ingest_scp import StoreSCP, server_tls_context
     from livernode.daemon.metrics import AuditLog, Metrics
     from livernode.daemon.spool import Spool
     from livernode.daemon.store import Store
+    from livernode.logs import configure_logging
 
     configure_logging(spec.log_format, spec.log_level)
-    spool = Spool(Path(spec.spool))
-    spool.share_threshold(min_free, owner=False)
+    spool = Spool(Path(spec.spool), threshold=threshold)  # the node's, shared: a reload reaches this process
     audit = AuditLog(Path(spec.audit[0]), spec.audit[1], spec.audit[2]) if spec.audit else AuditLog(None)
     tls = server_tls_context(*spec.tls) if spec.tls else None
     host, port = listener.getsockname()[:2]
@@ -116,23 +115,35 @@ def _receiver(spec: ReceiverSpec, listener: socket.socket, min_free, parent: int
     os._exit(0)  # pynetdicom's per-association threads are not daemons: do not wait for them
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One receiver's place in the pool: the process now in it (None while a restart is due) and its start flag,
+    kept referenced here (a flag collected before its process has read it would be gone)."""
+
+    process: mp.process.BaseProcess | None = None
+    ready: object = None  # a shared byte, set by the receiver once it accepts
+    started_at: float = 0.0
+    due: float = 0.0  # when a receiver that died is started again
+    quick_deaths: int = 0  # deaths in a row within RESTART_GRACE_S of a start
+
+
 class ReceiverPool:
     """N receiver processes on one listening socket; the same face as a StoreSCP to the rest of the node
     (`start`, `stop`, `listening`, `host`, `port`)."""
 
-    def __init__(self, workers: int, host: str, port: int, spec: ReceiverSpec, min_free_bytes: int) -> None:
-        self.workers, self.host, self.port, self.spec = workers, host, port, spec
+    def __init__(self, workers: int, host: str, port: int, spec: ReceiverSpec, threshold) -> None:
+        """`threshold`: the node's Spool.threshold, read by every receiver."""
+        self.workers, self.host, self.port, self.spec, self.threshold = workers, host, port, spec, threshold
         self._ctx = mp.get_context("spawn")
-        self.min_free = self._ctx.Value("q", min_free_bytes, lock=False)
         self.socket: socket.socket | None = None
-        self.processes: list[mp.process.BaseProcess | None] = []  # None: waiting to be started again
-        self.started_at: list[float] = []
-        self.due = [0.0] * workers
-        self.ready: list = []
-        self.quick_deaths = [0] * workers  # deaths in a row within RESTART_GRACE_S of a start, per slot
+        self.slots = [_Slot() for _ in range(workers)]
         self.restarts = 0
         self._stopping = False
         self._lock = threading.Lock()
+
+    @property
+    def processes(self) -> list[mp.process.BaseProcess | None]:
+        return [slot.process for slot in self.slots]
 
     def start(self, timeout: float = 60.0) -> None:
         """Bind the port and start the receivers; returns once every one accepts, or raises naming the one that
@@ -152,14 +163,13 @@ class ReceiverPool:
         # instead of blocking until the next one (the flag belongs to the socket, so all receivers share it).
         sock.setblocking(False)
         self.socket, self.port = sock, sock.getsockname()[1]
-        spawned = [self._spawn(i) for i in range(self.workers)]
-        # the flags stay referenced here: one collected before its process has read it would be gone
-        self.processes, self.ready = [p for p, _ in spawned], [e for _, e in spawned]
-        self.started_at = [time.monotonic()] * self.workers
+        for slot in self.slots:
+            self._spawn(slot, time.monotonic())
         end = time.monotonic() + timeout
-        for p, ready in spawned:
-            while not ready.value:
+        for slot in self.slots:
+            while not slot.ready.value:
                 time.sleep(0.05)
+                p = slot.process
                 if not p.is_alive() or time.monotonic() > end:
                     self.stop()
                     raise LivernodeError(f"receiver process {p.pid} did not start (exit status {p.exitcode}); "
@@ -167,12 +177,13 @@ class ReceiverPool:
         log.info("C-STORE on %s:%d served by %d receiver processes (%s)%s", self.host, self.port, self.workers,
                  ", ".join(str(p.pid) for p in self.processes), " (TLS)" if self.spec.tls else "")
 
-    def _spawn(self, i: int):
-        ready = self._ctx.Value("b", 0, lock=False)  # shared memory, set by the receiver once it accepts
-        p = self._ctx.Process(target=_receiver, name=f"livernode-receiver-{i}",
-                              args=(self.spec, self.socket, self.min_free, os.getpid(), ready), daemon=True)
-        p.start()
-        return p, ready
+    def _spawn(self, slot: _Slot, now: float) -> None:
+        slot.ready = self._ctx.Value("b", 0, lock=False)
+        slot.process = self._ctx.Process(target=_receiver, name=f"livernode-receiver-{self.slots.index(slot)}",
+                                         args=(self.spec, self.socket, self.threshold, os.getpid(), slot.ready),
+                                         daemon=True)
+        slot.process.start()
+        slot.started_at = now
 
     def tend(self) -> None:
         """From the node's main thread: start again a receiver that died (what it had answered 0x0000 is on disk
@@ -182,21 +193,21 @@ class ReceiverPool:
             if self._stopping or self.socket is None:
                 return
             now = time.monotonic()
-            for i, p in enumerate(self.processes):
+            for slot in self.slots:
+                p = slot.process
                 if p is not None and p.is_alive():
                     continue
                 if p is not None:  # it has just died
-                    quick = now - self.started_at[i] < RESTART_GRACE_S
-                    self.quick_deaths[i] = self.quick_deaths[i] + 1 if quick else 0
-                    delay = min(60.0, 2.0 ** (self.quick_deaths[i] - 1)) if self.quick_deaths[i] else 0.0
+                    quick = now - slot.started_at < RESTART_GRACE_S
+                    slot.quick_deaths = slot.quick_deaths + 1 if quick else 0
+                    delay = min(60.0, 2.0 ** (slot.quick_deaths - 1)) if slot.quick_deaths else 0.0
                     log.error("receiver process %d exited with status %s; starting another%s", p.pid, p.exitcode,
                               f" in {delay:.0f} s" if delay else "")
                     p.join(0)
                     p.close()
-                    self.processes[i], self.due[i] = None, now + delay
-                if now >= self.due[i]:
-                    self.processes[i], self.ready[i] = self._spawn(i)
-                    self.started_at[i] = now
+                    slot.process, slot.due = None, now + delay
+                if now >= slot.due:
+                    self._spawn(slot, now)
                     self.restarts += 1
 
     def listening(self) -> bool:

@@ -4,6 +4,7 @@ directory fsync. UIDs are validated and never used raw as paths (file names are 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import re
 import shutil
 from collections.abc import Sequence
@@ -37,11 +38,15 @@ def uid_key(uid: str) -> str:
 class Spool:
     """`root/instances/<study key>/<series key>/<sop key>.dcm`, plus `root/incoming` for partial writes."""
 
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, *, threshold=None) -> None:
+        """`threshold`: the node's `Spool.threshold`, for a receiver process (receivers.py) that reads the
+        free-space threshold the node holds, a reload's included."""
         self.root = Path(root)
         self.instances = self.root / "instances"
         self.instances.mkdir(parents=True, exist_ok=True)
-        self._min_free = min_free_bytes  # an int, or a multiprocessing.Value shared with receiver processes
+        # in shared memory, so receiver processes started with it see what a reload (SIGHUP) sets
+        self.threshold = threshold if threshold is not None else \
+            multiprocessing.get_context("spawn").RawValue("q", int(min_free_bytes))
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.instances / uid_key(study_uid) / uid_key(series_uid) / f"{uid_key(sop_uid)}.dcm"
@@ -51,21 +56,11 @@ class Spool:
 
     @property
     def min_free_bytes(self) -> int:
-        return self._min_free.value if hasattr(self._min_free, "value") else self._min_free
+        return self.threshold.value
 
     @min_free_bytes.setter
     def min_free_bytes(self, value: int) -> None:
-        if hasattr(self._min_free, "value"):  # shared with the receiver processes (receivers.py)
-            self._min_free.value = value
-        else:
-            self._min_free = value
-
-    def share_threshold(self, shared, owner: bool = True) -> None:
-        """Keep the free-space threshold in `shared` (a multiprocessing.Value): the node, its `owner`, writes its
-        threshold there (and a reload's, on SIGHUP); receiver processes only read it."""
-        if owner:
-            shared.value = self.min_free_bytes
-        self._min_free = shared
+        self.threshold.value = int(value)
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str,
               data: bytes | Sequence[bytes | memoryview]) -> tuple[Path, bool]:

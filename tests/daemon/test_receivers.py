@@ -45,10 +45,11 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _node(tmp_path: Path, exported: Path, pacs_port: int, port: int, *extra: str):
+def _node(tmp_path: Path, exported: Path, pacs_port: int, port: int, *extra: str, log_format: str = "text"):
     metrics_port = free_port()
     node = start_node(tmp_path / "state", exported, "--port", str(port), "--workers", "2", "--metrics-port",
-                      str(metrics_port), "--destination", f"PACS@127.0.0.1:{pacs_port}", *extra)
+                      str(metrics_port), "--destination", f"PACS@127.0.0.1:{pacs_port}", *extra,
+                      log_format=log_format)
     wait_port(port, node)
     wait_for(lambda: "served by 2 receiver processes" in log_text(node), 60, "both receivers accepting")
     return node, metrics_port
@@ -133,21 +134,29 @@ def test_a_dead_receiver_is_replaced_and_a_dead_node_leaves_none(tmp_path, expor
 
 def test_a_reloaded_free_space_threshold_reaches_the_receivers(tmp_path, exported, pacs, studies):
     """SIGHUP with study.min_free_mb above the free space: the receivers answer 0xA700 (they read the threshold
-    the node holds, not a copy made when they started)."""
+    the node holds, not a copy made when they started). The node logs JSON, and so do its receivers."""
     pacs_port, _ = pacs
     port = free_port()
     config = tmp_path / "livernode.toml"
     config.write_text("[study]\nmin_free_mb = 0\n")
-    node, _ = _node(tmp_path, exported, pacs_port, port, "--config", str(config))
+    node, _ = _node(tmp_path, exported, pacs_port, port, "--config", str(config), log_format="json")
     try:
         config.write_text("[study]\nmin_free_mb = 1e12\n")
         node.send_signal(signal.SIGHUP)
         wait_for(lambda: "configuration reloaded" in log_text(node), 30, "the reload")
         r = storescu(port, studies[0][:2], check=False)
     finally:
-        stop_node(node)
+        log = stop_node(node)
     assert "Received Store Response (Refused: OutOfResources)" in r.stderr and "(Success)" not in r.stderr, \
         r.stderr[-2000:]
+    # only receivers serve C-STORE here, so the refusals were logged by them: as JSON, like the node's own lines
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    refusals = [rec for rec in records if rec["logger"] == "livernode.daemon.ingest_scp" and
+                "free space below the threshold" in rec["message"]]
+    assert refusals and len(refusals) == r.stderr.count("Refused: OutOfResources"), log[-3000:]
+    assert all(rec["level"] == "ERROR" for rec in refusals)
+    assert not [line for line in log.splitlines() if "free space below" in line and not line.startswith("{")]
+    assert any(rec["message"].startswith("C-STORE on 127.0.0.1") for rec in records)
 
 
 def _write_all(paths: list[str], tag: bytes, out) -> None:
