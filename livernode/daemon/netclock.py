@@ -10,10 +10,17 @@ import types
 
 import pynetdicom.timer
 
-_MONOTONIC = types.SimpleNamespace(time=time.monotonic)
+# the `time` module as pynetdicom's timer sees it: everything of the real one, but time() is monotonic
+_MONOTONIC = types.ModuleType("time")
+_MONOTONIC.__dict__.update(vars(time))
+_MONOTONIC.time = time.monotonic
 
 
 def use_monotonic_timers() -> None:
-    """Make pynetdicom's Timer measure with time.monotonic (it reads only `time.time` of its own `time` name)."""
+    """Make pynetdicom's Timer measure with time.monotonic. Done when this module is imported, before any
+    association of the node's exists (a timer started on one clock and read on the other would never expire);
+    calling it again is harmless."""
     pynetdicom.timer.time = _MONOTONIC  # type: ignore[attr-defined]
 
+
+use_monotonic_timers()

@@ -35,6 +35,12 @@ def uid_key(uid: str) -> str:
     return hashlib.sha256(check_uid(uid).encode()).hexdigest()[:32]
 
 
+def _clamped(value: float) -> int:
+    """A threshold in bytes that fits the shared 64-bit integer: ctypes would wrap a larger one (min_free_mb = 1e13,
+    meant as "refuse everything") to a negative number that refuses nothing."""
+    return max(0, min(int(value), 2**63 - 1))
+
+
 class Spool:
     """`root/instances/<study key>/<series key>/<sop key>.dcm`, plus `root/incoming` for partial writes."""
 
@@ -46,7 +52,16 @@ class Spool:
         self.instances.mkdir(parents=True, exist_ok=True)
         # in shared memory, so receiver processes started with it see what a reload (SIGHUP) sets
         self.threshold = threshold if threshold is not None else \
-            multiprocessing.get_context("spawn").RawValue("q", int(min_free_bytes))
+            multiprocessing.get_context("spawn").RawValue("q", _clamped(min_free_bytes))
+
+    def __getstate__(self) -> dict:
+        """A pickled Spool (not how receivers get theirs) carries the threshold's value: shared memory crosses
+        only to processes started with it."""
+        return {**self.__dict__, "threshold": self.min_free_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.threshold = multiprocessing.get_context("spawn").RawValue("q", _clamped(state["threshold"]))
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.instances / uid_key(study_uid) / uid_key(series_uid) / f"{uid_key(sop_uid)}.dcm"
@@ -60,7 +75,7 @@ class Spool:
 
     @min_free_bytes.setter
     def min_free_bytes(self, value: int) -> None:
-        self.threshold.value = int(value)
+        self.threshold.value = _clamped(value)
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str,
               data: bytes | Sequence[bytes | memoryview]) -> tuple[Path, bool]:

@@ -45,3 +45,16 @@ def test_a_series_folder_removed_behind_the_spools_back_is_made_again(tmp_path):
     shutil.rmtree(p.parent.parent)
     q, new = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.6", (b"tw", memoryview(b"o")))
     assert new and q.read_bytes() == b"two" and q.parent == p.parent
+
+
+def test_threshold_beyond_64_bits_still_refuses_and_a_pickled_spool_keeps_its_value(tmp_path):
+    import pickle
+
+    spool = Spool(tmp_path, min_free_bytes=1e13 * 1e6)  # min_free_mb = 1e13: more than an int64 of bytes
+    assert spool.min_free_bytes == 2**63 - 1 and not spool.has_room()
+    spool.min_free_bytes = 5e30
+    assert not spool.has_room()
+    copy = pickle.loads(pickle.dumps(spool))
+    assert copy.min_free_bytes == 2**63 - 1 and copy.root == spool.root
+    copy.min_free_bytes = 0  # a detached copy: the original keeps refusing
+    assert copy.has_room() and not spool.has_room()

@@ -130,14 +130,17 @@ def test_scp_answers_broken_datasets_with_a_status(scp, tmp_path, synth_dirs, ca
     statuses, retried = {}, []
     for name, data in hostile_payloads.items():
         for attempt in range(2):
+            seen = len(caplog.records)
             client = RawClient(scp.port)
             try:
                 statuses[name] = client.store(data, request_uid[name])
             finally:
                 client.close()
-            # No answer at all (None) is what an SCU sees when the association dies under it: a peer's SCU tries
-            # once more on a new one. Twice without an answer is a failure below.
-            if statuses[name] is not None:
+            # No answer (None) because the association's idle timer ran out while this process stood still (CI
+            # once saw a stall of 87 s here): an SCU would send again on a new association, and so does this test,
+            # once. Any other missing answer fails below.
+            stalled = any("Network timeout reached" in r.getMessage() for r in caplog.records[seen:])
+            if statuses[name] is not None or not stalled:
                 break
             retried.append(name)
     growth_mb = tracemalloc.get_traced_memory()[1] / 2**20
@@ -147,6 +150,7 @@ def test_scp_answers_broken_datasets_with_a_status(scp, tmp_path, synth_dirs, ca
     assert _echo_ok(scp.port)
     refused = [e for e in audit_events(tmp_path / "audit.jsonl") if e["event"] == "instance_refused"]
     # an unanswered first attempt may or may not have been judged (and audited) before its association ended
+    assert len(retried) <= 1, retried
     assert len(hostile_payloads) <= len(refused) <= len(hostile_payloads) + len(retried), (len(refused), retried)
     assert all(e["reason"] for e in refused)
     figure("payloads_sent_twice", len(retried))
