@@ -131,15 +131,16 @@ class ModelActor:
 
         from livernode.inference.runner import Segmenter
 
-        self._dir = tempfile.TemporaryDirectory(prefix="livernode-actor-")
-        path = Path(self._dir.name) / model_name  # the model's file name goes into every summary.json
-        path.write_bytes(model_bytes)
         ctx = ray.get_runtime_context()
         self.info = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "gpu_ids": ray.get_gpu_ids(),
                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
                      "hostname": socket.gethostname()}
         self.name = f"{socket.gethostname()}:{os.getpid()} actor {ctx.get_actor_id()[:8]}"
-        self.segmenter = Segmenter(path, providers=providers, threads=1)
+        # loaded, the model's file goes at once: an actor ended by ray.kill or with its process cleans up nothing
+        with tempfile.TemporaryDirectory(prefix="livernode-actor-") as folder:
+            path = Path(folder) / model_name  # the model's file name goes into every summary.json
+            path.write_bytes(model_bytes)
+            self.segmenter = Segmenter(path, providers=providers, threads=1)
         self.info.update(worker=self.name, providers=self.segmenter.providers_used)
 
     def describe(self) -> dict:

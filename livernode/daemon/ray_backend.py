@@ -38,10 +38,12 @@ class NodeActor:
     def __init__(self, model_name: str, model_bytes: bytes, providers: str) -> None:
         from livernode.inference.runner import Segmenter
 
-        self._dir = tempfile.mkdtemp(prefix="livernode-node-actor-")
-        path = Path(self._dir) / model_name  # the model's file name goes into every summary.json
-        path.write_bytes(model_bytes)
-        self.segmenter = Segmenter(path, providers=providers, threads=1)
+        # The session holds the model once loaded, so its file goes at once: an actor is ended by ray.kill or
+        # with its worker process, which runs no clean-up, and each left a copy of the model in /tmp.
+        with tempfile.TemporaryDirectory(prefix="livernode-node-actor-") as folder:
+            path = Path(folder) / model_name  # the model's file name goes into every summary.json
+            path.write_bytes(model_bytes)
+            self.segmenter = Segmenter(path, providers=providers, threads=1)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def describe(self) -> dict:
@@ -56,7 +58,7 @@ class NodeActor:
 
         from livernode.batch import staged
 
-        with staged(files) as paths, tempfile.TemporaryDirectory(prefix="study-", dir=self._dir) as work:
+        with staged(files) as paths, tempfile.TemporaryDirectory(prefix="livernode-study-") as work:
             out = Path(work) / "out"
             results = process_all(paths, self.segmenter, out, series_number_offset=series_number_offset,
                                   rules=rules)
