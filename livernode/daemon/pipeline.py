@@ -27,7 +27,7 @@ from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_of, order_sli
 from livernode.imaging.orient import Orientation
 from livernode.imaging.postprocess import Findings, postprocess
 from livernode.imaging.segwrite import Algorithm
-from livernode.imaging.volume import CtVolume
+from livernode.imaging.volume import LIVER, TUMOUR, CtVolume
 from livernode.inference.manifest import Manifest
 from livernode.inference.runner import Segmenter
 
@@ -142,6 +142,13 @@ class ModelFacts:
     def of(cls, segmenter: Segmenter) -> "ModelFacts":
         return cls(segmenter.manifest, segmenter.path.name, tuple(segmenter.providers_used))
 
+    @property
+    def algorithm(self) -> Algorithm:
+        """The model as the SEG and SR name it."""
+        a = self.manifest.architecture
+        return Algorithm(name=f"livernode {a.name}-{a.backbone}",
+                         version=f"{self.manifest.livernode_version} ({self.manifest.weights_sha256[:12]})")
+
 
 @dataclass(frozen=True)
 class DecodedSeries:
@@ -247,9 +254,7 @@ def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[
     del labels
     clock.lap("postprocess")
     out_dir.mkdir(parents=True, exist_ok=True)
-    m = model.manifest
-    algorithm = Algorithm(name=f"livernode {m.architecture.name}-{m.architecture.backbone}",
-                          version=f"{m.livernode_version} ({m.weights_sha256[:12]})")
+    m, algorithm = model.manifest, model.algorithm
     note = " (liver cut off)" if findings.liver_touches_scan_edge else ""  # SeriesDescription holds 64
     statement = m.research_use  # a phantom-trained model says so in every result
     # The preview needs the findings and a dozen slices only: it is drawn beside the SEG and the SR (OpenCV and
@@ -287,6 +292,31 @@ def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[
              ", ".join(f"{k} {v:.2f} s" for k, v in clock.timings.items()))
     return StudyResult(out_dir, seg_path, sr_path, summary_path, preview_path, findings, clock.timings,
                        int(shape[0]), tuple(series["decisions"]))
+
+
+def warm_up(model: ModelFacts) -> float:
+    """Write one tiny SEG, SR and preview into a temporary folder and throw them away; returns the seconds it took.
+    highdicom reads its tables of the standard when it first builds a SEG or an SR (about 0.6 s here, a third of
+    writing a 200-slice SEG), so without this the first study after every start would wait for it."""
+    import tempfile
+
+    from livernode.imaging.ctwrite import StudyInfo, ct_datasets
+
+    t = time.perf_counter()
+    labels = np.zeros((3, 32, 32), np.uint8)
+    labels[:, 8:24, 8:24] = LIVER
+    labels[1, 12:16, 12:16] = TUMOUR
+    hu = np.where(labels > 0, 60, -100).astype(np.int16)
+    source = ct_datasets(CtVolume(hu.astype(np.float32), (2.0, 1.0, 1.0)), StudyInfo("livernode warm-up"))
+    findings = postprocess(labels, (2.0, 1.0, 1.0), min_lesion_ml=0.0)
+    algorithm = model.algorithm
+    with tempfile.TemporaryDirectory(prefix="livernode-warm-up-") as tmp:
+        seg = write_result_seg(source, findings.labels, Path(tmp) / "seg.dcm", algorithm=algorithm,
+                               series_uid=generate_uid(), sop_uid=generate_uid())
+        write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid()),
+                 Path(tmp) / "sr.dcm")
+        preview(hu, findings, Path(tmp) / "preview.png")
+    return time.perf_counter() - t
 
 
 def _timed(fn, *args):

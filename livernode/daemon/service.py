@@ -25,6 +25,7 @@ from livernode.daemon import worker as worker_mod
 from livernode.daemon.health import Health, Liveness, serve_http, supervised, watchdog_loop, work_loop
 from livernode.daemon.listeners import FOLDER, Listeners
 from livernode.daemon.metrics import AuditLog, Metrics
+from livernode.daemon.pipeline import ModelFacts, warm_up
 from livernode.daemon.retention import Retention
 from livernode.daemon.sdnotify import Notifier, watchdog_period
 from livernode.daemon.send import Destination
@@ -104,6 +105,8 @@ class Service:
         if restored:
             log.warning("re-indexed %d spooled instance(s) missing from the index (power loss?)", restored)
         self.worker.recover()
+        if self.worker.ray is None:  # on Ray the results are written by the actors
+            log.info("result writers warmed up in %.2f s", warm_up(ModelFacts.of(self.segmenter)))
         obs = self.cfg.observability
         if obs.metrics_port is not None:
             self.http = serve_http(obs.metrics_bind, obs.metrics_port,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cc3d
 import cv2
 import numpy as np
 from scipy import ndimage
@@ -131,15 +132,6 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     return mask | (outside[1:-1, 1:-1] == 0)
 
 
-def _bincount(volume: np.ndarray, length: int, chunk: int = 8) -> np.ndarray:
-    """np.bincount of a label volume a few slices at a time: np.bincount first converts its whole input to int64,
-    8 bytes a voxel (1.2 GB for a 600-slice study)."""
-    counts = np.zeros(length, np.int64)
-    for start in range(0, volume.shape[0], chunk):
-        counts += np.bincount(volume[start:start + chunk].ravel(), minlength=length)
-    return counts
-
-
 def _margin_voxels(spacing: tuple[float, float, float], margin_mm: float) -> list[int]:
     """Voxels along each axis that cover `margin_mm`, plus one."""
     return [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
@@ -191,16 +183,20 @@ def postprocess(labels: np.ndarray, spacing: tuple[float, float, float], *, min_
 
 def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_lesion_ml: float,
                  liver_margin_mm: float) -> Findings:
+    """`postprocess` inside the box. Components are labelled once for the organ and once for the tumour
+    (connected-components-3d: the same 26-connected components as scipy's ndimage.label, in a fifth of the time);
+    sizes and lesion boxes come from the labelled voxels alone, and each lesion is then visited only inside its own
+    box. Components are numbered as ndimage.label numbers them (by their first voxel in C order), so the liver
+    among equally large components and the lesions' order are scipy's."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    comp, n = ndimage.label(labels > 0, FULL_3D)
-    if n == 0:
+    organ = labels > 0
+    comp = cc3d.connected_components(organ, connectivity=26)
+    keep = _largest(comp, organ)
+    if keep == 0:
         return Findings(np.zeros_like(labels, np.uint8), 0.0, 0.0, (), False)
-    sizes = _bincount(comp, n + 1)
-    sizes[0] = 0
-    keep = int(sizes.argmax())
     liver = comp == keep
-    box = ndimage.find_objects(comp, max_label=keep)[keep - 1]
-    del comp  # 4 bytes a voxel
+    del comp, organ  # 4 bytes a voxel
+    box = _box(liver)
     for k in range(box[0].start, box[0].stop):  # holes are filled slice by slice, inside the organ's box only
         liver[k, box[1], box[2]] = fill_holes_2d(liver[k, box[1], box[2]])
     tumour = labels == TUMOUR
@@ -209,31 +205,63 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     out = liver.astype(np.uint8)  # not np.where(liver, LIVER, 0): that makes an 8-byte-a-voxel temporary
     out *= LIVER
     del liver
-    lesions = []
+    lesions, tumour_voxels = [], 0
     tbox = _box(tumour)
     if tbox is not None:  # lesions are labelled inside the tumour's own bounding box (4 bytes a voxel)
-        tcomp, tn = ndimage.label(tumour[tbox], FULL_3D)
+        inside = tumour[tbox]
         del tumour
-        big = _bincount(tcomp, tn + 1) * voxel_ml >= min_lesion_ml  # sizes first: a noisy output can hold
-        big[0] = False  # thousands of specks, each not worth a look
-        for i, local in enumerate(ndimage.find_objects(tcomp), start=1):
-            if local is None or not big[i]:
-                continue
+        tcomp = cc3d.connected_components(inside, connectivity=26)
+        for i, local, vox in _components(tcomp, inside, min_voxels=min_lesion_ml / voxel_ml):
             m = tcomp[local] == i
             sl = tuple(slice(t.start + b.start, t.start + b.stop) for t, b in zip(tbox, local))
-            vox = int(m.sum())
             out[sl][m] = TUMOUR
+            tumour_voxels += vox
             diameter, (k, r0, c0, r1, c1) = _longest_axial_diameter(m, spacing[1], spacing[2])
             lesions.append(Lesion(
                 index=len(lesions) + 1, voxels=vox, volume_ml=vox * voxel_ml, longest_axial_diameter_mm=diameter,
                 bbox=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop),
                 diameter_line=(sl[0].start + k, sl[1].start + r0, sl[2].start + c0, sl[1].start + r1,
                                sl[2].start + c1)))
-    counts = _bincount(out, max(LIVER, TUMOUR) + 1)
     return Findings(
         labels=out,
-        liver_volume_ml=float(counts[LIVER] + counts[TUMOUR]) * voxel_ml,
-        tumour_volume_ml=float(counts[TUMOUR]) * voxel_ml,
+        liver_volume_ml=float(np.count_nonzero(out)) * voxel_ml,  # liver and tumour
+        tumour_volume_ml=float(tumour_voxels) * voxel_ml,  # the lesions kept are disjoint
         lesions=tuple(lesions),
         liver_touches_scan_edge=bool(out[0].any() or out[-1].any()),
     )
+
+
+def _largest(comp: np.ndarray, mask: np.ndarray) -> int:
+    """The label of the largest component (0: none); of equally large ones, the one met first in C order (as
+    scipy's numbering and argmax would choose)."""
+    found = comp[mask]
+    if not len(found):
+        return 0
+    sizes = np.bincount(found)
+    sizes[0] = 0
+    ties = np.flatnonzero(sizes == sizes.max())
+    if len(ties) == 1:
+        return int(ties[0])
+    return int(min(ties, key=lambda t: int(np.argmax(found == t))))
+
+
+def _components(comp: np.ndarray, mask: np.ndarray, min_voxels: float
+                ) -> list[tuple[int, tuple[slice, slice, slice], int]]:
+    """(label, bounding box, voxels) of every component in `comp` (`mask`: its non-zero voxels) with at least
+    `min_voxels` voxels, in scipy's order (by first voxel in C order), from the coordinates of the labelled voxels
+    alone: no pass over the volume per component."""
+    coords = np.nonzero(mask)
+    found = comp[coords]
+    if not len(found):
+        return []
+    present, first, inverse, sizes = np.unique(found, return_index=True, return_inverse=True, return_counts=True)
+    group = np.argsort(inverse, kind="stable")  # voxels grouped by component
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    lo = [np.minimum.reduceat(c[group], starts) for c in coords]
+    hi = [np.maximum.reduceat(c[group], starts) for c in coords]
+    out = []
+    for j in np.argsort(first, kind="stable"):  # scipy numbers components in the order it meets them
+        if sizes[j] >= min_voxels:
+            box = tuple(slice(int(a[j]), int(b[j]) + 1) for a, b in zip(lo, hi))
+            out.append((int(present[j]), box, int(sizes[j])))
+    return out

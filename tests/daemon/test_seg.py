@@ -199,6 +199,23 @@ def test_verify_seg_catches_a_damaged_file(synth_dirs, tmp_path):
                  (lambda ds: flip(ds, (n - 1) * rows * cols + 5), "read back differs"),  # inside the last frame
                  (lambda ds: flip(ds, 9 * rows * cols - 1), "read back differs")]  # the last bit of frame 9
         for change, reason in cases:
-            bad = _corrupt(good, tmp_path / "bad.dcm", change)
-            with pytest.raises(SegCheckFailed, match=reason):
-                verify_seg(bad, source, labels, chunk=8)
+            for undefined in (False, True):  # as save_seg writes them (read from their bytes), or not (pydicom)
+                bad = _corrupt(good, tmp_path / "bad.dcm", lambda ds: (change(ds), _lengths(ds, undefined)))
+                with pytest.raises(SegCheckFailed, match=reason):
+                    verify_seg(bad, source, labels, chunk=8)
+        again = _corrupt(good, tmp_path / "undefined.dcm", lambda ds: _lengths(ds, True))
+        assert again.read_bytes() != good.read_bytes()
+        verify_seg(again, source, labels, chunk=8)  # the same SEG with undefined lengths passes
+
+
+def _lengths(ds, undefined: bool) -> None:
+    """Mark the per-frame groups, and every item below them, as of undefined length (pydicom then writes
+    delimiters) or leave them defined."""
+    def mark(elem):
+        elem.is_undefined_length = undefined
+        for item in elem.value:
+            item.is_undefined_length_sequence_item = undefined
+            for sub in item:
+                if sub.VR == "SQ":
+                    mark(sub)
+    mark(ds["PerFrameFunctionalGroupsSequence"])
