@@ -18,6 +18,7 @@ from livernode.daemon.store import Store
 from livernode.errors import InputError
 from livernode.fsutil import atomic_write
 from livernode.imaging.dicomio import read_dataset
+from livernode.imaging.headers import header_facts
 
 log = logging.getLogger(__name__)
 SETTLE_SECONDS = 1.0
@@ -108,7 +109,7 @@ class FolderIngest:
         except OSError as exc:  # the file stays where it is and is taken once the disk has room again
             self._waiting(path, f"cannot store it ({exc})")
             return None
-        self.store.add_instance(sop, study, series, str(ds.SOPClassUID), str(stored))
+        self.store.add_instance(sop, study, series, str(ds.SOPClassUID), str(stored), header=header_facts(ds))
         path.unlink()
         if new:
             self.metrics.instances_received.labels("folder").inc()

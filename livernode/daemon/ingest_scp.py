@@ -28,6 +28,7 @@ from livernode.daemon.spool import UID_RE, InvalidUID, Spool, check_uid
 from livernode.daemon.store import Store
 from livernode.errors import InputError
 from livernode.imaging.dicomio import check_dataset, part10_header
+from livernode.imaging.headers import header_facts
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +238,13 @@ class StoreSCP:
             return self._refuse(DATA_SET_MISMATCH, "dataset does not match request", sop_uid, peer)
         header = part10_header(str(req.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax),
                                self.ae.implementation_class_uid, self.ae.implementation_version_name)
+        facts = header_facts(ds)  # what series selection reads, from the index instead of the file
         try:
             with self._uid_locks[hash(sop_uid) % len(self._uid_locks)], req.DataSet.getbuffer() as body:
                 # the peer's bytes as received, behind a file meta header: no decode and re-encode
                 path, new = self.spool.store(study, series, sop_uid, (header, body))
-                self.store.add_instance(sop_uid, study, series, str(req.AffectedSOPClassUID), str(path))
+                self.store.add_instance(sop_uid, study, series, str(req.AffectedSOPClassUID), str(path),
+                                        header=facts)
         except OSError as exc:  # disk full or failing: nothing partial is left, and the peer may retry
             log.error("refusing %s from %s: cannot store it (%s)", sop_uid, peer, exc)
             return self._refuse(OUT_OF_RESOURCES, "write failed", sop_uid, peer)

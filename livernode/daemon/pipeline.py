@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from livernode.daemon.sr import build_sr, write_sr
 from livernode.errors import InputError, SeriesRejected
 from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_of, order_slices, ordered_volume,
                                       read_dataset)
+from livernode.imaging.headers import LightHeader, light_header, without_pixels
 from livernode.imaging.orient import Orientation
 from livernode.imaging.postprocess import Findings, postprocess
 from livernode.imaging.segwrite import Algorithm
@@ -75,12 +76,14 @@ def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *, ser
 
 
 def process_all(files: list[Path], segmenter: Segmenter, out_dir: Path, *, series_number_offset: int = 0,
-                progress: Progress = _no_progress, rules: SelectionConfig | None = None) -> list[StudyResult]:
+                progress: Progress = _no_progress, rules: SelectionConfig | None = None,
+                known: Mapping[str, str] | None = None) -> list[StudyResult]:
     """Choose the series to segment among `files` (one study) by `rules`, segment each and write its results:
     into `out_dir` for one series, into `out_dir/series-N` for each of several (`rules.segment_all`).
     `series_number_offset` numbers a reprocess's SEG and SR series after the ones they supersede; `progress` is
-    told of every file read, every inference batch and every stage finished."""
-    headers, chosen, shared, clock = _choose(files, lambda: segmenter, rules, progress)
+    told of every file read, every inference batch and every stage finished. `known` maps a file to its header
+    facts from the node's index (imaging/headers.py): those files are not read to choose the series."""
+    headers, chosen, shared, clock = _choose(files, lambda: segmenter, rules, progress, known)
     results = []
     for i, uid in enumerate(chosen):
         target = out_dir / _subdir(i, len(chosen))
@@ -98,17 +101,20 @@ def _series_number(i: int, series_number_offset: int) -> int:
 
 
 def _choose(files: list[Path], segmenter: Callable[[], Segmenter], rules: SelectionConfig | None,
-            progress: Progress) -> tuple[list[tuple[str, Dataset]], list[str], dict, "_Clock"]:
-    """Read the headers of `files` and choose the series to segment: (headers, chosen series UIDs, the
-    selection's record for summary.json, the study's clock). `segmenter()` gives the model for the coverage pass,
-    asked for only when there is a choice to make."""
+            progress: Progress, known: Mapping[str, str] | None = None
+            ) -> tuple[list[tuple[str, Dataset]], list[str], dict, "_Clock"]:
+    """Read the headers of `files` (from `known` facts where given) and choose the series to segment: (headers,
+    chosen series UIDs, the selection's record for summary.json, the study's clock). `segmenter()` gives the model
+    for the coverage pass, asked for only when there is a choice to make."""
     rules = rules or SelectionConfig()
     clock = _Clock(progress)
+    known = known or {}
     headers, skipped = [], []
     for i, path in enumerate(files):
         progress("read", i, len(files))
         try:
-            headers.append((str(path), read_dataset(path, pixels=False)))
+            light = light_header(known.get(str(path)))
+            headers.append((str(path), light if light is not None else read_dataset(path, pixels=False)))
         except InputError as exc:
             log.warning("skipping %s", exc)
             skipped.append(str(exc))
@@ -181,7 +187,7 @@ def decode_study(files: list[Path], segmenter: Callable[[], Segmenter], *, serie
             hu[k] = slices[k]
         series_clock.lap("load")
         volume = ordered_volume([ds for _, ds in kept], order, hu, uid)
-        out.append(DecodedSeries(uid, tuple(ds for _, ds in kept), hu, volume.spacing, turn,
+        out.append(DecodedSeries(uid, tuple(slices.sources()), hu, volume.spacing, turn,
                                  _subdir(i, len(chosen)), _series_number(i, series_number_offset), shared,
                                  series_clock.timings))
     return out
@@ -236,11 +242,12 @@ def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segment
     clock.lap("load")
     volume, labels, slices = _segment(kept, order, segmenter, series_uid, clock.progress, turn)
     clock.lap("infer")
+    source = slices.sources()
     # From here on only a preview's dozen slices need pixels: they are read again from disk (`slices`), and the
     # study's HU volume (2 bytes a voxel) is not held through post-processing and SEG writing.
     spacing, shape = volume.spacing, volume.hu.shape
     del volume
-    return _write_series([ds for _, ds in kept], labels, spacing, shape, slices, turn, out_dir, clock,
+    return _write_series(source, labels, spacing, shape, slices, turn, out_dir, clock,
                          ModelFacts.of(segmenter), series_uid, series_number=series_number, series=series)
 
 
@@ -327,18 +334,33 @@ def _timed(fn, *args):
 
 
 class _Slices:
-    """The study's slices in order, decoded from their files when indexed: `slices[k]` is slice k in HU."""
+    """The study's slices in order, decoded from their files when indexed: `slices[k]` is slice k in HU. A slice
+    chosen by its header facts from the index (a LightHeader) keeps the full header its decoding read, for the
+    SEG and SR (`sources`)."""
 
     def __init__(self, kept: list[tuple[str, Dataset]], dtype) -> None:
         self.kept, self.dtype = kept, np.dtype(dtype)
+        self.full: dict[int, Dataset] = {}
 
     def __len__(self) -> int:
         return len(self.kept)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        src = self.kept[i][0]
-        hu = hu_of(read_dataset(Path(src)), src)
+        src, header = self.kept[i]
+        ds = read_dataset(Path(src))
+        hu = hu_of(ds, src)
+        if isinstance(header, LightHeader):
+            self.full[i] = without_pixels(ds)
         return np.clip(hu, -32768, 32767).astype(self.dtype) if self.dtype == np.int16 else hu
+
+    def sources(self) -> list[Dataset]:
+        """Every slice's full header (no pixels), in order: as decoded, or as selection read it from the file."""
+        out = []
+        for i, (src, header) in enumerate(self.kept):
+            if isinstance(header, LightHeader):
+                header = self.full.get(i) or read_dataset(Path(src), pixels=False)
+            out.append(header)
+        return out
 
 
 def _hu_dtype(kept: list[tuple[str, Dataset]]):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from livernode.daemon.store_retention import RetentionQueries
 from livernode.imaging.dicomio import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+from livernode.imaging.headers import header_facts
 
 CT_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
 
@@ -25,7 +26,8 @@ CREATE TABLE IF NOT EXISTS instances (
     series_instance_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL,
     path TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    header TEXT                                -- JSON: what series selection reads (imaging/headers.py)
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid);
 CREATE TABLE IF NOT EXISTS studies (
@@ -106,6 +108,8 @@ class Store(RetentionQueries):
                 tx.execute("ALTER TABLE studies ADD COLUMN purged_at REAL")
             if "series" not in {r[1] for r in tx.execute("PRAGMA table_info(jobs)")}:  # before series reasons
                 tx.execute("ALTER TABLE jobs ADD COLUMN series TEXT NOT NULL DEFAULT ''")
+            if "header" not in {r[1] for r in tx.execute("PRAGMA table_info(instances)")}:  # before headers
+                tx.execute("ALTER TABLE instances ADD COLUMN header TEXT")
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened once (opening one per transaction cost a third of a C-STORE)."""
@@ -159,20 +163,22 @@ class Store(RetentionQueries):
                 path.unlink()  # retention's leftover from a crash mid-purge, not an instance the index lost
                 continue
             if self.add_instance(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                 str(ds.SOPClassUID), str(path)):
+                                 str(ds.SOPClassUID), str(path), header=header_facts(ds)):
                 added += 1
         return added
 
     def add_instance(self, sop: str, study: str, series: str, sop_class: str, path: str,
-                     now: float | None = None) -> bool:
-        """Index one stored instance; False when that SOP Instance UID was already indexed. Only CT images count
-        towards the study's instances: a dose screen or dose report that arrives after the result neither makes
-        the study due again nor delays it."""
+                     now: float | None = None, header: str | None = None) -> bool:
+        """Index one stored instance, with its `header` facts (imaging/headers.py) when the receiver has them;
+        False when that SOP Instance UID was already indexed. Only CT images count towards the study's instances: a
+        dose screen or dose report that arrives after the result neither makes the study due again nor delays
+        it."""
         now = time.time() if now is None else now
         image = int(sop_class in CT_CLASSES)
         with self.transaction(durable=False) as db:  # the spool file is fsynced; `reconcile` rebuilds the row
-            cur = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
-                             (sop, study, series, sop_class, path, now))
+            cur = db.execute("INSERT OR IGNORE INTO instances (sop_instance_uid, study_instance_uid, "
+                             "series_instance_uid, sop_class_uid, path, received_at, header) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)", (sop, study, series, sop_class, path, now, header))
             if cur.rowcount == 0:
                 return False
             db.execute(  # a purged study that is sent again starts afresh: its earlier instances are gone
@@ -196,6 +202,12 @@ class Store(RetentionQueries):
         with self.read() as db:
             return [r[0] for r in db.execute(
                 "SELECT path FROM instances WHERE study_instance_uid = ? ORDER BY path", (study,))]
+
+    def instance_headers(self, study: str) -> list[tuple[str, str | None]]:
+        """(path, header facts or None) of the study's instances, by path."""
+        with self.read() as db:
+            return db.execute("SELECT path, header FROM instances WHERE study_instance_uid = ? ORDER BY path",
+                              (study,)).fetchall()
 
     def due_studies(self, quiet_s: float, max_wait_s: float, now: float | None = None) -> list[str]:
         """Studies with instances not yet processed, quiet for `quiet_s` or waiting longer than `max_wait_s`.

@@ -102,9 +102,10 @@ class Worker:
         row, key, extra, out = self._begin(study)
 
         def compute():
-            return process_all([Path(p) for p in self.store.instance_paths(study)], self.segmenter, out,
+            indexed = self.store.instance_headers(study)  # selection reads the index's header facts, not the files
+            return process_all([Path(p) for p, _ in indexed], self.segmenter, out,
                                series_number_offset=row.generation, progress=self._progress(key),
-                               rules=self.settings().selection)
+                               rules=self.settings().selection, known={p: h for p, h in indexed if h})
         return self._conclude(study, row, extra, out, compute)
 
     def _conclude(self, study: str, row, extra: dict, out: Path, compute) -> str:

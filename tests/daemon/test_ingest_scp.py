@@ -9,6 +9,7 @@ import pytest
 from livernode.daemon.ingest_scp import StoreSCP
 from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
+from livernode.imaging.headers import light_header
 from tests.peers import RawClient, encoded
 
 ENV = dict(os.environ, TCP_NODELAY="1")
@@ -42,6 +43,13 @@ def test_storescu_study_is_stored_and_indexed_once(scp, synth_dirs):
     for f in files:
         src = pydicom.dcmread(f)
         assert by_uid[src.SOPInstanceUID].PixelData == src.PixelData
+    # the index keeps what series selection reads, so a study's files are not parsed again to choose its series
+    indexed = scp.store.instance_headers(ds0.StudyInstanceUID)
+    assert len(indexed) == len(files) and all(h for _, h in indexed)
+    for path, facts in indexed:
+        light, full = light_header(facts), pydicom.dcmread(path, stop_before_pixels=True)
+        assert len(light) >= 15 and "PatientName" not in light
+        assert all(light[k].value == full[k].value for k in light.keys())
 
 
 def test_echo_and_refused_sop_class(scp, synth_dirs, tmp_path):

@@ -55,6 +55,64 @@ def test_split_pipeline_gives_the_results_of_process_all(chaos_sample, liver_mod
     assert sb["timings_s"]["infer"] == 1.0 and sb["timings_s"]["load"] > 0
 
 
+def _same_but_generated(a, b, sources, where="") -> None:
+    """`a` and `b` equal element by element, at every depth, but for the UIDs made for each result (and the
+    moments it was made): a UID that names a source image, series, study or frame of reference, or a standard
+    class or code, must be the same."""
+    named = {str(v) for ds in sources for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
+                                                "FrameOfReferenceUID") if (v := ds.get(k))}
+    assert [e.tag for e in a] == [e.tag for e in b], where
+    for x, y in zip(a, b):
+        at = f"{where}/{x.keyword or x.tag}"
+        if x.VR == "SQ":
+            assert len(x.value) == len(y.value), at
+            for i, (p, q) in enumerate(zip(x.value, y.value)):
+                _same_but_generated(p, q, sources, f"{at}[{i}]")
+        elif x.VR == "UI" and not (str(x.value) in named or str(x.value).startswith("1.2.840.10008")):
+            continue
+        elif x.VR in ("DA", "TM", "DT") and x.keyword.startswith(("Content", "Series", "InstanceCreation", "Contribution")):
+            continue
+        else:
+            assert x.value == y.value, at
+
+
+def test_a_study_chosen_from_the_index_gives_the_results_of_one_read_from_its_files(chaos_sample, liver_model,
+                                                                                     tmp_path):
+    """The node chooses the series from the header facts its index keeps (no file read again); the SEG and SR
+    then describe the study from the full headers its decoding read: element by element what reading every
+    file gives, on real scanner data."""
+    import pydicom
+
+    from livernode.daemon.pipeline import process_all
+    from livernode.imaging.headers import header_facts
+    from livernode.inference.runner import Segmenter
+
+    files = sorted((chaos_sample / "DICOM_anon").glob("*.dcm"))
+    segmenter = Segmenter(liver_model, providers="cpu", threads=1)
+    read = process_all(files, segmenter, tmp_path / "read")[0]
+    facts = {str(f): header_facts(read_dataset(f, pixels=False)) for f in files}
+    assert all(facts.values())
+    opened = []
+    real = read_dataset
+
+    def counting(path, **kw):
+        opened.append(kw.get("pixels", True))
+        return real(path, **kw)
+    import livernode.daemon.pipeline as pipeline
+    pipeline.read_dataset = counting
+    try:
+        indexed = process_all(files, segmenter, tmp_path / "indexed", known=facts)[0]
+    finally:
+        pipeline.read_dataset = real
+    assert opened.count(False) == 0 and opened.count(True) == 78 + 12  # decoding and the preview's slices
+    sources = [read_dataset(f, pixels=False) for f in files]
+    for x, y in ((read.seg_path, indexed.seg_path), (read.sr_path, indexed.sr_path)):
+        a, b = pydicom.dcmread(x), pydicom.dcmread(y)
+        assert a.StudyInstanceUID == b.StudyInstanceUID == sources[0].StudyInstanceUID and len(a) > 30
+        _same_but_generated(a, b, sources)
+    assert indexed.findings.lesions == read.findings.lesions
+
+
 def test_a_ray_node_actor_keeps_no_copy_of_the_model_on_disk(exported, tmp_path, monkeypatch):
     """Ray ends actors without running their clean-up (ray.kill, a lost worker): an actor that kept its copy of the
     model in /tmp left 94 MB behind at every start (172 such folders, 16 GB, had piled up on this machine)."""

@@ -198,3 +198,54 @@ def test_a_single_valued_image_type_and_a_study_with_nothing_usable():
     reasons = [d.reason for d in info.value.decisions]
     assert reasons[0].startswith("MIP: a projection") and reasons[1].startswith("localizer")
     assert "no usable CT series (" in str(info.value) and mip[0][1].SeriesInstanceUID not in str(info.value)
+
+
+def _via_index(items):
+    """The same instances as series selection sees them from the node's index: header facts only."""
+    from livernode.imaging.headers import LightHeader, header_facts, light_header
+
+    out = [(src, light_header(header_facts(ds))) for src, ds in items]
+    assert all(isinstance(ds, LightHeader) and "PatientName" not in ds for _, ds in out)
+    return out
+
+
+def _decide(items, rules=None, coverage=None):
+    try:
+        return select_series(items, rules or SelectionConfig(), coverage)
+    except SeriesRejected as exc:
+        return str(exc)
+
+
+def test_selection_from_the_index_header_facts_decides_as_from_the_files(tmp_path):
+    """Every case above (rules, projections, captures, reformats, coverage, geometry faults, mirrored storage,
+    single-valued image types) and a whole study read from its files: the same chosen series and the same decision
+    for every series from the facts the index keeps as from the full headers."""
+    from livernode.daemon.coverage import measure
+    from livernode.imaging.dicomio import dicom_files, read_dataset
+    from livernode.imaging.synth_study import abdomen_study
+
+    cover = lambda cands: measure(cands, _probe_of(-80, 80, []), 20.0)  # noqa: E731
+    tilt = _series("tilt")
+    for i, (_, d) in enumerate(tilt):
+        d.ImagePositionPatient = [0, i * 0.5, float(d.ImagePositionPatient[2])]
+    rules = SelectionConfig(prefer=["portal|PV"], avoid=["arterial"])
+    studies = [
+        (_series("thick", thickness=5.0) + _series("lung", thickness=1.0, kernel="B70f LUNG") + _series("soft"),
+         None),
+        (_axial("pv", -150, 101, SeriesDescription="Abdomen PV", SeriesNumber=3)
+         + _axial("art", -150, 101, SeriesDescription="Abdomen arterial", SeriesNumber=2)
+         + _axial("mpr", -150, 101, ImageType=["DERIVED", "SECONDARY", "AXIAL"], SeriesNumber=1)
+         + _axial("mip", -150, 20, ImageType="MIP") + _axial("dose", -150, 1, SOPClassUID="1.2.840.10008.5.1.4.1.1.7"),
+         rules),
+        (_axial("whole", -150, 101) + _axial("thorax", 30, 121, step=1.0) + _stored_feet_first(_axial("p", -150, 31)),
+         None),
+        (_series("cor", orientation=(1, 0, 0, 0, 0, -1)) + _series("gap")[:4] + _series("gap")[5:] + tilt, None),
+    ]
+    folder = tmp_path / "study"
+    abdomen_study(folder, seed=5, size=64, slices=240)
+    studies.append(([(str(f), read_dataset(f, pixels=False)) for f in dicom_files(folder)], rules))
+    assert len({ds.SeriesInstanceUID for _, ds in studies[-1][0]}) >= 8
+    for items, rules_here in studies:
+        want = _decide(items, rules_here, cover)
+        got = _decide(_via_index(items), rules_here, cover)
+        assert want and got == want

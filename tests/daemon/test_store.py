@@ -91,6 +91,10 @@ def test_an_index_from_before_attempts_is_migrated(tmp_path):
             finished_at REAL, reason TEXT NOT NULL DEFAULT '');
         INSERT INTO jobs (study_instance_uid, generation, state, instances, started_at) VALUES
             ('9.9', 1, 'running', 3, 0);
+        CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT NOT NULL,
+            series_instance_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, path TEXT NOT NULL,
+            received_at REAL NOT NULL);
+        INSERT INTO instances VALUES ('1.0', '9.9', '9.9.1', '1.2.840.10008.5.1.4.1.1.2', '/old.dcm', 0);
     """)
     old.commit()
     old.close()
@@ -98,6 +102,9 @@ def test_an_index_from_before_attempts_is_migrated(tmp_path):
     assert s.study("9.9").attempts == 0 and s.due_studies(30, 600, now=1) == ["9.9"]
     assert Store(tmp_path / "index.sqlite").study("9.9").state == "processing"  # a second open changes nothing
     assert s.recover(max_attempts=3) == (1, []) and s.last_series("9.9") == []
+    assert s.add_instance("1.1", "9.8", "9.8.1", "1.2.840.10008.5.1.4.1.1.2", "/x.dcm", header='{"Rows":4}')
+    assert s.instance_headers("9.8") == [("/x.dcm", '{"Rows":4}')]  # the column the migration added
+    assert s.instance_headers("9.9") == [("/old.dcm", None)]  # an instance indexed before: its file is read
     s.start_processing("9.9")
     s.finish("9.9", 3, series='[{"description": "Abdomen", "chosen": true}]')
     assert s.last_series("9.9") == [{"description": "Abdomen", "chosen": True}]

@@ -1,0 +1,73 @@
+"""The few header attributes that choose, order and decode a series, kept in the node's index when an instance is
+received: series selection reads them from there instead of parsing every file of the study again. The full
+headers of the chosen series come from the files as they are decoded for the network, which reads them anyway."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pydicom
+from pydicom.multival import MultiValue
+from pydicom.valuerep import DSdecimal, DSfloat, IS
+
+# What series selection (select.py), slice ordering and decoding (dicomio.py) and the coverage pass read of an
+# instance before its series is chosen. No patient or study identifiers beyond the UIDs the index holds anyway.
+KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+            "Modality", "ImageType", "SeriesDescription", "SeriesNumber", "ConvolutionKernel", "SliceThickness",
+            "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns", "RescaleSlope",
+            "RescaleIntercept", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "PixelPaddingValue")
+PIXEL_DATA = 0x7FE00010
+
+
+def header_facts(ds: pydicom.Dataset) -> str | None:
+    """`ds`'s KEYWORDS as compact JSON: numbers and strings as the file holds them (decimal and integer strings
+    keep their text, so a value read back compares equal to the file's). None when a value does not convert:
+    selection then reads the file."""
+    facts = {}
+    try:
+        for keyword in KEYWORDS:
+            if keyword in ds:
+                facts[keyword] = _plain(ds[keyword].value)
+        return json.dumps(facts, separators=(",", ":"))
+    except Exception:  # noqa: BLE001 - a value pydicom cannot give: no facts, not a refused instance
+        return None
+
+
+def _plain(value):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (IS, DSfloat, DSdecimal)):
+        return str(value)
+    if isinstance(value, (int, float)):
+        return value
+    return str(value)  # UIDs and other str-like values
+
+
+class LightHeader(pydicom.Dataset):
+    """A header made of index facts alone: enough to choose and order a series, not to describe it in a result."""
+
+
+def without_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """`ds` without its pixel data and whatever follows it: the header `dcmread(stop_before_pixels=True)` reads."""
+    for tag in [t for t in ds.keys() if t >= PIXEL_DATA]:
+        del ds[tag]
+    return ds
+
+
+def light_header(facts: str | None) -> LightHeader | None:
+    """A dataset with only the attributes in `facts` (from `header_facts`); None when there are none or they do
+    not make a dataset (the caller then reads the file)."""
+    if not facts:
+        return None
+    try:
+        ds = LightHeader()
+        with warnings.catch_warnings():  # a value pydicom warned about when the file was read warns again here
+            warnings.simplefilter("ignore")
+            for keyword, value in json.loads(facts).items():
+                setattr(ds, keyword, value)
+        return ds
+    except Exception:  # noqa: BLE001 - anything odd: the file itself is read instead
+        return None
