@@ -22,11 +22,11 @@ from livernode.daemon.select import select_series, short_key
 from livernode.daemon.seg import write_result_seg
 from livernode.daemon.sr import build_sr, write_sr
 from livernode.errors import InputError, SeriesRejected
-from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_of, order_slices, ordered_volume,
-                                      read_dataset)
+from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_int16_of, hu_of, order_slices,
+                                      ordered_volume, read_dataset)
 from livernode.imaging.headers import LightHeader, light_header, without_pixels
 from livernode.imaging.orient import Orientation
-from livernode.imaging.postprocess import Findings, postprocess
+from livernode.imaging.postprocess import Findings, Lesion, postprocess
 from livernode.imaging.segwrite import Algorithm
 from livernode.imaging.volume import LIVER, TUMOUR, CtVolume
 from livernode.inference.manifest import Manifest
@@ -315,7 +315,9 @@ def warm_up(model: ModelFacts) -> float:
     labels[1, 12:16, 12:16] = TUMOUR
     hu = np.where(labels > 0, 60, -100).astype(np.int16)
     source = ct_datasets(CtVolume(hu.astype(np.float32), (2.0, 1.0, 1.0)), StudyInfo("livernode warm-up"))
-    findings = postprocess(labels, (2.0, 1.0, 1.0), min_lesion_ml=0.0)
+    lesion = Lesion(index=1, voxels=16, volume_ml=0.032, longest_axial_diameter_mm=4.2,
+                    bbox=(1, 12, 12, 2, 16, 16), diameter_line=(1, 12, 12, 15, 15))
+    findings = Findings(labels, 3.1, 0.032, (lesion,), True)  # what post-processing makes of them
     algorithm = model.algorithm
     with tempfile.TemporaryDirectory(prefix="livernode-warm-up-") as tmp:
         seg = write_result_seg(source, findings.labels, Path(tmp) / "seg.dcm", algorithm=algorithm,
@@ -347,11 +349,12 @@ class _Slices:
 
     def __getitem__(self, i: int) -> np.ndarray:
         src, header = self.kept[i]
-        ds = read_dataset(Path(src))
-        hu = hu_of(ds, src)
-        if isinstance(header, LightHeader):
+        light = isinstance(header, LightHeader)  # from the index: a receiver checked every element at ingest
+        ds = read_dataset(Path(src), checked=light)
+        hu = hu_int16_of(ds, src) if self.dtype == np.int16 else hu_of(ds, src)
+        if light:
             self.full[i] = without_pixels(ds)
-        return np.clip(hu, -32768, 32767).astype(self.dtype) if self.dtype == np.int16 else hu
+        return hu
 
     def sources(self) -> list[Dataset]:
         """Every slice's full header (no pixels), in order: as decoded, or as selection read it from the file."""

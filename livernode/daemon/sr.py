@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,12 +10,13 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from livernode import __version__
-from livernode.fsutil import write_dataset
+from livernode.fsutil import atomic_write
 from livernode.imaging.postprocess import Findings
-from livernode.imaging.segwrite import Algorithm
+from livernode.imaging.segwrite import Algorithm, encode_from, write_parts
 from livernode.imaging.volume import LIVER as LIVER_LABEL
 from livernode.imaging.volume import TUMOUR as TUMOUR_LABEL
 
@@ -36,6 +38,7 @@ COUNT = Code("{lesions}", "UCUM", "lesions")
 # (and summary.json lists every lesion). Beyond a couple of dozen, single lesions are not what a reader measures,
 # and highdicom's report building grows faster than linearly with the number of groups (144 took 6 s).
 MAX_SR_LESIONS = 20
+EVIDENCE = Tag(0x0040A375)  # CurrentRequestedProcedureEvidenceSequence: the SR's elements from here on are encoded in one pass
 
 
 class _Measurement(hd.sr.Measurement):
@@ -151,13 +154,22 @@ def _private_scheme():
 
 
 def write_sr(sr: hd.sr.Comprehensive3DSR, path: Path) -> None:
-    """The SR as a Part 10 file, atomically. pydicom checks for ambiguous VRs over the whole tree from the top and
-    then again below every nested item it writes (a quarter of writing the ~5,000 items of a 50-lesion report);
-    the items built here are marked as already in the file's encoding, so they are checked once, from the top."""
-    implicit = sr.file_meta.TransferSyntaxUID.is_implicit_VR  # what save_as will write
-    for keyword in ("ContentSequence", "CurrentRequestedProcedureEvidenceSequence"):  # not those shared with `seg`
-        _mark_encoded(sr.get(keyword) or [], implicit=implicit)
-    write_dataset(path, sr)
+    """The SR as a Part 10 file, atomically. The evidence and content trees (from
+    CurrentRequestedProcedureEvidenceSequence on: some 2,000 items for 20 lesions) are encoded by
+    `segwrite.encode_from`, the elements before them by pydicom: the bytes `save_as` writes. When pydicom must
+    write it all (a value not of the plain kinds), it checks for ambiguous VRs over the whole tree from the top and
+    then again below every nested item it writes; the items built here are marked as already in the file's
+    encoding, so they are checked once, from the top."""
+    buf = io.BytesIO()
+    rest = encode_from(sr, EVIDENCE)
+    if rest is not None:
+        write_parts(sr, buf, EVIDENCE, rest)
+    else:
+        implicit = sr.file_meta.TransferSyntaxUID.is_implicit_VR  # what save_as will write
+        for keyword in ("ContentSequence", "CurrentRequestedProcedureEvidenceSequence"):  # not those shared with `seg`
+            _mark_encoded(sr.get(keyword) or [], implicit=implicit)
+        sr.save_as(buf, enforce_file_format=True)
+    atomic_write(path, buf.getbuffer())
 
 
 def _mark_encoded(items: Sequence[Dataset], *, implicit: bool) -> None:

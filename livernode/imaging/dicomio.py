@@ -53,8 +53,10 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
-def read_dataset(path: Path, *, pixels: bool = True) -> pydicom.Dataset:
-    """Read one DICOM file; InputError naming the file if it is not readable DICOM (see `check_dataset`)."""
+def read_dataset(path: Path, *, pixels: bool = True, checked: bool = False) -> pydicom.Dataset:
+    """Read one DICOM file; InputError naming the file if it is not readable DICOM (see `check_dataset`).
+    `checked`: the file holds bytes whose every element `check_dataset` has already decoded (the node's receivers
+    check each instance before they store it), so only the lengths and the pixel data are checked again."""
     try:
         size = Path(path).stat().st_size
         # Large values are read only after their declared length has been checked against the file's size:
@@ -62,19 +64,21 @@ def read_dataset(path: Path, *, pixels: bool = True) -> pydicom.Dataset:
         ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, defer_size=DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types for broken input; all mean the same to the caller
         raise InputError(f"{path}: not readable DICOM ({type(exc).__name__}: {exc})") from None
-    return check_dataset(ds, str(path), pixels=pixels, file_size=size)
+    return check_dataset(ds, str(path), pixels=pixels, file_size=size, elements=not checked)
 
 
 def check_dataset(ds: pydicom.Dataset, source: str, *, pixels: bool = True,
-                  transfer_syntax: str | None = None, file_size: int | None = None) -> pydicom.Dataset:
-    """Decode every top-level element now, so a malformed value (a length that runs past the end, an Integer
-    String '1A') fails here with `source` named rather than later, deep in the pipeline; and refuse an image
-    whose pixel data is shorter than its header says. `transfer_syntax` for a dataset received over the network
-    (no file meta). Returns `ds`; InputError otherwise."""
+                  transfer_syntax: str | None = None, file_size: int | None = None,
+                  elements: bool = True) -> pydicom.Dataset:
+    """Decode every top-level element now (unless `elements` is false), so a malformed value (a length that runs
+    past the end, an Integer String '1A') fails here with `source` named rather than later, deep in the
+    pipeline; and refuse an image whose pixel data is shorter than its header says. `transfer_syntax` for a
+    dataset received over the network (no file meta). Returns `ds`; InputError otherwise."""
     try:
         for tag in list(ds.keys()):
             _check_declared_length(ds.get_item(tag, keep_deferred=True), source, file_size)
-            ds[tag]  # noqa: B018 - converts the raw element now
+            if elements:
+                ds[tag]  # noqa: B018 - converts the raw element now
         if pixels and ("Rows" in ds or ds.get("SOPClassUID") in IMAGE_SOP_CLASSES):
             ts = pydicom.uid.UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
             _check_pixel_data(ds, source, ts)
@@ -131,6 +135,28 @@ def hu_of(ds: pydicom.Dataset, source: str) -> np.ndarray:
     if pad is not None:
         hu[arr == pad] = -1000.0
     return hu
+
+
+def hu_int16_of(ds: pydicom.Dataset, source: str) -> np.ndarray:
+    """`hu_of` as int16 (clipped to its range) for integer HU (slope 1, integer intercept), computed in integers:
+    the same values without a float32 copy of the slice. Other rescales go through `hu_of`."""
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    if slope != 1.0 or not intercept.is_integer():
+        return np.clip(hu_of(ds, source), -32768, 32767).astype(np.int16)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoders raise many types; all mean the same to the caller
+        raise InputError(f"{source}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+    if arr.dtype.kind not in "iu":
+        return np.clip(hu_of(ds, source), -32768, 32767).astype(np.int16)
+    hu = arr.astype(np.int64 if arr.itemsize > 2 else np.int32)
+    hu += int(intercept)
+    out = np.clip(hu, -32768, 32767).astype(np.int16)
+    pad = getattr(ds, "PixelPaddingValue", None)
+    if pad is not None:
+        out[arr == pad] = -1000
+    return out
 
 
 def _require(ds: pydicom.Dataset, source: str, *keywords: str) -> None:

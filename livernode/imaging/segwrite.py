@@ -96,7 +96,8 @@ _PER_FRAME = Tag(0x52009230)  # PerFrameFunctionalGroupsSequence
 _PIXEL_DATA = Tag(0x7FE00010)
 _LONG_VRS = {"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}  # 4-byte length
 _NUMBERS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
-_ASCII = {"UI", "CS", "SH", "LO", "DA", "TM", "DT", "AS", "AE"}  # in every character set, ASCII is ASCII
+# in every character set, ASCII is ASCII (text that is not ASCII goes to pydicom)
+_ASCII = {"UI", "CS", "SH", "LO", "DA", "TM", "DT", "AS", "AE", "ST", "LT", "UT"}
 _ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
 
 
@@ -160,9 +161,8 @@ def save_seg(seg: Dataset, path: Path) -> None:
     per-frame functional groups and the (native, bit-packed) pixel data are encoded here, the rest by pydicom."""
     tail = [elem.tag for elem in seg if elem.tag > _PER_FRAME]
     try:
-        if (_PER_FRAME not in seg or tail != [_PIXEL_DATA]
-                or seg.file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian):
-            raise _Unhandled("not a native explicit VR little endian multi-frame image")
+        if _PER_FRAME not in seg or tail != [_PIXEL_DATA]:
+            raise _Unhandled("not a multi-frame image")
         if (int(seg.BitsAllocated) > 8 or seg[_PIXEL_DATA].VR not in ("OB", "OB or OW")
                 or not isinstance(seg.PixelData, bytes)):
             raise _Unhandled("pixel data")  # pydicom would write more than 8 bits as OW
@@ -172,14 +172,44 @@ def save_seg(seg: Dataset, path: Path) -> None:
     except (_Unhandled, UnicodeEncodeError, struct.error):
         seg.save_as(path, enforce_file_format=True)
         return
-    head = Dataset()  # everything before the per-frame groups; the elements are seg's own, not copies
-    head.file_meta = seg.file_meta
-    head.preamble = getattr(seg, "preamble", None)
-    for elem in seg:
-        if elem.tag < _PER_FRAME:
+    write_parts(seg, path, _PER_FRAME, rest)
+
+
+def encode_from(ds: Dataset, first: BaseTag) -> bytes | None:
+    """The elements of `ds` from `first` on (a report's content tree: thousands of small items), encoded as
+    pydicom writes them in explicit VR little endian; None when the file is in another encoding or one of them
+    is not of the plain kinds encoded here (pydicom must then write it all). With `write_parts`, the file
+    `ds.save_as(path, enforce_file_format=True)` writes, byte for byte."""
+    if ds.file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
+        return None
+    tail = Dataset()
+    for elem in ds:
+        if elem.tag >= first:
+            tail.add(elem)
+    try:
+        return _encode(tail)
+    except (_Unhandled, UnicodeEncodeError, struct.error):
+        return None
+
+
+def write_parts(ds: Dataset, path, first: BaseTag, rest: bytes) -> None:
+    """The file: preamble, file meta and the elements before `first` by pydicom, then `rest` (the elements from
+    `first` on, already encoded in explicit VR little endian). `path` may be a writable binary file object."""
+    if ds.file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
+        ds.save_as(path, enforce_file_format=True)
+        return
+    head = Dataset()  # everything before `first`; the elements are ds's own, not copies
+    head.file_meta = ds.file_meta
+    head.preamble = getattr(ds, "preamble", None)
+    for elem in ds:
+        if elem.tag < first:
             head.add(elem)
     buf = io.BytesIO()
     head.save_as(buf, enforce_file_format=True)
+    if hasattr(path, "write"):
+        path.write(buf.getbuffer())
+        path.write(rest)
+        return
     with open(path, "wb") as f:
         f.write(buf.getbuffer())
         f.write(rest)

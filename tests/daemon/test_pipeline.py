@@ -124,3 +124,22 @@ def test_a_ray_node_actor_keeps_no_copy_of_the_model_on_disk(exported, tmp_path,
     actor = NodeActor("model.onnx", exported.read_bytes(), "cpu")
     assert actor.segmenter.path.name == "model.onnx" and actor.segmenter.session is not None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_integer_hu_equal_the_float_path(chaos_sample, synth_dirs):
+    """Slices decoded for the network as int16 HU in integers equal the float32 path clipped and cast, on CHAOS
+    and phantom files, with a padding value, a slope and a fractional intercept (which take the float path)."""
+    from livernode.imaging.dicomio import hu_int16_of, hu_of
+
+    files = sorted((chaos_sample / "DICOM_anon").glob("*.dcm"))[:3]
+    files += sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[:3]
+    for f in files:
+        for change in ({}, {"PixelPaddingValue": 0}, {"RescaleSlope": "2"}, {"RescaleIntercept": "-1000.5"},
+                       {"RescaleIntercept": "31500"}):
+            ds = read_dataset(f)
+            for k, v in change.items():
+                setattr(ds, k, v)
+            want = np.clip(hu_of(ds, str(f)), -32768, 32767).astype(np.int16)
+            got = hu_int16_of(ds, str(f))
+            assert got.dtype == np.int16 and np.array_equal(got, want), (f.name, change)
+            assert (got != got.flat[0]).any()

@@ -133,3 +133,25 @@ def test_one_pass_sr_has_no_more_dciodvfy_errors(inputs, tmp_path, monkeypatch):
     _build(monkeypatch, seg, source, findings, tmp_path / "new.dcm", reference=False)
     ref, new = _dciodvfy_errors(tmp_path / "ref.dcm"), _dciodvfy_errors(tmp_path / "new.dcm")
     assert new == [] or len(new) <= len(ref), new
+
+
+def test_the_sr_file_is_the_bytes_pydicom_writes(inputs, tmp_path, monkeypatch):
+    """write_sr encodes the evidence and content trees itself (one pass, no ambiguous-VR checks below every
+    item): the file is what pydicom's save_as writes for the same document, byte for byte, and a document it
+    cannot encode (a non-ASCII code meaning) is written by pydicom."""
+    import io
+
+    from livernode.imaging.segwrite import encode_from
+
+    seg, source, findings = inputs
+    sr = _build(monkeypatch, seg, source, findings, tmp_path / "new.dcm", reference=False)
+    assert encode_from(sr, srmod.EVIDENCE) is not None  # the fast path was taken
+    want = io.BytesIO()
+    sr.save_as(want, enforce_file_format=True)
+    got = (tmp_path / "new.dcm").read_bytes()
+    assert len(got) > 20000 and got == want.getvalue()
+    sr.ContentSequence[0].ConceptNameCodeSequence[0].CodeMeaning = "Mesure \u00e9"
+    assert encode_from(sr, srmod.EVIDENCE) is None
+    srmod.write_sr(sr, tmp_path / "latin.dcm")
+    assert pydicom.dcmread(tmp_path / "latin.dcm").ContentSequence[0].ConceptNameCodeSequence[0].CodeMeaning == \
+        "Mesure \u00e9"
