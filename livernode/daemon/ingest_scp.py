@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from livernode.daemon.metrics import AuditLog, Metrics
-from livernode.daemon.netclock import use_monotonic_timers
+from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdicom's timers on the monotonic clock
 from livernode.daemon.spool import UID_RE, InvalidUID, Spool, check_uid
 from livernode.daemon.store import Store
 from livernode.errors import InputError
@@ -109,7 +109,6 @@ class StoreSCP:
                  audit: AuditLog | None = None, *, allowed_calling: Sequence[str] = (),
                  require_called: bool = True, tls: ssl.SSLContext | None = None,
                  listen_socket: socket.socket | None = None) -> None:
-        use_monotonic_timers()
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = 0  # no limit: fewer PDUs per instance
         self.ae.require_calling_aet = [t.strip() for t in allowed_calling]

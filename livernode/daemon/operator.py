@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from livernode import __version__
-from livernode.daemon.netclock import use_monotonic_timers
+from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdicom's timers on the monotonic clock
 from livernode.daemon.send import Destination
 from livernode.daemon.store import Store
 from livernode.errors import ConfigError
@@ -138,7 +138,6 @@ def echo(target: str, calling_ae: str = "LIVERNODE", timeout: float = 10) -> tup
     from pynetdicom.sop_class import Verification
 
     dest = Destination.parse(target)
-    use_monotonic_timers()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)

@@ -163,8 +163,8 @@ class ReceiverPool:
         # instead of blocking until the next one (the flag belongs to the socket, so all receivers share it).
         sock.setblocking(False)
         self.socket, self.port = sock, sock.getsockname()[1]
-        for slot in self.slots:
-            self._spawn(slot, time.monotonic())
+        for i, slot in enumerate(self.slots):
+            self._spawn(i, slot, time.monotonic())
         end = time.monotonic() + timeout
         for slot in self.slots:
             while not slot.ready.value:
@@ -177,9 +177,9 @@ class ReceiverPool:
         log.info("C-STORE on %s:%d served by %d receiver processes (%s)%s", self.host, self.port, self.workers,
                  ", ".join(str(p.pid) for p in self.processes), " (TLS)" if self.spec.tls else "")
 
-    def _spawn(self, slot: _Slot, now: float) -> None:
+    def _spawn(self, i: int, slot: _Slot, now: float) -> None:
         slot.ready = self._ctx.Value("b", 0, lock=False)
-        slot.process = self._ctx.Process(target=_receiver, name=f"livernode-receiver-{self.slots.index(slot)}",
+        slot.process = self._ctx.Process(target=_receiver, name=f"livernode-receiver-{i}",
                                          args=(self.spec, self.socket, self.threshold, os.getpid(), slot.ready),
                                          daemon=True)
         slot.process.start()
@@ -193,7 +193,7 @@ class ReceiverPool:
             if self._stopping or self.socket is None:
                 return
             now = time.monotonic()
-            for slot in self.slots:
+            for i, slot in enumerate(self.slots):
                 p = slot.process
                 if p is not None and p.is_alive():
                     continue
@@ -207,7 +207,7 @@ class ReceiverPool:
                     p.close()
                     slot.process, slot.due = None, now + delay
                 if now >= slot.due:
-                    self._spawn(slot, now)
+                    self._spawn(i, slot, now)
                     self.restarts += 1
 
     def listening(self) -> bool:

@@ -16,7 +16,7 @@ from pydicom import Dataset
 from pynetdicom import AE, evt
 
 from livernode.config import DestinationConfig, TlsConfig
-from livernode.daemon.netclock import use_monotonic_timers
+from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdicom's timers on the monotonic clock
 from livernode.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,6 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
     called before each C-STORE and for every PDU sent; once `stopping()` is true, the remaining instances are left
     unattempted. Each network step (connect and TLS handshake, association, each response) waits at most
     `timeout` seconds."""
-    use_monotonic_timers()
     ae = AE(ae_title=calling_ae)
     # connection_timeout covers the TCP connect and the TLS handshake: without it a peer that accepts and stays
     # silent holds the sender for good.
