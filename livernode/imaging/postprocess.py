@@ -189,13 +189,12 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     box. Components are numbered as ndimage.label numbers them (by their first voxel in C order), so the liver
     among equally large components and the lesions' order are scipy's."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    organ = labels > 0
-    comp = cc3d.connected_components(organ, connectivity=26)
-    keep = _largest(comp, organ)
+    comp, n = cc3d.connected_components(labels > 0, connectivity=26, return_N=True)
+    keep = _largest(comp, n)
     if keep == 0:
         return Findings(np.zeros_like(labels, np.uint8), 0.0, 0.0, (), False)
     liver = comp == keep
-    del comp, organ  # 4 bytes a voxel
+    del comp  # 4 bytes a voxel
     box = _box(liver)
     for k in range(box[0].start, box[0].stop):  # holes are filled slice by slice, inside the organ's box only
         liver[k, box[1], box[2]] = fill_holes_2d(liver[k, box[1], box[2]])
@@ -231,18 +230,26 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     )
 
 
-def _largest(comp: np.ndarray, mask: np.ndarray) -> int:
-    """The label of the largest component (0: none); of equally large ones, the one met first in C order (as
-    scipy's numbering and argmax would choose)."""
-    found = comp[mask]
-    if not len(found):
+def _largest(comp: np.ndarray, n: int, chunk: int = 8) -> int:
+    """The label of the largest of the `n` components in `comp` (0: none); of equally large ones, the one met
+    first in C order (as scipy's numbering and argmax would choose). Counted a few slices at a time: np.bincount
+    converts its whole input to int64 first, 8 bytes a voxel."""
+    if n == 0:
         return 0
-    sizes = np.bincount(found)
+    sizes = np.zeros(n + 1, np.int64)
+    for start in range(0, len(comp), chunk):
+        sizes += np.bincount(comp[start:start + chunk].ravel(), minlength=n + 1)
     sizes[0] = 0
     ties = np.flatnonzero(sizes == sizes.max())
     if len(ties) == 1:
         return int(ties[0])
-    return int(min(ties, key=lambda t: int(np.argmax(found == t))))
+    first = {}
+    for start in range(0, len(comp), chunk):  # rare: where each tied component is first met
+        part = comp[start:start + chunk].ravel()
+        for t in ties:
+            if t not in first and (hit := np.flatnonzero(part == t)).size:
+                first[int(t)] = (start, int(hit[0]))
+    return min(first, key=first.__getitem__)
 
 
 def _components(comp: np.ndarray, mask: np.ndarray, min_voxels: float
