@@ -10,6 +10,7 @@ post-processing is measured on the hard side.
 3. End to end: a 200-slice 512x512 study sent by dcmtk storescu to `livernode serve`; seconds from the last
    instance acknowledged to the SEG and SR acknowledged by a dcmtk storescp PACS, split by stage (the node's own
    summary.json). The peer is the pure model: the same slices through the same ONNX session, nothing else.
+   Run in the order model, node, node, model (a fresh node each time), and compared as the sums of each.
 4. Memory: peak RSS of `livernode infer` on a 600-slice 512x512 study against its int16 volume plus the model,
    for the 2-D network and for a 3-D V-Net (config/compare.toml's recipe, trained once and kept in bench/cache),
    run by sliding window over the resampled study.
@@ -62,6 +63,7 @@ def pipeline_model(work: Path, template_dir: Path, size: int = 256) -> tuple[Pat
 
 
 def _pure_model_seconds(files: list[Path], model: Path) -> float:
+    """The network alone on the study's prepared slices: the same session, batches and threads the node uses."""
     from livernode.imaging.dicomio import read_ct_series
     from livernode.imaging.preprocess import prepare_slices
     from livernode.inference.runner import Segmenter
@@ -69,7 +71,9 @@ def _pure_model_seconds(files: list[Path], model: Path) -> float:
     seg = Segmenter(model, providers="cpu")
     x = prepare_slices(read_ct_series(files).hu, seg.spec)
     seg.run(x[:8])  # warm-up
-    return best_of(lambda: seg.run(x), 2, warmup=False)  # the faster of two: the peer is not handicapped by noise
+    t = time.perf_counter()
+    seg.run(x)
+    return time.perf_counter() - t
 
 
 def _pydicom_decode_seconds(files: list[Path]) -> float:
@@ -88,9 +92,11 @@ def _failed(state: Path) -> str:
     return row[0] if row else ""
 
 
-def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
+def _node_once(files: list[Path], model: Path, work: Path) -> tuple[float, float, dict, dict]:
+    """One study through a freshly started node: (seconds from the last acknowledgement to the SEG and SR at the
+    PACS, seconds sending took, its stage timings, its summary.json)."""
     pacs_port, node_port, pacs_out = free_port(), free_port(), work / "e2e-pacs"
-    pacs_out.mkdir()
+    pacs_out.mkdir(parents=True)
     pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(pacs_out), str(pacs_port)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = work / "e2e-state"
@@ -112,14 +118,28 @@ def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
         stop(node)
         stop(pacs)
     summary = json.loads(next(state.rglob("summary.json")).read_text())
-    stages = summary["timings_s"]
-    model_s = _pure_model_seconds(files, model)
+    return e2e, send_s, summary["timings_s"], summary
+
+
+def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
+    """The node against the pure model, in the order pure, node, node, pure: this machine's speed drifts by a
+    fifth within minutes (shared hosts), and the symmetric order cancels a steady drift, where one node run
+    against a later best-of-two model run did not."""
+    model_runs = [_pure_model_seconds(files, model)]
+    nodes = [_node_once(files, model, work / f"e2e-{k}") for k in (1, 2)]
+    model_runs.append(_pure_model_seconds(files, model))
+    e2e = [n[0] for n in nodes]
+    model_s, node_s = sum(model_runs) / 2, sum(e2e) / 2
     decode_s = _pydicom_decode_seconds(files)
-    tail_s = e2e - QUIET_S - model_s  # everything but the network's own compute and the quiet period
-    log(f"end to end: {e2e:.2f} s after the last ack; pure model {model_s:.2f} s; the rest {tail_s:.2f} s against "
+    tail_s = node_s - QUIET_S - model_s  # everything but the network's own compute and the quiet period
+    stages = {k: round(sum(n[2].get(k, 0.0) for n in nodes) / 2, 3) for k in nodes[0][2]}
+    summary = nodes[-1][3]
+    log(f"end to end: {node_s:.2f} s after the last ack (runs {', '.join(f'{x:.2f}' for x in e2e)}); pure model "
+        f"{model_s:.2f} s (runs {', '.join(f'{x:.2f}' for x in model_runs)}); the rest {tail_s:.2f} s against "
         f"{decode_s:.2f} s of pydicom reading the files")
-    return {"slices": len(files), "send_s": send_s, "last_ack_to_pacs_s": e2e, "quiet_period_s": QUIET_S,
-            "stages_s": stages, "pure_model_s": model_s, "overhead": e2e / model_s, "non_model_s": tail_s,
+    return {"slices": len(files), "send_s": sum(n[1] for n in nodes) / 2, "last_ack_to_pacs_s": node_s,
+            "runs_s": e2e, "pure_model_runs_s": model_runs, "quiet_period_s": QUIET_S, "stages_s": stages,
+            "pure_model_s": model_s, "overhead": node_s / model_s, "non_model_s": tail_s,
             "pydicom_decode_s": decode_s, "non_model_vs_decode": tail_s / decode_s,
             "lesions_found": summary["lesion_count"], "liver_ml": summary.get("liver_volume_ml")}
 

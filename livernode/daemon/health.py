@@ -72,10 +72,11 @@ STEP_RETRIES = 3
 
 
 def work_loop(name: str, liveness: Liveness, stop: threading.Event, wake: threading.Event, poll_s: float,
-              step: Callable[[], object], what: str) -> None:
-    """Until `stop`: `step()`, then wait for `wake` or `poll_s`. Beats before and after each step: finding nothing
-    to do is progress too, and the step itself beats as it works. A step that keeps raising ends the loop with
-    its exception after STEP_RETRIES further tries."""
+              step: Callable[[], object], what: str, next_in: Callable[[], float | None] | None = None) -> None:
+    """Until `stop`: `step()`, then wait for `wake` or `poll_s`, or less when `next_in()` says work falls due
+    sooner (seconds). Beats before and after each step: finding nothing to do is progress too, and the step itself
+    beats as it works. A step that keeps raising ends the loop with its exception after STEP_RETRIES further
+    tries."""
     failures = 0
     while not stop.is_set():
         liveness.beat(name, what)
@@ -93,7 +94,8 @@ def work_loop(name: str, liveness: Liveness, stop: threading.Event, wake: thread
             stop.wait(pause)
             continue
         liveness.beat(name, "idle")
-        wake.wait(poll_s)
+        soon = next_in() if next_in is not None else None
+        wake.wait(poll_s if soon is None else min(poll_s, max(0.005, soon)))
         wake.clear()
 
 

@@ -221,6 +221,18 @@ class Store(RetentionQueries):
                 "ORDER BY last_received_at", (now - quiet_s, now - max_wait_s)).fetchall()
         return [r[0] for r in rows]
 
+    def next_due_in(self, quiet_s: float, max_wait_s: float, now: float | None = None) -> float | None:
+        """Seconds until the first study that is not due yet becomes due by `due_studies`' rule; None when no
+        study is waiting to become due (one due already is found by `due_studies`, not counted here)."""
+        now = time.time() if now is None else now
+        with self.read() as db:
+            (due,) = db.execute(
+                "SELECT MIN(MIN(last_received_at + ?, first_received_at + ?)) FROM studies WHERE "
+                "state IN ('receiving', 'done', 'failed') AND instances > processed_instances AND "
+                "last_received_at > ? AND first_received_at > ?",
+                (quiet_s, max_wait_s, now - quiet_s, now - max_wait_s)).fetchone()
+        return None if due is None else max(0.0, due - now)
+
     def start_processing(self, study: str) -> StudyRow:
         """Mark the study processing, count the attempt and open a job; returns the row as it was before."""
         now = time.time()

@@ -59,7 +59,11 @@ class Worker:
 
     def run(self, poll_s: float) -> None:
         """Until `stop`: process due studies, then wait for new ones. Runs in the supervised worker thread."""
-        work_loop(NAME, self.liveness, self.stop, self.wake, poll_s, self.run_once, "looking for due studies")
+        def next_in():  # a study falls due at the end of its quiet period, not at the next poll after it
+            study = self.settings().study
+            return self.store.next_due_in(study.quiet_seconds, study.max_wait_seconds)
+        work_loop(NAME, self.liveness, self.stop, self.wake, poll_s, self.run_once, "looking for due studies",
+                  next_in)
 
     def run_once(self) -> int:
         """Process every study due now, one after the other (on Ray: several at once); returns how many were

@@ -1,3 +1,5 @@
+import pytest
+
 from livernode.daemon.store import Store
 
 CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage: counts towards a study
@@ -108,3 +110,17 @@ def test_an_index_from_before_attempts_is_migrated(tmp_path):
     s.start_processing("9.9")
     s.finish("9.9", 3, series='[{"description": "Abdomen", "chosen": true}]')
     assert s.last_series("9.9") == [{"description": "Abdomen", "chosen": True}]
+
+
+def test_the_worker_knows_when_the_next_study_falls_due(tmp_path):
+    """A study falls due at the end of its quiet period (or of max_wait); the worker waits until then, not until
+    its next poll. One due already, or one fully processed, is not a reason to wake early."""
+    s = Store(tmp_path / "index.sqlite")
+    assert s.next_due_in(30, 600, now=100) is None
+    s.add_instance("1.1", "9.1", "9.1.1", "1.2.840.10008.5.1.4.1.1.2", "/a.dcm", now=100)
+    assert s.next_due_in(30, 600, now=110) == pytest.approx(20)
+    assert s.due_studies(30, 600, now=110) == []
+    assert s.next_due_in(30, 20, now=110) == pytest.approx(10)  # max_wait from the first instance comes sooner
+    s.add_instance("1.2", "9.1", "9.1.1", "1.2.840.10008.5.1.4.1.1.2", "/b.dcm", now=125)  # restarts the quiet
+    assert s.next_due_in(30, 600, now=126) == pytest.approx(29)
+    assert s.next_due_in(30, 600, now=156) is None and s.due_studies(30, 600, now=156) == ["9.1"]
