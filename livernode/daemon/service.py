@@ -106,7 +106,11 @@ class Service:
             log.warning("re-indexed %d spooled instance(s) missing from the index (power loss?)", restored)
         self.worker.recover()
         if self.worker.ray is None:  # on Ray the results are written by the actors
-            log.info("result writers warmed up in %.2f s", warm_up(ModelFacts.of(self.segmenter)))
+            try:
+                log.info("result writers warmed up in %.2f s", warm_up(ModelFacts.of(self.segmenter)))
+            except Exception as exc:  # noqa: BLE001 - only a head start: the first study pays for it instead
+                log.warning("warming up the result writers failed (%s: %s); the first study will be slower",
+                            type(exc).__name__, exc)
         obs = self.cfg.observability
         if obs.metrics_port is not None:
             self.http = serve_http(obs.metrics_bind, obs.metrics_port,
