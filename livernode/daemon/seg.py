@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 from livernode.errors import LivernodeError
 from livernode.fsutil import replacing
 from livernode.imaging.labels import LABELS
-from livernode.imaging.segwrite import Algorithm, build_seg, save_seg
+from livernode.imaging.segwrite import LONG_VRS, PER_FRAME, PIXEL_DATA, Algorithm, build_seg, save_seg
 
 
 class SegCheckFailed(LivernodeError):
@@ -109,10 +109,9 @@ def verify_seg(path: Path, source: Sequence[Dataset], labels: np.ndarray, chunk:
                                      f"(slice {j} has it but no frame)")
 
 
-_PER_FRAME, _PIXEL_DATA = 0x52009230, 0x7FE00010
 _TOP_LEVEL = ["SOPClassUID", "SegmentationType", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
               "SegmentSequence"]
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OW", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+_LONG_VRS = {vr.encode() for vr in LONG_VRS}  # as they lie in the file
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -125,17 +124,17 @@ def _frames(path: Path) -> tuple[list[str], list[list[float]], list[int], bytes]
         meta = _read_file_meta_info(fp)
         explicit_le = meta.get("TransferSyntaxUID") == ExplicitVRLittleEndian
         raw = {e.tag: e for e in data_element_generator(fp, False, True, defer_size=None)
-               if e.tag in (_PER_FRAME, _PIXEL_DATA)} if explicit_le else {}
+               if e.tag in (PER_FRAME, PIXEL_DATA)} if explicit_le else {}
     try:
-        if _PER_FRAME not in raw or _PIXEL_DATA not in raw:
+        if PER_FRAME not in raw or PIXEL_DATA not in raw:
             raise ValueError("not read here")
         refs, pos, numbers = [], [], []
-        for frame in _items(raw[_PER_FRAME].value):
+        for frame in _items(raw[PER_FRAME].value):
             derivation = frame[0x00089124][0][0x00082112][0]
             refs.append(derivation[0x00081155].rstrip(b"\0 ").decode("ascii"))
             pos.append([float(v) for v in frame[0x00209113][0][0x00200032].decode("ascii").split("\\")])
             numbers.append(struct.unpack("<H", frame[0x0062000A][0][0x0062000B])[0])
-        return refs, pos, numbers, raw[_PIXEL_DATA].value
+        return refs, pos, numbers, raw[PIXEL_DATA].value
     except (ValueError, KeyError, IndexError, TypeError, struct.error, UnicodeDecodeError):
         ds = pydicom.dcmread(path)
         frames = ds.get("PerFrameFunctionalGroupsSequence", [])

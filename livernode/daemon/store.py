@@ -17,6 +17,8 @@ from livernode.daemon.store_retention import RetentionQueries
 from livernode.imaging.dicomio import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 from livernode.imaging.headers import header_facts
 
+# A study with instances not yet processed; due once quiet long enough (`due_studies`).
+_WAITING = "state IN ('receiving', 'done', 'failed') AND instances > processed_instances"
 CT_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
 
 SCHEMA = """
@@ -215,8 +217,7 @@ class Store(RetentionQueries):
         now = time.time() if now is None else now
         with self.read() as db:
             rows = db.execute(
-                "SELECT study_instance_uid FROM studies WHERE "
-                "(state IN ('receiving', 'done', 'failed') AND instances > processed_instances AND "
+                f"SELECT study_instance_uid FROM studies WHERE ({_WAITING} AND "
                 " (last_received_at <= ? OR first_received_at <= ?)) OR state = 'processing' "
                 "ORDER BY last_received_at", (now - quiet_s, now - max_wait_s)).fetchall()
         return [r[0] for r in rows]
@@ -227,8 +228,7 @@ class Store(RetentionQueries):
         now = time.time() if now is None else now
         with self.read() as db:
             (due,) = db.execute(
-                "SELECT MIN(MIN(last_received_at + ?, first_received_at + ?)) FROM studies WHERE "
-                "state IN ('receiving', 'done', 'failed') AND instances > processed_instances AND "
+                f"SELECT MIN(MIN(last_received_at + ?, first_received_at + ?)) FROM studies WHERE {_WAITING} AND "
                 "last_received_at > ? AND first_received_at > ?",
                 (quiet_s, max_wait_s, now - quiet_s, now - max_wait_s)).fetchone()
         return None if due is None else max(0.0, due - now)

@@ -124,12 +124,17 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return np.cross(row, col)
 
 
-def hu_of(ds: pydicom.Dataset, source: str) -> np.ndarray:
-    """Pixel data of one single-frame image in HU (float32), decoding any supported transfer syntax."""
+def _pixels(ds: pydicom.Dataset, source: str) -> np.ndarray:
+    """The stored pixel values, decoding any supported transfer syntax; InputError naming `source` otherwise."""
     try:
-        arr = ds.pixel_array
+        return ds.pixel_array
     except Exception as exc:  # decoders raise many types; all mean the same to the caller
         raise InputError(f"{source}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def hu_of(ds: pydicom.Dataset, source: str) -> np.ndarray:
+    """Pixel data of one single-frame image in HU (float32), decoding any supported transfer syntax."""
+    arr = _pixels(ds, source)
     hu = to_hu(arr, float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
     pad = getattr(ds, "PixelPaddingValue", None)
     if pad is not None:
@@ -144,10 +149,7 @@ def hu_int16_of(ds: pydicom.Dataset, source: str) -> np.ndarray:
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     if slope != 1.0 or not intercept.is_integer():
         return np.clip(hu_of(ds, source), -32768, 32767).astype(np.int16)
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # decoders raise many types; all mean the same to the caller
-        raise InputError(f"{source}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+    arr = _pixels(ds, source)
     if arr.dtype.kind not in "iu":
         return np.clip(hu_of(ds, source), -32768, 32767).astype(np.int16)
     hu = arr.astype(np.int64 if arr.itemsize > 2 else np.int32)

@@ -92,9 +92,9 @@ def build_seg(source: Sequence[Dataset], labels: np.ndarray, *, series_uid: str,
 # elements in 9 nested items a frame), which made save_as cost as much as highdicom's constructor. Those items
 # hold a few plain VRs, written here as pydicom writes them (a test pins the file to save_as byte for byte);
 # anything else goes to pydicom.
-_PER_FRAME = Tag(0x52009230)  # PerFrameFunctionalGroupsSequence
-_PIXEL_DATA = Tag(0x7FE00010)
-_LONG_VRS = {"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}  # 4-byte length
+PER_FRAME = Tag(0x52009230)  # PerFrameFunctionalGroupsSequence
+PIXEL_DATA = Tag(0x7FE00010)
+LONG_VRS = {"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}  # 4-byte length
 _NUMBERS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
 # in every character set, ASCII is ASCII (text that is not ASCII goes to pydicom)
 _ASCII = {"UI", "CS", "SH", "LO", "DA", "TM", "DT", "AS", "AE", "ST", "LT", "UT"}
@@ -106,7 +106,7 @@ class _Unhandled(Exception):
 
 
 def _element(tag: BaseTag, vr: str, value: bytes) -> bytes:
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return struct.pack("<HH2sHL", tag.group, tag.element, vr.encode(), 0, len(value)) + value
     if len(value) > 0xFFFF:
         raise _Unhandled(tag)
@@ -159,20 +159,20 @@ def _encode(ds: Dataset) -> bytes:
 def save_seg(seg: Dataset, path: Path) -> None:
     """Write `seg` to `path` as `seg.save_as(path, enforce_file_format=True)` would, byte for byte, faster: the
     per-frame functional groups and the (native, bit-packed) pixel data are encoded here, the rest by pydicom."""
-    tail = [elem.tag for elem in seg if elem.tag > _PER_FRAME]
+    tail = [elem.tag for elem in seg if elem.tag > PER_FRAME]
     try:
-        if _PER_FRAME not in seg or tail != [_PIXEL_DATA]:
+        if PER_FRAME not in seg or tail != [PIXEL_DATA]:
             raise _Unhandled("not a multi-frame image")
-        if (int(seg.BitsAllocated) > 8 or seg[_PIXEL_DATA].VR not in ("OB", "OB or OW")
+        if (int(seg.BitsAllocated) > 8 or seg[PIXEL_DATA].VR not in ("OB", "OB or OW")
                 or not isinstance(seg.PixelData, bytes)):
             raise _Unhandled("pixel data")  # pydicom would write more than 8 bits as OW
         pixels = seg.PixelData + b"\0" * (len(seg.PixelData) % 2)
-        rest = _element(_PER_FRAME, "SQ", _items(seg.PerFrameFunctionalGroupsSequence)) + _element(
-            _PIXEL_DATA, "OB", pixels)
+        rest = _element(PER_FRAME, "SQ", _items(seg.PerFrameFunctionalGroupsSequence)) + _element(
+            PIXEL_DATA, "OB", pixels)
     except (_Unhandled, UnicodeEncodeError, struct.error):
         seg.save_as(path, enforce_file_format=True)
         return
-    write_parts(seg, path, _PER_FRAME, rest)
+    write_parts(seg, path, PER_FRAME, rest)
 
 
 def encode_from(ds: Dataset, first: BaseTag) -> bytes | None:
