@@ -1,6 +1,7 @@
 """`make bench`: one table of livernode against a peer measured in the same run, also written as
 bench/results.json. Parts: model speed (bench/model_speed.py), ingest (bench/ingest.py), end to end, memory and
-scaling (bench/pipeline.py), an archive through `livernode batch` (bench/batch.py), and the GPU script
+scaling (bench/pipeline.py), an archive through `livernode batch` (bench/batch.py), the node's work on each slice
+around the network (bench/host_steps.py), and the GPU script
 (bench/gpu.py) exercised on the CPU when there is no GPU."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import batch, ingest, model_speed, pipeline  # noqa: E402
+from bench import batch, host_steps, ingest, model_speed, pipeline  # noqa: E402
 from bench.common import ENV, PY, REPO, log, stacked_study  # noqa: E402
 
 WORK = REPO / "bench" / "work"
@@ -104,6 +105,14 @@ def table(r: dict) -> list[dict]:
                      f"(agreement {100 * f['agreement']:.3f} %)", f"{f['fused_ms_per_slice']:.0f}",
                      f"{f['host_ms_per_slice']:.0f}", f"{f['host_ms_per_slice'] / f['fused_ms_per_slice']:.2f}x",
                      "(report)", None))
+    h = r["host_steps"]
+    rows.append(_row(f"decode a 512^2 slice to int16 HU: ms, from the stored words vs pydicom's pixel_array",
+                     f"{h['decode_ms_per_slice']:.2f}", f"{h['decode_pydicom_ms_per_slice']:.2f}",
+                     f"{h['decode_pydicom_ms_per_slice'] / h['decode_ms_per_slice']:.2f}x", "(report)", None))
+    rows.append(_row(f"restore {h['network_px']} px output to 512^2 labels: ms, plane by plane vs all classes "
+                     f"resized (agreement {100 * h['restore_agreement']:.3f} %)", f"{h['restore_ms_per_slice']:.2f}",
+                     f"{h['restore_all_classes_ms_per_slice']:.2f}",
+                     f"{h['restore_all_classes_ms_per_slice'] / h['restore_ms_per_slice']:.2f}x", "(report)", None))
     c = r["coverage"]
     rows.append(_row(f"coverage pass, {c['series']}-series study ({c['files']} files): s vs inference of the chosen "
                      f"{c['chosen_slices']} slices", f"{c['coverage_s']:.2f}", f"{c['infer_s']:.2f}",
@@ -160,6 +169,8 @@ def main() -> int:
     results["coverage"] = pipeline.coverage_cost(native, WORK)
     log("fused model (pre- and post-processing in the graph) against the host path ...")
     results["fused"] = pipeline.fused_speed(study, model, WORK)
+    log("the node's work on each slice around the network ...")
+    results["host_steps"] = host_steps.run(study, model)
     log("GPU script, exercised on the CPU ...")
     gpu_out = WORK / "gpu-on-cpu.json"
     subprocess.run([PY, str(REPO / "bench" / "gpu.py"), "--model", results["model"]["model_512_fp16"],

@@ -6,6 +6,7 @@ import logging
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -144,21 +145,82 @@ def hu_of(ds: pydicom.Dataset, source: str) -> np.ndarray:
 
 def hu_int16_of(ds: pydicom.Dataset, source: str) -> np.ndarray:
     """`hu_of` as int16 (clipped to its range) for integer HU (slope 1, integer intercept), computed in integers:
-    the same values without a float32 copy of the slice. Other rescales go through `hu_of`."""
+    the same values without a float32 copy of the slice. A single-frame 16-bit image stored uncompressed, little
+    endian (what scanners and our receivers mostly store) is computed from its stored words without pydicom's
+    decoding (`_native_words`, `_words_to_hu`). Other rescales go through `hu_of`."""
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     if slope != 1.0 or not intercept.is_integer():
         return np.clip(hu_of(ds, source), -32768, 32767).astype(np.int16)
+    pad = getattr(ds, "PixelPaddingValue", None)
+    words = _native_words(ds)
+    if words is not None and (pad is None or isinstance(pad, int)):
+        return _words_to_hu(words, int(ds.PixelRepresentation) == 1, int(ds.BitsStored), int(intercept), pad)
     arr = _pixels(ds, source)
     if arr.dtype.kind not in "iu":
         return np.clip(hu_of(ds, source), -32768, 32767).astype(np.int16)
     hu = arr.astype(np.int64 if arr.itemsize > 2 else np.int32)
     hu += int(intercept)
     out = np.clip(hu, -32768, 32767).astype(np.int16)
-    pad = getattr(ds, "PixelPaddingValue", None)
     if pad is not None:
         out[arr == pad] = -1000
     return out
+
+
+_NATIVE_LITTLE_ENDIAN = frozenset({pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian})
+
+
+def _native_words(ds: pydicom.Dataset) -> np.ndarray | None:
+    """The stored 16-bit words (rows, cols) of a single-frame, single-sample image in an uncompressed little-endian
+    file, as a view on its pixel data; None for any other image (pydicom decodes those)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    try:
+        if (int(ds.BitsAllocated) != 16 or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+                or int(ds.get("NumberOfFrames", 1) or 1) != 1 or not 1 <= int(ds.BitsStored) <= 16
+                or int(ds.PixelRepresentation) not in (0, 1)):
+            return None
+        rows, cols, data = int(ds.Rows), int(ds.Columns), ds.PixelData
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not isinstance(data, bytes) or len(data) < 2 * rows * cols:
+        return None
+    return np.frombuffer(data, "<u2", count=rows * cols).reshape(rows, cols)
+
+
+def _words_to_hu(words: np.ndarray, signed: bool, bits_stored: int, intercept: int, pad: int | None
+                 ) -> np.ndarray:
+    """int16 HU of stored 16-bit words, as `_hu_table` maps them. In int16 arithmetic when the unused bits hold
+    nothing (each word is its value) and no value overflows int16 with the intercept added, the common case
+    (about 0.1 ms a 512 px slice); otherwise through the table (about 0.4 ms)."""
+    values = words.view(np.int16) if signed else words
+    lo, hi = int(values.min()), int(values.max())
+    first, last = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    if first <= lo and hi <= last and -32768 <= lo + intercept and hi + intercept <= 32767 and hi <= 32767:
+        out = values.astype(np.int16)  # exact: every value lies in int16's range
+        out += np.int16(intercept)
+        if pad is not None:
+            out[values == pad] = -1000
+        return out
+    return np.take(_hu_table(signed, bits_stored, intercept, pad), words)
+
+
+@lru_cache(maxsize=16)
+def _hu_table(signed: bool, bits_stored: int, intercept: int, pad: int | None) -> np.ndarray:
+    """int16 HU for each of the 65536 stored words: the bits above Bits Stored ignored (sign-extended from the
+    highest stored bit for signed pixels, as pydicom's pixel_array does), the intercept added, clipped to int16, and
+    the padding value (compared with the stored value) set to -1000 (air)."""
+    words = np.arange(1 << 16, dtype=np.int64)
+    value = words & ((1 << bits_stored) - 1)
+    if signed:
+        sign = 1 << (bits_stored - 1)
+        value = (value ^ sign) - sign
+    table = np.clip(value + intercept, -32768, 32767).astype(np.int16)
+    if pad is not None:
+        table[value == pad] = -1000
+    table.flags.writeable = False  # shared by every call with these arguments
+    return table
 
 
 def _require(ds: pydicom.Dataset, source: str, *keywords: str) -> None:

@@ -5,6 +5,7 @@ The training loaders and the daemon both call these functions, so a slice gives 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -136,60 +137,41 @@ def restore_probabilities(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarra
     return out
 
 
-def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OpenCV's INTER_LINEAR along one axis from `src` to `dst` samples: for each output sample its two source
-    samples and the weight of the second (as cv2.resize computes them in float, edges clamped)."""
-    f = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
-    first = np.floor(f).astype(np.intp)
-    f -= first.astype(np.float32)
-    below, beyond = first < 0, first >= src - 1
-    f[below], first[below] = 0, 0
-    f[beyond], first[beyond] = 0, src - 1
-    return first, np.minimum(first + 1, src - 1), f
-
-
 def argmax_last(p: np.ndarray) -> np.ndarray:
     """p.argmax(-1) as uint8 (the first of equal maxima, as numpy), by comparing whole channel planes: numpy's
     argmax over a short last axis costs several times more."""
-    idx = np.zeros(p.shape[:-1], np.uint8)
-    best = p[..., 0].copy()
-    for c in range(1, p.shape[-1]):
-        better = p[..., c] > best
-        idx[better] = c
-        np.maximum(best, p[..., c], out=best)
+    return _argmax_planes([p[..., c] for c in range(p.shape[-1])])
+
+
+def _argmax_planes(planes, values: Sequence[int] | None = None) -> np.ndarray:
+    """At each element, the index (uint8) of the largest of equally shaped `planes`, the first of equal maxima;
+    or `values[index]` when given (a label map applied in the same pass)."""
+    planes = iter(planes)
+    best = np.array(next(planes), np.float32)  # a copy: it is overwritten
+    idx = np.full(best.shape, 0 if values is None else values[0], np.uint8)
+    for c, plane in enumerate(planes, 1):
+        np.copyto(idx, c if values is None else values[c], where=plane > best)
+        np.maximum(best, plane, out=best)
     return idx
 
 
-def restore_labels(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """argmax(restore_probabilities(prob, shape)) as uint8 (n, rows, cols), without resizing every channel.
-
-    Bilinear interpolation mixes the four network pixels around an output pixel with weights that are >= 0 and sum
-    to 1; where those four share one argmax, the mixture has that argmax too. So the argmax is taken at the
-    network's resolution, spread to the output by the interpolation's own source indices, and interpolated only
-    where the four neighbours disagree (the organ boundaries, a few per cent of the pixels). Equal to the full path
-    up to float rounding at exact ties."""
+def restore_labels(prob: np.ndarray, shape: tuple[int, int], values: Sequence[int] | None = None) -> np.ndarray:
+    """argmax(restore_probabilities(prob, shape)) as uint8 (n, rows, cols), or `values` of it (the model's label
+    map), with one class plane resized at a time: OpenCV's bilinear resize treats channels alike, so each plane
+    comes out as in the multi-channel resize, and a contiguous single-channel plane resizes and compares several
+    times faster than interleaved channels (bench/host_steps.py). Only the crop of the padded square is compared."""
     n, s, _, k = prob.shape
     top, bottom, left, right = _square_pad(shape)
-    side = shape[0] + top + bottom
-    low = argmax_last(prob)
-    if s == side:
-        return np.ascontiguousarray(low[:, top:top + shape[0], left:left + shape[1]])
-    rows, cols = shape
-    y0, y1, wy = (a[top:top + rows] for a in _linear_taps(s, side))
-    x0, x1, wx = (a[left:left + cols] for a in _linear_taps(s, side))
-    one = np.ones(low.shape, bool)  # the 2x2 block from (r, c) holds one label (an edge block only its own)
-    one[:, :-1] &= low[:, :-1] == low[:, 1:]
-    one[:, :, :-1] &= low[:, :, :-1] == low[:, :, 1:]
-    one[:, :-1, :-1] &= low[:, :-1, :-1] == low[:, 1:, 1:]
-    out = low.take(y0, axis=1).take(x0, axis=2)
-    mixed = np.flatnonzero(~one.take(y0, axis=1).take(x0, axis=2))
-    if len(mixed):
-        i, rest = np.divmod(mixed, rows * cols)
-        y, x = np.divmod(rest, cols)
-        flat, base = prob.reshape(-1, k), i * (s * s)
-        r0, r1, c0, c1 = base + y0[y] * s, base + y1[y] * s, x0[x], x1[x]
-        fx, fy = wx[x][:, None], wy[y][:, None]
-        top_row = flat.take(r0 + c0, axis=0) * (1 - fx) + flat.take(r0 + c1, axis=0) * fx
-        low_row = flat.take(r1 + c0, axis=0) * (1 - fx) + flat.take(r1 + c1, axis=0) * fx
-        out.reshape(-1)[mixed] = argmax_last(top_row * (1 - fy) + low_row * fy)
+    side, (rows, cols) = shape[0] + top + bottom, shape
+    planes = np.ascontiguousarray(np.moveaxis(prob, -1, 1), np.float32)  # (n, k, s, s)
+    out = np.empty((n, rows, cols), np.uint8)
+
+    def plane(i: int, c: int) -> np.ndarray:
+        p = planes[i, c]
+        if s != side:
+            p = cv2.resize(p, (side, side), interpolation=cv2.INTER_LINEAR)
+        return p[top:top + rows, left:left + cols]
+
+    for i in range(n):
+        out[i] = _argmax_planes((plane(i, c) for c in range(k)), values)
     return out

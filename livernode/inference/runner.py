@@ -131,8 +131,8 @@ class Segmenter:
 
     def labels_at(self, prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """(n, size, size, k) network output -> (n, rows, cols) uint8 labels in livernode's values at the slices'
-        `shape` (preprocess.restore_labels: the argmax of the resized probabilities without resizing them all)."""
-        return self.lut[restore_labels(prob, shape)]
+        `shape` (preprocess.restore_labels: the argmax of the resized probabilities, mapped in the same pass)."""
+        return restore_labels(prob, shape, self.lut.tolist())
 
     def segment(self, hu: np.ndarray, orientation: Orientation = Orientation(),
                 spacing: tuple[float, float, float] | None = None) -> np.ndarray:

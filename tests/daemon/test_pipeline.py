@@ -127,17 +127,24 @@ def test_a_ray_node_actor_keeps_no_copy_of_the_model_on_disk(exported, tmp_path,
 
 
 def test_integer_hu_equal_the_float_path(chaos_sample, synth_dirs):
-    """Slices decoded for the network as int16 HU in integers equal the float32 path clipped and cast, on CHAOS
-    and phantom files, with a padding value, a slope and a fractional intercept (which take the float path)."""
-    from livernode.imaging.dicomio import hu_int16_of, hu_of
+    """Slices decoded for the network as int16 HU in integers equal pydicom's pixels through the float32 path,
+    clipped and cast, on CHAOS and phantom files: by the table lookup from the stored words (which these
+    uncompressed files take), with a padding value, with fewer bits stored than allocated and the unused bits set
+    (unsigned and signed), and by pydicom's own decoding for a slope and a fractional intercept."""
+    from livernode.imaging.dicomio import _native_words, hu_int16_of, hu_of
 
     files = sorted((chaos_sample / "DICOM_anon").glob("*.dcm"))[:3]
     files += sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[:3]
+    garbage = {"BitsStored": 12, "PixelData": "high bits set"}
     for f in files:
         for change in ({}, {"PixelPaddingValue": 0}, {"RescaleSlope": "2"}, {"RescaleIntercept": "-1000.5"},
-                       {"RescaleIntercept": "31500"}):
+                       {"RescaleIntercept": "31500"}, garbage, {**garbage, "PixelRepresentation": 1},
+                       {**garbage, "PixelRepresentation": 1, "PixelPaddingValue": -2000}):
             ds = read_dataset(f)
+            assert _native_words(ds) is not None, f.name  # the fast path is what is tested
             for k, v in change.items():
+                if k == "PixelData":  # stored values in the low 12 bits, the 4 unused bits set to 1010
+                    v = ((np.frombuffer(ds.PixelData, "<u2") & 0x0FFF) | 0xA000).astype("<u2").tobytes()
                 setattr(ds, k, v)
             want = np.clip(hu_of(ds, str(f)), -32768, 32767).astype(np.int16)
             got = hu_int16_of(ds, str(f))

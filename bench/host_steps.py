@@ -1,0 +1,75 @@
+"""Benchmark part 8: the node's own work on each slice around the network, in ms per 512x512 slice, each against
+the way it was done before (the peer, in the same run):
+
+- decode: a stored slice to int16 HU, from the file's 16-bit words (dicomio._native_words) against pydicom's
+  pixel_array;
+- restore: the network's 256 px probabilities to uint8 labels at 512 px, one class plane at a time
+  (preprocess.restore_labels) against OpenCV's resize of all classes together and the argmax.
+
+On two cores these run beside ONNX Runtime, so each millisecond here is taken from the network. Run alone:
+`python -m bench.host_steps [folder of .dcm files] [model.onnx]` (default: bench/work's study and model)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import best_interleaved
+
+ROUNDS = 3
+
+
+def run(files: list[Path], model: Path, slices: int = 40) -> dict:
+    from livernode.imaging import dicomio
+    from livernode.imaging.dicomio import read_dataset
+    from livernode.imaging.preprocess import restore_labels, restore_probabilities
+    from livernode.inference.runner import Segmenter
+
+    files = files[:slices]
+    words = dicomio._native_words
+
+    def decode_words():
+        return [dicomio.hu_int16_of(read_dataset(f, checked=True), str(f)) for f in files]
+
+    def decode_pydicom():
+        dicomio._native_words = lambda ds: None  # pydicom's pixel_array for every slice
+        try:
+            return [dicomio.hu_int16_of(read_dataset(f, checked=True), str(f)) for f in files]
+        finally:
+            dicomio._native_words = words
+
+    fast, slow = best_interleaved(decode_words, decode_pydicom, ROUNDS)
+    hu = np.stack(decode_words())
+    if not np.array_equal(hu, np.stack(decode_pydicom())):
+        raise RuntimeError("the two decodings differ")
+    if words(read_dataset(files[0], checked=True)) is None:
+        raise RuntimeError(f"{files[0]}: not an uncompressed 16-bit slice; the fast decoding was not measured")
+
+    seg = Segmenter(model, providers="cpu")
+    prob = seg.run(seg.inputs(hu, len(hu), 0, len(hu), 0))
+    shape = hu.shape[1:]
+
+    def by_plane():
+        return [restore_labels(prob[i:i + 2], shape) for i in range(0, len(prob), 2)]
+
+    def all_classes():
+        return [restore_probabilities(prob[i:i + 2], shape).argmax(-1) for i in range(0, len(prob), 2)]
+
+    planes, together = best_interleaved(by_plane, all_classes, ROUNDS)
+    agreement = float((np.concatenate(by_plane()) == np.concatenate(all_classes())).mean())
+    n = len(files)
+    return {"slices": n, "network_px": int(prob.shape[1]),
+            "decode_ms_per_slice": 1000 * fast / n, "decode_pydicom_ms_per_slice": 1000 * slow / n,
+            "restore_ms_per_slice": 1000 * planes / n, "restore_all_classes_ms_per_slice": 1000 * together / n,
+            "restore_agreement": agreement}
+
+
+if __name__ == "__main__":
+    from bench.run import WORK
+
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else WORK / "study-200"
+    model = Path(sys.argv[2]) if len(sys.argv) > 2 else WORK / "trained-256.onnx"
+    print(json.dumps(run(sorted(folder.rglob("*.dcm")), model), indent=1))
