@@ -189,8 +189,10 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     box. Components are numbered as ndimage.label numbers them (by their first voxel in C order), so the liver
     among equally large components and the lesions' order are scipy's."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    comp, n = cc3d.connected_components(labels > 0, connectivity=26, return_N=True)
-    keep = _largest(comp, n)
+    organ = labels > 0
+    comp, n = cc3d.connected_components(organ, connectivity=26, return_N=True)
+    keep = _largest(comp, n, organ)
+    del organ  # freed before the liver's own mask: the peak stays at comp, labels and one mask
     if keep == 0:
         return Findings(np.zeros_like(labels, np.uint8), 0.0, 0.0, (), False)
     liver = comp == keep
@@ -230,15 +232,16 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     )
 
 
-def _largest(comp: np.ndarray, n: int, chunk: int = 8) -> int:
-    """The label of the largest of the `n` components in `comp` (0: none); of equally large ones, the one met
-    first in C order (as scipy's numbering and argmax would choose). Counted a few slices at a time: np.bincount
-    converts its whole input to int64 first, 8 bytes a voxel."""
+def _largest(comp: np.ndarray, n: int, mask: np.ndarray, chunk: int = 8) -> int:
+    """The label of the largest of the `n` components in `comp` (0: none; `mask`: its non-zero voxels); of equally
+    large ones, the one met first in C order (as scipy's numbering and argmax would choose). Counted a few slices
+    at a time over the labelled voxels only: np.bincount converts its input to int64 first, 8 bytes a voxel, and
+    the background is most of the volume."""
     if n == 0:
         return 0
     sizes = np.zeros(n + 1, np.int64)
     for start in range(0, len(comp), chunk):
-        sizes += np.bincount(comp[start:start + chunk].ravel(), minlength=n + 1)
+        sizes += np.bincount(comp[start:start + chunk][mask[start:start + chunk]], minlength=n + 1)
     sizes[0] = 0
     ties = np.flatnonzero(sizes == sizes.max())
     if len(ties) == 1:
