@@ -13,13 +13,18 @@ from pathlib import Path
 import pydicom
 import pydicom.uid
 from pydicom import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 
 from livernode.config import DestinationConfig, TlsConfig
 from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdicom's timers on the monotonic clock
 from livernode.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# An instance read from a file is sent as the file's own bytes (send_c_store given its path), not encoded again
+# from the dataset: the same bytes on the wire, and a SEG's thousands of per-frame items are not encoded a second
+# time. It needs an accepted context in the file's own transfer syntax, which is the only one `send_datasets`
+# proposes. The flag changes only calls that pass a path.
+_config.STORE_SEND_CHUNKED_DATASET = True
 DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 
@@ -120,7 +125,7 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
                 outcomes.append(Outcome(False, f"{dest}: connection lost before {name} was sent"))
                 continue
             progress()
-            status = assoc.send_c_store(ds)
+            status = assoc.send_c_store(_as_sent(ds))
             code = getattr(status, "Status", None)
             if code is None:
                 outcomes.append(Outcome(False, f"{dest}: no response for {name} (connection lost or timed out)"))
@@ -135,6 +140,12 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _as_sent(ds: Dataset) -> Dataset | Path:
+    """The file `ds` was read from, when it is still there (sent as it lies), else the dataset itself."""
+    name = getattr(ds, "filename", None)
+    return Path(name) if isinstance(name, str) and Path(name).is_file() else ds
 
 
 def _refused(dest: Destination, sop: str, ts: str) -> str:

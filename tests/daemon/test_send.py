@@ -46,6 +46,45 @@ def test_success_warning_and_refusal(synth_dirs):
             server.shutdown()
 
 
+def test_a_file_goes_out_as_its_own_bytes_and_a_dataset_in_memory_is_encoded(synth_dirs, monkeypatch):
+    """An instance read from a file reaches the peer as the file's bytes after its file meta, without being
+    encoded again; one built in memory (no file behind it) is encoded by pynetdicom as before."""
+    import pynetdicom.association
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    encoded = []
+    real_encode = pynetdicom.association.encode
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda ds, *a: encoded.append(ds) or real_encode(ds, *a))
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    got = {}
+
+    def on_store(event):
+        got[event.request.AffectedSOPInstanceUID] = bytes(event.request.DataSet.getvalue())
+        return 0x0000
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        dest = Destination("PACS", "127.0.0.1", server.server_address[1])
+        files = _files(synth_dirs)
+        in_memory = pydicom.dcmread(files[1])
+        in_memory.SOPInstanceUID = pydicom.uid.generate_uid()
+        in_memory.filename = None  # built here, not read from a file
+        outcomes = send_datasets([pydicom.dcmread(files[0]), in_memory], ["file", "memory"], dest)
+        assert [o.stored for o in outcomes] == [True, True]
+        assert [ds.SOPInstanceUID for ds in encoded] == [in_memory.SOPInstanceUID]  # the file was not encoded
+        with open(files[0], "rb") as f:
+            read_preamble(f, False)
+            _read_file_meta_info(f)
+            body = f.read()
+        sent = pydicom.dcmread(files[0])
+        assert len(body) > 1000 and got[sent.SOPInstanceUID] == body
+        back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(got[in_memory.SOPInstanceUID]), force=True)
+        assert back.SOPInstanceUID == in_memory.SOPInstanceUID and back.PixelData == in_memory.PixelData
+    finally:
+        server.shutdown()
+
+
 def test_unreachable_destination_is_a_send_error(synth_dirs):
     with pytest.raises(SendError, match="association"):
         send_files(_files(synth_dirs), Destination("PACS", "127.0.0.1", 1), timeout=5)
