@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from collections.abc import Sequence
@@ -17,6 +18,31 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from livernode import __version__
 from livernode.imaging.labels import LABELS, CodedConcept
+
+
+def _remember_iod_answers() -> None:
+    """highdicom asks once per source image whether the image's SOP class allows several frames
+    (`is_multiframe_image`), each time by walking the standard's tables of every module of the IOD: about a
+    millisecond a slice, a third of building a 200-slice SEG. The answer depends only on the attribute and the SOP
+    class (the tables are fixed), so it is looked up once per pair."""
+    from highdicom import _standard_utils
+
+    lookup = _standard_utils.is_attribute_in_iod
+    if hasattr(lookup, "__wrapped__"):
+        return
+    answers: dict = {}
+
+    @functools.wraps(lookup)
+    def remembered(attribute: str, sop_class_uid: str, exclude_path_elements=None) -> bool:
+        key = (attribute, str(sop_class_uid), tuple(exclude_path_elements) if exclude_path_elements else None)
+        if key not in answers:
+            answers[key] = lookup(attribute, sop_class_uid, exclude_path_elements)
+        return answers[key]
+
+    _standard_utils.is_attribute_in_iod = remembered
+
+
+_remember_iod_answers()
 
 
 @dataclass(frozen=True)

@@ -219,3 +219,19 @@ def _lengths(ds, undefined: bool) -> None:
                 if sub.VR == "SQ":
                     mark(sub)
     mark(ds["PerFrameFunctionalGroupsSequence"])
+
+
+def test_remembered_iod_answers_are_highdicom_s_own():
+    """The SEG writer remembers highdicom's answers to 'is this attribute in that SOP class's IOD'; each answer,
+    first asked and remembered, equals the table walk's."""
+    from highdicom import _standard_utils
+
+    remembered = _standard_utils.is_attribute_in_iod
+    walk = remembered.__wrapped__
+    ct, enhanced, seg = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.66.4"
+    asked = [("PerFrameFunctionalGroupsSequence", uid, None) for uid in (ct, enhanced, seg)]
+    asked += [("PixelData", uid, ["IconImageSequence"]) for uid in (ct, seg)]
+    answers = [walk(*a) for a in asked]
+    assert answers == [False, True, True, True, True]
+    for _ in range(2):  # asked, then remembered
+        assert [remembered(*a) for a in asked] == answers
