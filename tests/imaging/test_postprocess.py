@@ -61,6 +61,30 @@ def test_liver_margin_matches_a_3d_distance_transform(spacing):
         assert np.array_equal(got, want), (margin, int((got != want).sum()))
 
 
+@pytest.mark.parametrize("spacing", [(2.0, 0.7, 0.7), (1.0, 1.0, 1.0), (2.5, 0.8, 0.6)])
+def test_liver_margin_at_stray_voxels_matches_a_3d_distance_transform(spacing):
+    """`_near_at` (the margin looked up around a few query voxels only) equals scipy's 3-D Euclidean distance
+    transform at the query voxels, ties at the margin included, for queries at the volume's edges too, and by the
+    slice maps when the look-ups exceed its budget."""
+    from scipy import ndimage
+
+    from livernode.imaging.postprocess import _near_at
+
+    rng = np.random.default_rng(11)
+    far = 0
+    for margin in (1.0, 2.0, 5.0, 7.3):
+        mask = ndimage.binary_dilation(rng.random((24, 40, 36)) < 0.004, iterations=2)
+        query = (rng.random(mask.shape) < 0.02) & ~mask
+        query[0, 0, 0] = query[-1, -1, -1] = True
+        want = query & (ndimage.distance_transform_edt(~mask, sampling=spacing) <= margin)
+        assert want.any()
+        far += int((query & ~want).sum())
+        for budget in (20_000_000, 0):
+            got = _near_at(mask, query, spacing, margin, budget=budget)
+            assert np.array_equal(got, want), (margin, budget, int((got != want).sum()))
+    assert far > 100  # query voxels beyond the margin were there to refuse
+
+
 def test_hole_filling_matches_scipy():
     """The flood-fill hole filling equals scipy's binary_fill_holes (4-connected background) on random masks."""
     from scipy import ndimage
