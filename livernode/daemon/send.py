@@ -20,7 +20,7 @@ from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdic
 from livernode.errors import ConfigError
 
 log = logging.getLogger(__name__)
-# An instance read from a file is sent as the file's own bytes (send_c_store given its path), not encoded again
+# An instance whose file the caller names is sent as the file's own bytes (send_c_store given its path), not encoded again
 # from the dataset: the same bytes on the wire, and a SEG's thousands of per-frame items are not encoded a second
 # time. It needs an accepted context in the file's own transfer syntax, which is the only one `send_datasets`
 # proposes. The flag changes only calls that pass a path.
@@ -84,9 +84,11 @@ def _sop_name(uid: str) -> str:
 
 def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, calling_ae: str = "LIVERNODE",
                   timeout: float = 30, *, progress: Callable[[], None] = lambda: None,
-                  stopping: Callable[[], bool] = lambda: False) -> list[Outcome]:
+                  stopping: Callable[[], bool] = lambda: False, files: list[Path | None] | None = None
+                  ) -> list[Outcome]:
     """C-STORE `datasets` (named `names` in messages) in one association proposing exactly their SOP classes and
-    stored transfer syntaxes; one Outcome per dataset, in order.
+    stored transfer syntaxes; one Outcome per dataset, in order. `files`: the files the datasets were read from,
+    unchanged since; each goes out as its own bytes when its file meta names the same instance (`_as_sent`).
 
     An instance whose presentation context the peer refused fails with the SOP class named, and the others are
     still sent. A failure of the association or connection fails every instance not yet stored. `progress()` is
@@ -114,7 +116,7 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     outcomes: list[Outcome] = []
     try:
-        for name, ds, (sop, ts) in zip(names, datasets, wanted):
+        for i, (name, ds, (sop, ts)) in enumerate(zip(names, datasets, wanted)):
             if (sop, ts) not in accepted:
                 outcomes.append(Outcome(False, _refused(dest, sop, ts)))
                 continue
@@ -125,7 +127,7 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
                 outcomes.append(Outcome(False, f"{dest}: connection lost before {name} was sent"))
                 continue
             progress()
-            status = assoc.send_c_store(_as_sent(ds))
+            status = assoc.send_c_store(_as_sent(ds, files[i] if files else None))
             code = getattr(status, "Status", None)
             if code is None:
                 outcomes.append(Outcome(False, f"{dest}: no response for {name} (connection lost or timed out)"))
@@ -142,10 +144,23 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
     return outcomes
 
 
-def _as_sent(ds: Dataset) -> Dataset | Path:
-    """The file `ds` was read from, when it is still there (sent as it lies), else the dataset itself."""
-    name = getattr(ds, "filename", None)
-    return Path(name) if isinstance(name, str) and Path(name).is_file() else ds
+def _as_sent(ds: Dataset, path: Path | None) -> Dataset | Path:
+    """`path`, the file `ds` was read from, when it can go out as it lies: its file meta names the dataset's SOP
+    class and instance, and the dataset was read in the encoding its transfer syntax says (pynetdicom takes all
+    three from the file meta and sends the bytes unchecked). Otherwise the dataset, encoded by pynetdicom."""
+    if path is None:
+        return ds
+    meta = getattr(ds, "file_meta", None) or {}
+    ts = meta.get("TransferSyntaxUID")
+    try:
+        encoding = (ts.is_implicit_VR, ts.is_little_endian)
+    except (AttributeError, ValueError):  # none, or not a transfer syntax pydicom knows
+        return ds
+    if (meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID")
+            or meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID")
+            or tuple(ds.original_encoding) != encoding):
+        return ds
+    return Path(path)
 
 
 def _refused(dest: Destination, sop: str, ts: str) -> str:
@@ -156,7 +171,7 @@ def _refused(dest: Destination, sop: str, ts: str) -> str:
 def send_files(paths: list[Path], dest: Destination, calling_ae: str = "LIVERNODE", timeout: float = 30) -> None:
     """C-STORE every file in one association; raises SendError unless every instance was stored."""
     outcomes = send_datasets([pydicom.dcmread(p) for p in paths], [p.name for p in paths], dest, calling_ae,
-                             timeout)
+                             timeout, files=list(paths))
     errors = [o.error for o in outcomes if not o.stored]
     if errors:
         raise SendError("; ".join(dict.fromkeys(errors)))

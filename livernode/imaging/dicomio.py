@@ -184,8 +184,8 @@ def _native_words(ds: pydicom.Dataset) -> np.ndarray | None:
         rows, cols, data = int(ds.Rows), int(ds.Columns), ds.PixelData
     except (AttributeError, TypeError, ValueError):
         return None
-    if not isinstance(data, bytes) or len(data) < 2 * rows * cols:
-        return None
+    if not isinstance(data, bytes) or rows * cols == 0 or len(data) != 2 * rows * cols:
+        return None  # pydicom decides what an empty image or extra data means
     return np.frombuffer(data, "<u2", count=rows * cols).reshape(rows, cols)
 
 
@@ -197,7 +197,8 @@ def _words_to_hu(words: np.ndarray, signed: bool, bits_stored: int, intercept: i
     values = words.view(np.int16) if signed else words
     lo, hi = int(values.min()), int(values.max())
     first, last = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
-    if first <= lo and hi <= last and -32768 <= lo + intercept and hi + intercept <= 32767 and hi <= 32767:
+    if (first <= lo and hi <= last and hi <= 32767 and -32768 <= intercept <= 32767
+            and -32768 <= lo + intercept and hi + intercept <= 32767):
         out = values.astype(np.int16)  # exact: every value lies in int16's range
         out += np.int16(intercept)
         if pad is not None:

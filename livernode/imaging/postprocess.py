@@ -126,15 +126,16 @@ def _near_at(mask: np.ndarray, query: np.ndarray, spacing: tuple[float, float, f
     within = [_largest_within(pixel**2, (step * dz) ** 2, margin_mm**2) for step in range(reach + 1)]
     side = int(np.sqrt(within[0])) + 1
     yy, xx = np.mgrid[-side:side + 1, -side:side + 1]
-    d2 = (yy * yy + xx * xx).ravel()
-    offsets = [(z, y, x) for z in range(-reach, reach + 1)
-               for y, x in zip(yy.ravel()[d2 <= within[abs(z)]], xx.ravel()[d2 <= within[abs(z)]])]
+    yy, xx = yy.ravel(), xx.ravel()
+    d2 = yy * yy + xx * xx
     box = _box(query)
     if box is None:
         return np.zeros_like(query)
     points = np.argwhere(query[box])
-    if len(points) * len(offsets) > budget:
+    if len(points) * sum(int((d2 <= within[abs(z)]).sum()) for z in range(-reach, reach + 1)) > budget:
         return query & _near(mask, spacing, margin_mm)
+    offsets = [(z, y, x) for z in range(-reach, reach + 1)
+               for y, x in zip(yy[d2 <= within[abs(z)]], xx[d2 <= within[abs(z)]])]
     # the mask around the query's box, grown by the reach and zero beyond the volume: every look-up is inside
     pad = (reach, side, side)
     lo = [b.start - g for b, g in zip(box, pad)]

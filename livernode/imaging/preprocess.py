@@ -147,7 +147,7 @@ def _argmax_planes(planes, values: Sequence[int] | None = None) -> np.ndarray:
     """At each element, the index (uint8) of the largest of equally shaped `planes`, the first of equal maxima;
     or `values[index]` when given (a label map applied in the same pass)."""
     planes = iter(planes)
-    best = np.array(next(planes), np.float32)  # a copy: it is overwritten
+    best = np.array(next(planes))  # a copy, in the planes' own type: it is overwritten
     idx = np.full(best.shape, 0 if values is None else values[0], np.uint8)
     for c, plane in enumerate(planes, 1):
         np.copyto(idx, c if values is None else values[c], where=plane > best)

@@ -128,25 +128,37 @@ def test_a_ray_node_actor_keeps_no_copy_of_the_model_on_disk(exported, tmp_path,
 
 def test_integer_hu_equal_the_float_path(chaos_sample, synth_dirs):
     """Slices decoded for the network as int16 HU in integers equal pydicom's pixels through the float32 path,
-    clipped and cast, on CHAOS and phantom files: by the table lookup from the stored words (which these
-    uncompressed files take), with a padding value, with fewer bits stored than allocated and the unused bits set
-    (unsigned and signed), and by pydicom's own decoding for a slope and a fractional intercept."""
+    clipped and cast, on CHAOS and phantom files: from the stored words (which these uncompressed files take), with
+    a padding value that occurs, with fewer bits stored than allocated and the unused bits set (unsigned and
+    signed), with an intercept beyond int16 whose sums are not, and by pydicom's own decoding for a slope and a
+    fractional intercept."""
     from livernode.imaging.dicomio import _native_words, hu_int16_of, hu_of
 
     files = sorted((chaos_sample / "DICOM_anon").glob("*.dcm"))[:3]
     files += sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[:3]
     garbage = {"BitsStored": 12, "PixelData": "high bits set"}
+    padded = {"PixelPaddingValue": "the brightest pixel's value"}
     for f in files:
-        for change in ({}, {"PixelPaddingValue": 0}, {"RescaleSlope": "2"}, {"RescaleIntercept": "-1000.5"},
+        for change in ({}, padded, {"RescaleSlope": "2"}, {"RescaleIntercept": "-1000.5"},
                        {"RescaleIntercept": "31500"}, garbage, {**garbage, "PixelRepresentation": 1},
-                       {**garbage, "PixelRepresentation": 1, "PixelPaddingValue": -2000}):
+                       {**garbage, "PixelRepresentation": 1, **padded},
+                       {"PixelRepresentation": 1, "BitsStored": 16, "PixelData": "less 30000",
+                        "RescaleIntercept": "40000"}):
             ds = read_dataset(f)
             assert _native_words(ds) is not None, f.name  # the fast path is what is tested
             for k, v in change.items():
-                if k == "PixelData":  # stored values in the low 12 bits, the 4 unused bits set to 1010
+                if v == "high bits set":  # stored values in the low 12 bits, the 4 unused bits set to 1010
                     v = ((np.frombuffer(ds.PixelData, "<u2") & 0x0FFF) | 0xA000).astype("<u2").tobytes()
+                elif v == "less 30000":  # signed values far below zero: with 40000 added, well inside int16
+                    v = (np.frombuffer(ds.PixelData, "<u2").astype(np.int32) - 30000).astype("<i2").tobytes()
+                elif v == "the brightest pixel's value":  # not air already, so the padding shows
+                    unpadded = hu_int16_of(ds, str(f))
+                    at = int(unpadded.argmax())
+                    v = int(ds.pixel_array.flat[at])
                 setattr(ds, k, v)
             want = np.clip(hu_of(ds, str(f)), -32768, 32767).astype(np.int16)
             got = hu_int16_of(ds, str(f))
             assert got.dtype == np.int16 and np.array_equal(got, want), (f.name, change)
             assert (got != got.flat[0]).any()
+            if "PixelPaddingValue" in change:  # the padding value occurs and becomes air
+                assert got.flat[at] == -1000 and (got == -1000).sum() > (unpadded == -1000).sum()

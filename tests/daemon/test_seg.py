@@ -230,8 +230,11 @@ def test_remembered_iod_answers_are_highdicom_s_own():
     walk = remembered.__wrapped__
     ct, enhanced, seg = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.66.4"
     asked = [("PerFrameFunctionalGroupsSequence", uid, None) for uid in (ct, enhanced, seg)]
+    asked += [("NumberOfFrames", uid, None) for uid in (ct, enhanced)]
     asked += [("PixelData", uid, ["IconImageSequence"]) for uid in (ct, seg)]
+    sr = "1.2.840.10008.5.1.4.1.1.88.11"  # pixel data only in an icon: the excluded path changes the answer
+    asked += [("PixelData", sr, None), ("PixelData", sr, ["IconImageSequence"])]
     answers = [walk(*a) for a in asked]
-    assert answers == [False, True, True, True, True]
+    assert answers == [False, True, True, False, True, True, True, True, False]
     for _ in range(2):  # asked, then remembered
         assert [remembered(*a) for a in asked] == answers

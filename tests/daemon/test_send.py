@@ -48,14 +48,14 @@ def test_success_warning_and_refusal(synth_dirs):
 
 def test_a_file_goes_out_as_its_own_bytes_and_a_dataset_in_memory_is_encoded(synth_dirs, monkeypatch):
     """An instance read from a file reaches the peer as the file's bytes after its file meta, without being
-    encoded again; one built in memory (no file behind it) is encoded by pynetdicom as before."""
+    encoded again; a dataset changed since it was read (its file meta no longer names it) and one with no file
+    behind it are encoded by pynetdicom as before."""
     import pynetdicom.association
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     encoded = []
     real_encode = pynetdicom.association.encode
     monkeypatch.setattr(pynetdicom.association, "encode", lambda ds, *a: encoded.append(ds) or real_encode(ds, *a))
-
     ae = AE(ae_title="PACS")
     ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     got = {}
@@ -67,20 +67,23 @@ def test_a_file_goes_out_as_its_own_bytes_and_a_dataset_in_memory_is_encoded(syn
     try:
         dest = Destination("PACS", "127.0.0.1", server.server_address[1])
         files = _files(synth_dirs)
-        in_memory = pydicom.dcmread(files[1])
+        changed = pydicom.dcmread(files[1])
+        changed.SOPInstanceUID = pydicom.uid.generate_uid()  # edited since it was read
+        in_memory = pydicom.dcmread(files[2])
         in_memory.SOPInstanceUID = pydicom.uid.generate_uid()
-        in_memory.filename = None  # built here, not read from a file
-        outcomes = send_datasets([pydicom.dcmread(files[0]), in_memory], ["file", "memory"], dest)
-        assert [o.stored for o in outcomes] == [True, True]
-        assert [ds.SOPInstanceUID for ds in encoded] == [in_memory.SOPInstanceUID]  # the file was not encoded
+        outcomes = send_datasets([pydicom.dcmread(files[0]), changed, in_memory], ["file", "changed", "memory"],
+                                 dest, files=[files[0], files[1], None])
+        assert [o.stored for o in outcomes] == [True, True, True]
+        assert [ds.SOPInstanceUID for ds in encoded] == [changed.SOPInstanceUID, in_memory.SOPInstanceUID]
         with open(files[0], "rb") as f:
             read_preamble(f, False)
             _read_file_meta_info(f)
             body = f.read()
         sent = pydicom.dcmread(files[0])
         assert len(body) > 1000 and got[sent.SOPInstanceUID] == body
-        back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(got[in_memory.SOPInstanceUID]), force=True)
-        assert back.SOPInstanceUID == in_memory.SOPInstanceUID and back.PixelData == in_memory.PixelData
+        for ds in (changed, in_memory):
+            back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(got[ds.SOPInstanceUID]), force=True)
+            assert back.SOPInstanceUID == ds.SOPInstanceUID and back.PixelData == ds.PixelData
     finally:
         server.shutdown()
 

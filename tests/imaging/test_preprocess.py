@@ -49,8 +49,8 @@ def test_restore_labels_is_the_argmax_of_the_resized_probabilities(shape, size, 
     assert got.shape == (6, *shape) and got.dtype == np.uint8
     assert len(np.unique(full)) == 3  # every class present, boundaries everywhere
     assert (got == full).mean() >= 0.99999, f"{(got != full).sum()} of {full.size} differ"
-    mapped = restore_labels(prob, shape, [0, 2, 1])  # a label map, applied in the same pass
-    assert np.array_equal(mapped, np.array([0, 2, 1], np.uint8)[got])
+    mapped = restore_labels(prob, shape, [2, 0, 1])  # a label map, applied in the same pass
+    assert np.array_equal(mapped, np.array([2, 0, 1], np.uint8)[got])
     assert np.array_equal(argmax_last(prob), prob.argmax(-1))
     ties = np.zeros((1, 4, 4, 3), np.float32)
     assert argmax_last(ties).max() == 0  # the first of equal maxima, as numpy
