@@ -85,10 +85,8 @@ def _near(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: floa
 def _near_by_slices(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float, z0: int,
                     z1: int) -> np.ndarray:
     """`_near` for square pixels, for slices z0:z1 of `mask` (which holds all of the mask's voxels)."""
-    dz, pixel = spacing[0], spacing[1]
-    reach = int(margin_mm // dz)  # slices farther than this are beyond the margin whatever the in-plane distance
+    reach, within = _square_margin(spacing, margin_mm)
     lo, hi = max(0, z0 - reach), min(mask.shape[0], z1 + reach)
-    within = [_largest_within(pixel**2, (step * dz) ** 2, margin_mm**2) for step in range(reach + 1)]
     maps: dict[int, np.ndarray | None] = {}  # the 2 * reach + 1 slices in use: memory of a few slices, not a volume
 
     def squared(k: int) -> np.ndarray | None:
@@ -119,11 +117,9 @@ def _near_at(mask: np.ndarray, query: np.ndarray, spacing: tuple[float, float, f
     the liver). With square pixels, each query voxel is tested against the offsets within the margin, under the
     same exact test as `_near_by_slices`; when that would take more than `budget` look-ups, or the pixels are not
     square, `_near` itself is used."""
-    dz, pixel = spacing[0], spacing[1]
     if not np.isclose(spacing[1], spacing[2], rtol=1e-6, atol=0.0):
         return query & _near(mask, spacing, margin_mm)
-    reach = int(margin_mm // dz)
-    within = [_largest_within(pixel**2, (step * dz) ** 2, margin_mm**2) for step in range(reach + 1)]
+    reach, within = _square_margin(spacing, margin_mm)
     side = int(np.sqrt(within[0])) + 1
     yy, xx = np.mgrid[-side:side + 1, -side:side + 1]
     yy, xx = yy.ravel(), xx.ravel()
@@ -152,6 +148,15 @@ def _near_at(mask: np.ndarray, query: np.ndarray, spacing: tuple[float, float, f
     out = np.zeros_like(query)
     out[tuple((points[hit] + [b.start for b in box]).T)] = True
     return out
+
+
+def _square_margin(spacing: tuple[float, float, float], margin_mm: float) -> tuple[int, list[int]]:
+    """For square pixels: how many slices away the margin reaches, and for each of those steps the largest
+    squared in-plane distance in pixels (an integer) still within the margin: the exact test that `_near_by_slices`
+    and `_near_at` share."""
+    dz, pixel = spacing[0], spacing[1]
+    reach = int(margin_mm // dz)  # slices farther than this are beyond the margin whatever the in-plane distance
+    return reach, [_largest_within(pixel**2, (step * dz) ** 2, margin_mm**2) for step in range(reach + 1)]
 
 
 def _largest_within(scale: float, offset: float, limit: float) -> int:
