@@ -34,10 +34,38 @@ def log_text(proc: subprocess.Popen) -> str:
     return proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
 
 
+# Ports for the servers the tests start, drawn from below the kernel's ephemeral range (32768 and up here), where
+# nothing binds port 0: a port the kernel had just handed out could be taken, between this check and the server's
+# own bind, by one of Ray's or gRPC's listeners (which bind port 0 and set SO_REUSEPORT) or by an outgoing
+# connection, and a client then talks to the wrong server. Above 20000, Ray's worker ports (10002-19999) stay clear
+# too. Each pytest-xdist worker draws from its own share, in turn, so two workers never pick the same port.
+PORTS = range(20000, 32768)
+
+
+def _port_share() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    size = len(PORTS) // count
+    return range(PORTS.start + index * size, PORTS.start + (index + 1) * size)
+
+
+_next_port = itertools.cycle(_port_share())
+for _ in range(os.getpid() % len(_port_share())):  # another run on this machine starts elsewhere in the share
+    next(_next_port)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The next port of this worker's share that nothing is bound to on 127.0.0.1."""
+    for _ in range(len(_port_share())):
+        port = next(_next_port)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {_port_share()}")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import log_text, logged_popen, wait_for
+from tests.peers import free_port, log_text, logged_popen, wait_for
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "livernode.service"
 
@@ -34,9 +34,7 @@ def test_ready_watchdog_status_reload_and_stopping(tmp_path, exported):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
     sock.settimeout(60)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="2000000")
     proc = logged_popen([sys.executable, "-m", "livernode.cli", "serve", "--model", str(exported), "--providers",
                          "cpu", "--port", str(port), "--bind", "127.0.0.1", "--state", str(tmp_path / "st"),
