@@ -59,6 +59,24 @@ def _tf_config() -> dict | None:
     return cfg
 
 
+# How long the workers' coordination service waits for a worker's heartbeat before it fails the whole run.
+# TensorFlow's default (10 s) ended a two-worker run on this 2-core machine while another job kept both cores busy
+# (the workers' validation pass took 51 s there, and the heartbeat thread did not get its turn). A worker that
+# really dies still stops the others, only that much later.
+HEARTBEAT_TIMEOUT_S = 120
+
+
+def coordinate(context, workers: int, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> None:
+    """Configure the coordination service of TensorFlow's `context` as MultiWorkerMirroredStrategy would (led by
+    worker 0, all `workers` coordinated), with `heartbeat_timeout_s`. Call before the strategy is made."""
+    from tensorflow.python.eager.context import coordination_config_pb2  # where this TensorFlow keeps it
+
+    context.configure_coordination_service(
+        service_type="standalone", service_leader="/job:worker/replica:0/task:0",
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=workers)],
+        heartbeat_timeout_in_ms=int(heartbeat_timeout_s * 1000))
+
+
 def place(tf, kind: StrategyKind = "auto", precision: Precision = "auto") -> Placement:
     """Choose the strategy and precision. Call before any other TensorFlow work (multi-worker needs it first).
 
@@ -76,6 +94,9 @@ def place(tf, kind: StrategyKind = "auto", precision: Precision = "auto") -> Pla
         if not cluster:
             raise TrainingError("--strategy multi-worker needs TF_CONFIG (the cluster's workers and this one's index)")
         workers, index = len(cluster["cluster"]["worker"]), int(cluster["task"]["index"])
+        from tensorflow.python.eager import context  # the strategy leaves a service configured here as it is
+
+        coordinate(context.context(), workers)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     elif kind == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")

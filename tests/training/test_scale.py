@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -156,10 +155,22 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(trained_run, tmp_path
     assert abs(one - two) / one < 0.05, (one, two)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_the_workers_coordination_waits_out_a_starved_worker():
+    """TensorFlow's own 10 s heartbeat timeout ended a two-worker run while other work kept this machine's cores
+    busy; the workers' coordination service is configured as the strategy would, with HEARTBEAT_TIMEOUT_S."""
+    from livernode.training.distribute import HEARTBEAT_TIMEOUT_S, coordinate
+    from livernode.training.model import import_tf
+
+    import_tf()
+    from tensorflow.python.eager import context
+
+    ctx = context.Context()  # not the process's own: nothing here starts a server
+    coordinate(ctx, 3)
+    cfg = ctx.coordination_service
+    assert cfg.service_type == "standalone"
+    assert cfg.heartbeat_timeout_in_ms == HEARTBEAT_TIMEOUT_S * 1000 >= 60_000
+    assert cfg.service_leader == "/job:worker/replica:0/task:0"
+    assert [(job.name, job.num_tasks) for job in cfg.coordinated_job_list] == [("worker", 3)]
 
 
 @pytest.mark.slow
