@@ -4,9 +4,15 @@ the way it was done before (the peer, in the same run):
 - decode: a stored slice to int16 HU, from the file's 16-bit words (dicomio._native_words) against pydicom's
   pixel_array;
 - restore: the network's 256 px probabilities to uint8 labels at 512 px, one class plane at a time
-  (preprocess.restore_labels) against OpenCV's resize of all classes together and the argmax.
+  (preprocess.restore_labels) against OpenCV's resize of all classes together and the argmax;
 
-On two cores these run beside ONNX Runtime, so each millisecond here is taken from the network. Run alone:
+and on each instance a receiver takes in:
+
+- read: the P-DATA PDUs of one slice (as storescu sends them, 128 KiB each) read from a socket into one buffer
+  each (ingest_scp._BulkSocket) against pynetdicom's reader, 4096 bytes at a time; the reader thread's CPU ms.
+
+On two cores decode and restore run beside ONNX Runtime, so each millisecond there is taken from the network;
+reading is a receiver's, beside the sender's. Run alone:
 `python -m bench.host_steps [folder of .dcm files] [model.onnx]` (default: bench/work's study and model)."""
 
 from __future__ import annotations
@@ -61,10 +67,55 @@ def run(files: list[Path], model: Path, slices: int = 40) -> dict:
     planes, together = best_interleaved(by_plane, all_classes, ROUNDS)
     agreement = float((np.concatenate(by_plane()) == np.concatenate(all_classes())).mean())
     n = len(files)
+    read, read_pynetdicom = _socket_read(files[0])
     return {"slices": n, "network_px": int(prob.shape[1]),
+            "read_cpu_ms_per_instance": read, "read_pynetdicom_cpu_ms_per_instance": read_pynetdicom,
             "decode_ms_per_slice": 1000 * fast / n, "decode_pydicom_ms_per_slice": 1000 * slow / n,
             "restore_ms_per_slice": 1000 * planes / n, "restore_all_classes_ms_per_slice": 1000 * together / n,
             "restore_agreement": agreement}
+
+
+def _socket_read(file: Path, instances: int = 200) -> tuple[float, float]:
+    """The reader thread's CPU ms per instance, _BulkSocket and pynetdicom's AssociationSocket, for `instances`
+    slices the size of `file`'s dataset sent over a socket pair in 128 KiB PDUs."""
+    import queue
+    import resource
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from pynetdicom.transport import AssociationSocket
+
+    from livernode.daemon.ingest_scp import _BulkSocket
+
+    pdu = 131066
+    pieces = [min(pdu, file.stat().st_size - i) for i in range(0, file.stat().st_size, pdu)]
+
+    def cpu_ms(cls) -> float:
+        a, b = socket.socketpair()
+        payload = bytes(pdu)
+
+        def send():
+            for _ in range(instances):
+                for n in pieces:
+                    b.sendall(payload[:n])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        sock = cls(SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue())), client_socket=a)
+        t0 = resource.getrusage(resource.RUSAGE_THREAD)
+        got = sum(len(sock.recv(n)) for _ in range(instances) for n in pieces)
+        t1 = resource.getrusage(resource.RUSAGE_THREAD)
+        sender.join()
+        a.close()
+        b.close()
+        if got != instances * sum(pieces):
+            raise RuntimeError(f"{cls.__name__} read {got} of {instances * sum(pieces)} bytes")
+        return 1000 * (t1.ru_utime + t1.ru_stime - t0.ru_utime - t0.ru_stime) / instances
+
+    cpu_ms(_BulkSocket), cpu_ms(AssociationSocket)  # warm-up
+    bulk = min(cpu_ms(_BulkSocket) for _ in range(ROUNDS))
+    return bulk, min(cpu_ms(AssociationSocket) for _ in range(ROUNDS))
 
 
 if __name__ == "__main__":

@@ -113,6 +113,11 @@ def table(r: dict) -> list[dict]:
                      f"resized (agreement {100 * h['restore_agreement']:.3f} %)", f"{h['restore_ms_per_slice']:.2f}",
                      f"{h['restore_all_classes_ms_per_slice']:.2f}",
                      f"{h['restore_all_classes_ms_per_slice'] / h['restore_ms_per_slice']:.2f}x", "(report)", None))
+    rows.append(_row("receive: reading one 512^2 instance's PDUs: CPU ms, into one buffer per PDU vs pynetdicom's "
+                     "4 KiB reads", f"{h['read_cpu_ms_per_instance']:.3f}",
+                     f"{h['read_pynetdicom_cpu_ms_per_instance']:.3f}",
+                     f"{h['read_pynetdicom_cpu_ms_per_instance'] / h['read_cpu_ms_per_instance']:.2f}x", "(report)",
+                     None))
     c = r["coverage"]
     rows.append(_row(f"coverage pass, {c['series']}-series study ({c['files']} files): s vs inference of the chosen "
                      f"{c['chosen_slices']} slices", f"{c['coverage_s']:.2f}", f"{c['infer_s']:.2f}",

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import (
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage,
     SecondaryCaptureImageStorage, Verification, XRayRadiationDoseSRStorage,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdicom's timers on the monotonic clock
@@ -44,6 +44,35 @@ STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage, SecondaryCaptureImage
                    XRayRadiationDoseSRStorage)
 SUCCESS, OUT_OF_RESOURCES, DATA_SET_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class _BulkSocket(AssociationSocket):
+    """pynetdicom's association socket, except that a PDU's bytes are read as they arrive, into one buffer of the
+    PDU's length. pynetdicom reads 4096 bytes at a time and grows its buffer by each piece: 128 system calls and
+    128 appends for one 512x512 CT slice."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """`nr_bytes` from the peer, or fewer if the peer closes the connection first (as pynetdicom's)."""
+        buf = bytearray(nr_bytes)
+        got = 0
+        with memoryview(buf) as view:
+            while got < nr_bytes:
+                n = self.socket.recv_into(view[got:])
+                if not n:
+                    break
+                got += n
+        if got < nr_bytes:
+            del buf[got:]
+        return buf
+
+
+class _Handler(RequestHandler):
+    """pynetdicom's per-connection handler, with the association on a _BulkSocket."""
+
+    def _create_association(self):
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = _BulkSocket  # the same socket object; only how it reads changes
+        return assoc
 
 
 class _Server(ThreadedAssociationServer):
@@ -135,7 +164,7 @@ class StoreSCP:
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
         server = self.ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=_Server,
-                                     listen_socket=self.listen_socket)
+                                     listen_socket=self.listen_socket, request_handler=_Handler)
         server.tls, server.on_tls_failure = self.tls, self._on_tls_failure
         self.ae._servers.append(server)  # as pynetdicom's start_server does: its shutdown() removes it again
         self._thread = threading.Thread(target=server.serve_forever, name=f"scp-{self.ae.ae_title}", daemon=True)

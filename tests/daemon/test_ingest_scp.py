@@ -161,3 +161,62 @@ def test_a_wall_clock_step_does_not_abort_an_association(scp, synth_dirs, monkey
         monkeypatch.undo()
         client.close()
     assert scp.store.study(str(first.StudyInstanceUID)).instances == 2
+
+
+@pytest.mark.parametrize("reader", ["bulk", "pynetdicom"])
+def test_a_pdu_is_read_whole_however_it_arrives_and_short_when_the_peer_closes(reader):
+    """The receivers read a PDU into one buffer of its length as the bytes arrive (`_BulkSocket`); what they return
+    is what pynetdicom's own reader returns, for bytes that come in pieces and for a peer that closes early."""
+    import queue
+    import random
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from pynetdicom.transport import AssociationSocket
+
+    from livernode.daemon.ingest_scp import _BulkSocket
+
+    a, b = socket.socketpair()
+    payload = random.Random(7).randbytes(300_001)
+
+    def send():
+        for i in range(0, len(payload), 70_000):  # pieces larger and smaller than a read
+            b.sendall(payload[i:i + 70_000])
+            time.sleep(0.01)
+        b.sendall(b"the end")
+        b.close()
+
+    peer = threading.Thread(target=send)
+    peer.start()
+    assoc = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue()))  # where the socket puts "connected"
+    sock = (_BulkSocket if reader == "bulk" else AssociationSocket)(assoc, client_socket=a)
+    try:
+        got = sock.recv(len(payload))
+        assert isinstance(got, bytearray) and got == payload
+        assert sock.recv(100) == b"the end"  # closed after 7 of the 100 bytes asked for
+        assert sock.recv(6) == b""
+    finally:
+        peer.join()
+        a.close()
+
+
+def test_the_servers_associations_read_with_the_bulk_socket(scp, synth_dirs, monkeypatch):
+    """A real storescu's association is served on a _BulkSocket, and the instance arrives whole."""
+    from livernode.daemon import ingest_scp
+
+    seen = []
+    real = ingest_scp._BulkSocket.recv
+
+    def counting(self, nr_bytes):
+        seen.append(nr_bytes)
+        return real(self, nr_bytes)
+
+    monkeypatch.setattr(ingest_scp._BulkSocket, "recv", counting)
+    f = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0]
+    assert _storescu(scp.port, [f]).returncode == 0
+    src = pydicom.dcmread(f)
+    assert sum(seen) > src.Rows * src.Columns * 2
+    stored = next(scp.spool.instances.rglob("*.dcm"))
+    assert _body(stored) == _body(f)
