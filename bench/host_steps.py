@@ -106,8 +106,8 @@ def _socket_read(file: Path, instances: int = 200) -> tuple[float, float]:
         t0 = resource.getrusage(resource.RUSAGE_THREAD)
         got = sum(len(sock.recv(n)) for _ in range(instances) for n in pieces)
         t1 = resource.getrusage(resource.RUSAGE_THREAD)
-        sender.join()
         a.close()
+        sender.join(timeout=30)
         b.close()
         if got != instances * sum(pieces):
             raise RuntimeError(f"{cls.__name__} read {got} of {instances * sum(pieces)} bytes")

@@ -47,22 +47,27 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class _BulkSocket(AssociationSocket):
-    """pynetdicom's association socket, except that a PDU's bytes are read as they arrive, into one buffer of the
-    PDU's length. pynetdicom reads 4096 bytes at a time and grows its buffer by each piece: 128 system calls and
+    """pynetdicom's association socket, except that a PDU's bytes are read as they arrive, straight into a buffer
+    that holds them. pynetdicom reads 4096 bytes at a time and grows its buffer by each piece: 128 system calls and
     128 appends for one 512x512 CT slice."""
+
+    # The buffer starts at most this large and doubles as bytes fill it: a PDU's length is the peer's claim (up to
+    # 4 GiB, before any check of who the peer is), so memory follows what arrives, not what is announced.
+    FIRST_BYTES = 1 << 20
 
     def recv(self, nr_bytes: int) -> bytearray:
         """`nr_bytes` from the peer, or fewer if the peer closes the connection first (as pynetdicom's)."""
-        buf = bytearray(nr_bytes)
+        buf = bytearray(min(nr_bytes, self.FIRST_BYTES))
         got = 0
-        with memoryview(buf) as view:
-            while got < nr_bytes:
+        while got < nr_bytes:
+            if got == len(buf):
+                buf.extend(bytes(min(len(buf), nr_bytes - got)))
+            with memoryview(buf) as view:
                 n = self.socket.recv_into(view[got:])
-                if not n:
-                    break
-                got += n
-        if got < nr_bytes:
-            del buf[got:]
+            if not n:
+                del buf[got:]
+                break
+            got += n
         return buf
 
 

@@ -198,8 +198,43 @@ def test_a_pdu_is_read_whole_however_it_arrives_and_short_when_the_peer_closes(r
         assert sock.recv(100) == b"the end"  # closed after 7 of the 100 bytes asked for
         assert sock.recv(6) == b""
     finally:
-        peer.join()
+        a.close()  # first: a sender still writing then fails instead of waiting for a reader
+        peer.join(timeout=30)
+
+
+def test_a_pdu_length_claimed_by_the_peer_does_not_reserve_memory():
+    """A PDU header may announce 4 GiB before anything is known of the peer: the reader's buffer grows with the
+    bytes that arrive, not with the claim."""
+    import queue
+    import socket
+    import threading
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from livernode.daemon.ingest_scp import _BulkSocket
+
+    a, b = socket.socketpair()
+    sent = bytes(range(256)) * 12_000  # 3 MB: the buffer grows past its first size twice
+
+    def send():
+        try:
+            b.sendall(sent)
+        finally:
+            b.close()
+
+    peer = threading.Thread(target=send)
+    sock = _BulkSocket(SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue())), client_socket=a)
+    tracemalloc.start()
+    try:
+        peer.start()
+        got = sock.recv(0xFFFFFFFF)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
         a.close()
+        peer.join(timeout=30)
+    assert got == sent
+    assert peak < 4 * len(sent), f"{peak / 2**20:.0f} MiB held for {len(sent) / 2**20:.0f} MiB received"
 
 
 def test_the_servers_associations_read_with_the_bulk_socket(scp, synth_dirs, monkeypatch):
