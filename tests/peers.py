@@ -39,13 +39,20 @@ def log_text(proc: subprocess.Popen) -> str:
 # own bind, by one of Ray's or gRPC's listeners (which bind port 0 and set SO_REUSEPORT) or by an outgoing
 # connection, and a client then talks to the wrong server. Above 20000, Ray's worker ports (10002-19999) stay clear
 # too. Each pytest-xdist worker draws from its own share, in turn, so two workers never pick the same port.
-PORTS = range(20000, 32768)
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+PORTS = range(20000, min(32768, _ephemeral_start()))
 
 
 def _port_share() -> range:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    index = (int(worker[2:]) if worker[2:].isdigit() else 0) % count
     size = len(PORTS) // count
     return range(PORTS.start + index * size, PORTS.start + (index + 1) * size)
 

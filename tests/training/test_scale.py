@@ -19,6 +19,7 @@ from livernode.imaging.preprocess import PreprocessSpec
 from livernode.training.cache import HAS_LIVER, HAS_TUMOUR, entry_key, prepare
 from livernode.training.data import Batches, CaseSplit, fold_members, split_cases
 from livernode.training.datasets import CaseRef, list_cases
+from livernode.training.distribute import HEARTBEAT_TIMEOUT_S
 
 # The plain U-Net: these tests are about data layouts, strategies and interruption, which every architecture goes
 # through alike (test_train_export trains each one); it starts training in about 60 % of the ResNet34 U-Net's time.
@@ -158,7 +159,7 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(trained_run, tmp_path
 def test_the_workers_coordination_waits_out_a_starved_worker():
     """TensorFlow's own 10 s heartbeat timeout ended a two-worker run while other work kept this machine's cores
     busy; the workers' coordination service is configured as the strategy would, with HEARTBEAT_TIMEOUT_S."""
-    from livernode.training.distribute import HEARTBEAT_TIMEOUT_S, coordinate
+    from livernode.training.distribute import coordinate
     from livernode.training.model import import_tf
 
     import_tf()
@@ -171,6 +172,23 @@ def test_the_workers_coordination_waits_out_a_starved_worker():
     assert cfg.heartbeat_timeout_in_ms == HEARTBEAT_TIMEOUT_S * 1000 >= 60_000
     assert cfg.service_leader == "/job:worker/replica:0/task:0"
     assert [(job.name, job.num_tasks) for job in cfg.coordinated_job_list] == [("worker", 3)]
+
+
+@pytest.mark.parametrize("cluster, task", [({"worker": ["a:1", "b:1"], "chief": ["c:1"]}, "worker"),
+                                           ({"worker": ["a:1", "b:1"]}, "ps")])
+def test_a_cluster_with_more_than_workers_is_refused(cluster, task, monkeypatch):
+    """coordinate() configures what the strategy would for workers alone; a chief or another job would lead or
+    join the coordination, so such a TF_CONFIG is refused, naming the job."""
+    from livernode.errors import TrainingError
+    from livernode.training.distribute import _tf_config
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": task, "index": 0}}))
+    with pytest.raises(TrainingError, match="workers only") as exc:
+        _tf_config()
+    assert ("chief" if "chief" in cluster else "ps") in str(exc.value)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": cluster["worker"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    assert _tf_config()["task"]["index"] == 1
 
 
 @pytest.mark.slow
@@ -195,6 +213,8 @@ def test_two_multi_worker_processes_on_loopback_finish(trained_run, tmp_path):
     codes = [int(c) for c in r.stdout.split()]
     logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], [lg[-2000:] for lg in logs]
+    for lg in logs:  # the strategy kept the coordination configured before it (TensorFlow's own default: 10 s)
+        assert f"led by /job:worker/replica:0/task:0, heartbeat timeout {HEARTBEAT_TIMEOUT_S} s" in lg, lg[-2000:]
     assert "multi-worker strategy, 2 replica(s) on 2 worker(s)" in logs[0]
     assert len(_history(tmp_path / "w0")) == 2 and (tmp_path / "w0" / "best.h5").stat().st_size > 0
     assert not (tmp_path / "w1" / "best.h5").exists()  # the chief keeps the run
