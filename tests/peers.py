@@ -57,14 +57,14 @@ def _port_share() -> range:
     return range(PORTS.start + index * size, PORTS.start + (index + 1) * size)
 
 
-_next_port = itertools.cycle(_port_share())
-for _ in range(os.getpid() % len(_port_share())):  # another run on this machine starts elsewhere in the share
-    next(_next_port)
+SHARE = _port_share()
+_first = os.getpid() % max(1, len(SHARE))  # another run on this machine starts elsewhere in the share
+_next_port = itertools.cycle(itertools.chain(SHARE[_first:], SHARE[:_first]))
 
 
 def free_port() -> int:
     """The next port of this worker's share that nothing is bound to on 127.0.0.1."""
-    for _ in range(len(_port_share())):
+    for _ in range(len(SHARE)):
         port = next(_next_port)
         with socket.socket() as s:
             try:
@@ -72,7 +72,7 @@ def free_port() -> int:
             except OSError:
                 continue
             return port
-    raise AssertionError(f"no free port in {_port_share()}")
+    raise AssertionError(f"no free port in {SHARE}")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):

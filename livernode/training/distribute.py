@@ -56,8 +56,7 @@ def _tf_config() -> dict | None:
         raise TrainingError(f"TF_CONFIG is not a valid cluster description ({exc}): {raw[:200]}") from None
     if not 0 <= index < len(workers):
         raise TrainingError(f"TF_CONFIG task index {index} is outside its {len(workers)} workers")
-    others = sorted(set(cfg["cluster"]) - {"worker"}) + ([cfg["task"].get("type")] if
-                                                         cfg["task"].get("type", "worker") != "worker" else [])
+    others = sorted((set(cfg["cluster"]) | {cfg["task"].get("type", "worker")}) - {"worker"})
     if others:  # a chief or a parameter server would lead the coordination, and this code counts workers only
         raise TrainingError(f"TF_CONFIG names {', '.join(map(str, others))}: livernode's multi-worker training "
                             "takes workers only (worker 0 is the chief)")
@@ -101,9 +100,10 @@ def place(tf, kind: StrategyKind = "auto", precision: Precision = "auto") -> Pla
         workers, index = len(cluster["cluster"]["worker"]), int(cluster["task"]["index"])
         from tensorflow.python.eager import context  # the strategy leaves a service configured here as it is
 
-        coordinate(context.context(), workers)
+        ctx = context.context()
+        coordinate(ctx, workers)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        service = context.context().coordination_service  # what the strategy went on with
+        service = ctx.coordination_service  # what the strategy went on with
         log.info("workers' coordination: led by %s, heartbeat timeout %.0f s", service.service_leader,
                  service.heartbeat_timeout_in_ms / 1000)
     elif kind == "mirrored":

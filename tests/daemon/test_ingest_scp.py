@@ -1,12 +1,20 @@
 """A real dcmtk storescu talks to the livernode SCP on loopback."""
 
 import os
+import queue
+import random
+import socket
 import subprocess
+import threading
+import time
+import tracemalloc
+from types import SimpleNamespace
 
 import pydicom
 import pytest
+from pynetdicom.transport import AssociationSocket
 
-from livernode.daemon.ingest_scp import StoreSCP
+from livernode.daemon.ingest_scp import StoreSCP, _BulkSocket
 from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
 from livernode.imaging.headers import light_header
@@ -145,8 +153,6 @@ def test_stored_file_is_the_peers_bytes_behind_the_header(scp, synth_dirs):
 def test_a_wall_clock_step_does_not_abort_an_association(scp, synth_dirs, monkeypatch):
     """NTP stepping the clock an hour forward mid-association is not an hour of silence: pynetdicom's idle timer
     (network_timeout, 60 s) would otherwise abort the association and leave the next instance unanswered."""
-    import time
-
     files = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[:2]
     first, second = (pydicom.dcmread(f) for f in files)
     client = RawClient(scp.port)
@@ -163,21 +169,15 @@ def test_a_wall_clock_step_does_not_abort_an_association(scp, synth_dirs, monkey
     assert scp.store.study(str(first.StudyInstanceUID)).instances == 2
 
 
+def _unattached(cls, sock):
+    """An association socket of class `cls` on `sock`, with no association behind it but the queue it reports to."""
+    return cls(SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue())), client_socket=sock)
+
+
 @pytest.mark.parametrize("reader", ["bulk", "pynetdicom"])
 def test_a_pdu_is_read_whole_however_it_arrives_and_short_when_the_peer_closes(reader):
     """The receivers read a PDU into one buffer of its length as the bytes arrive (`_BulkSocket`); what they return
     is what pynetdicom's own reader returns, for bytes that come in pieces and for a peer that closes early."""
-    import queue
-    import random
-    import socket
-    import threading
-    import time
-    from types import SimpleNamespace
-
-    from pynetdicom.transport import AssociationSocket
-
-    from livernode.daemon.ingest_scp import _BulkSocket
-
     a, b = socket.socketpair()
     payload = random.Random(7).randbytes(300_001)
 
@@ -190,8 +190,7 @@ def test_a_pdu_is_read_whole_however_it_arrives_and_short_when_the_peer_closes(r
 
     peer = threading.Thread(target=send)
     peer.start()
-    assoc = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue()))  # where the socket puts "connected"
-    sock = (_BulkSocket if reader == "bulk" else AssociationSocket)(assoc, client_socket=a)
+    sock = _unattached(_BulkSocket if reader == "bulk" else AssociationSocket, a)
     try:
         got = sock.recv(len(payload))
         assert isinstance(got, bytearray) and got == payload
@@ -205,14 +204,6 @@ def test_a_pdu_is_read_whole_however_it_arrives_and_short_when_the_peer_closes(r
 def test_a_pdu_length_claimed_by_the_peer_does_not_reserve_memory():
     """A PDU header may announce 4 GiB before anything is known of the peer: the reader's buffer grows with the
     bytes that arrive, not with the claim."""
-    import queue
-    import socket
-    import threading
-    import tracemalloc
-    from types import SimpleNamespace
-
-    from livernode.daemon.ingest_scp import _BulkSocket
-
     a, b = socket.socketpair()
     sent = bytes(range(256)) * 12_000  # 3 MB: the buffer grows past its first size twice
 
@@ -223,7 +214,7 @@ def test_a_pdu_length_claimed_by_the_peer_does_not_reserve_memory():
             b.close()
 
     peer = threading.Thread(target=send)
-    sock = _BulkSocket(SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue())), client_socket=a)
+    sock = _unattached(_BulkSocket, a)
     tracemalloc.start()
     try:
         peer.start()
