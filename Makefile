@@ -3,7 +3,7 @@ PY       ?= python3.11
 VENV     := .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
-ORT_GPU  := onnxruntime-gpu==1.32.0
+ORT_GPU  := onnxruntime-gpu==1.31.1
 DEB_PKGS := dcmtk dicom3tools orthanc
 PYTEST_ARGS ?=
 # `make test` runs on two pytest-xdist workers: most tests keep one core busy (TensorFlow's training steps here run
@@ -27,7 +27,7 @@ $(STAMP): constraints.txt pyproject.toml
 TF_CUDA  := tensorflow[and-cuda]==$(shell sed -n 's/^tensorflow==//p' constraints.txt)
 setup-gpu: setup
 	$(BIN)/pip uninstall --yes onnxruntime
-	$(BIN)/pip install --quiet $(ORT_GPU) '$(TF_CUDA)'
+	$(BIN)/pip install --quiet '$(ORT_GPU)[cuda,cudnn]' 'nvidia-cublas~=13.0' '$(TF_CUDA)'
 	$(BIN)/livernode version
 
 # Debian tools the tests talk to (dcmtk, dciodvfy, Orthanc). Installed when run as root, otherwise explained.
@@ -85,14 +85,15 @@ compare-long: setup $(COMPARE_DATA)
 # Everything bench/gpu.sh installs on a GPU machine without internet (run this where there is internet):
 # the CUDA build of ONNX Runtime, the CUDA and cuDNN runtime wheels, and livernode's base dependencies at the
 # locked versions except the CPU build of ONNX Runtime (the two must never share an environment).
-GPU_WHEELS := $(ORT_GPU) nvidia-cudnn-cu12 nvidia-cublas-cu12 nvidia-cuda-runtime-cu12 nvidia-cufft-cu12 \
-              nvidia-curand-cu12 nvidia-cuda-nvrtc-cu12
+# 1.31.1 is the newest CUDA build on the package index (there is no 1.32.0 beside the CPU build's), made for CUDA 13.
+GPU_WHEELS := $(ORT_GPU) 'nvidia-cudnn-cu13~=9.0' 'nvidia-cublas~=13.0' 'nvidia-cuda-runtime~=13.0' \
+              'nvidia-cufft~=12.0' 'nvidia-curand~=10.0' 'nvidia-cuda-nvrtc~=13.0'
 gpu-wheels: setup
 	$(BIN)/pip download --quiet -d bench/wheels $(GPU_WHEELS)
 	grep -v '^onnxruntime==' constraints.txt > bench/wheels/constraints-gpu.txt
 	$(BIN)/pip download --quiet -d bench/wheels -c bench/wheels/constraints-gpu.txt \
 	  numpy scipy pydicom pynetdicom highdicom watchdog opencv-python-headless pydantic tqdm prometheus-client \
-	  python-gdcm pylibjpeg pylibjpeg-openjpeg pyjpegls onnx setuptools wheel
+	  python-gdcm pylibjpeg pylibjpeg-openjpeg pyjpegls onnx connected-components-3d setuptools wheel
 
 # Refresh the lock from the current environment after a deliberate upgrade.
 lock: setup

@@ -123,7 +123,7 @@ def matmul_ceiling(device: str = "cpu", threads: int | None = None) -> float:
                           [helper.make_tensor_value_info("a", dtype, [n, n]),
                            helper.make_tensor_value_info("b", dtype, [n, n])],
                           [helper.make_tensor_value_info("c", dtype, [n, n])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # any ORT reads 8
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads

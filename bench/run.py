@@ -179,7 +179,7 @@ def main() -> int:
     log("GPU script, exercised on the CPU ...")
     gpu_out = WORK / "gpu-on-cpu.json"
     subprocess.run([PY, str(REPO / "bench" / "gpu.py"), "--model", results["model"]["model_512_fp16"],
-                    "--providers", "cpu", "--batch", "2", "--batches", "2", "--study-slices", "20", "--out",
+                    "--providers", "cpu", "--batch", "2", "--batches", "2", "--study-slices", "8", "--out",
                     str(gpu_out)], env=ENV, check=True, stdout=subprocess.DEVNULL)
     results["gpu_script"] = json.loads(gpu_out.read_text())
     results["table"] = table(results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from livernode.inference.manifest import METADATA_KEY, Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 ProviderChoice = Literal["auto", "cpu", "cuda"]
+GRAPHS = 4  # slice shapes that get a CUDA graph (Segmenter._bind)
+BINDINGS = 8  # bound shapes without a graph kept at once
 
 
 def _providers(choice: ProviderChoice, available: list[str]) -> list[str]:
@@ -33,11 +36,46 @@ def _providers(choice: ProviderChoice, available: list[str]) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def _tensorrt_loadable() -> bool:
+    """Whether TensorRT's own library loads here. ONNX Runtime's GPU build lists its TensorRT provider whether or not
+    TensorRT is installed, and without it each session would first fail, print a banner and build a CUDA session
+    that is thrown away."""
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _attempts(chosen: list[str], available: list[str], cuda_graph: bool) -> list[tuple[str, list]]:
+    """The sessions to try, best first, each (what it is, providers with their options). On CUDA: TensorRT where
+    this ONNX Runtime has it (fp16, engines cached), then CUDA with its work captured as CUDA graphs (which ONNX
+    Runtime allows only when every node runs on CUDA), then CUDA as it comes. The first that loads with its first
+    provider really in use is kept."""
+    plain = ("plain", list(chosen))
+    if "CUDAExecutionProvider" not in chosen:
+        return [plain]
+    out = []
+    if "TensorrtExecutionProvider" in available and _tensorrt_loadable():
+        cache = str(Path(tempfile.gettempdir()) / "livernode-tensorrt")
+        out.append(("tensorrt", [("TensorrtExecutionProvider", {"trt_fp16_enable": True,
+                                                                "trt_engine_cache_enable": True,
+                                                                "trt_engine_cache_path": cache}), *chosen]))
+    if cuda_graph:
+        out.append(("cuda graph", [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}),
+                                   *[p for p in chosen if p != "CUDAExecutionProvider"]]))
+    return [*out, plain]
+
+
 class Segmenter:
     """One ONNX Runtime session per model. `providers_used` is what the session really runs on."""
 
     def __init__(self, path: Path, providers: ProviderChoice = "auto", threads: int | None = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, cuda_graph: bool = True, bound: bool | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -47,11 +85,24 @@ class Segmenter:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=_providers(
-                providers, ort.get_available_providers()))
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-            raise ManifestError(f"{self.path}: ONNX Runtime cannot load the model ({exc})") from None
+        available = ort.get_available_providers()
+        chosen = _providers(providers, available)
+        self.session, self.engine, why = None, "", []
+        for engine, wanted in _attempts(chosen, available, cuda_graph):
+            first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
+            try:
+                session = ort.InferenceSession(str(self.path), opts, providers=wanted)
+            except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+                why.append(f"{engine}: {exc}")
+                continue
+            if first in session.get_providers():
+                self.session, self.engine = session, engine
+                break
+            why.append(f"{engine}: ONNX Runtime fell back to {session.get_providers()}")
+        if self.session is None:
+            raise ManifestError(f"{self.path}: ONNX Runtime cannot load the model ({'; '.join(why)})")
+        if why:  # say why a faster session was not kept
+            log.info("model %s: %s", self.path.name, "; ".join(w.splitlines()[0][:200] for w in why))
         self.providers_used = self.session.get_providers()
         if providers == "cuda" and "CUDAExecutionProvider" not in self.providers_used:
             raise ManifestError(f"{self.path}: CUDA requested but the session runs on {self.providers_used}")
@@ -74,16 +125,73 @@ class Segmenter:
         # activations stay in ONNX Runtime's arena: 200 slices at 256 px peaked at 1541 MiB with 8, 883 with 2.
         # A 3-D patch holds as many voxels as dozens of slices: one at a time.
         gpu = "CUDAExecutionProvider" in self.providers_used
-        self.batch_size = batch_size or ((2 if gpu else 1) if self.mode.dims == 3 else (8 if gpu else 2))
-        log.info("model %s (%s %s) on %s", self.path.name, self.manifest.architecture.name,
-                 self.manifest.architecture.backbone, ",".join(self.providers_used))
+        self.batch_size = batch_size or ((2 if gpu else 1) if self.mode.dims == 3 else (16 if gpu else 2))
+        # On a GPU every batch runs bound (bound.py): buffers on the device, one per input shape, and with a CUDA
+        # graph session nothing else may run it. On the CPU session.run is as fast; `bound` forces either way.
+        self.device = "cuda" if gpu else "cpu"
+        self.bound = gpu if bound is None else bound
+        if self.engine == "cuda graph" and not self.bound:
+            raise ManifestError(f"{self.path}: a CUDA graph session runs bound only")
+        self._bound: dict[tuple, object] = {}  # input shape -> its binding, oldest first
+        self._graphs = 0  # CUDA graph ids handed out (ONNX Runtime keeps each graph for the session's life)
+        self._lock = threading.Lock()  # a binding's buffers serve one batch at a time
+        out = self.session.get_outputs()[0]
+        self.output_name = out.name
+        self.output_dtype = np.float16 if out.type == "tensor(float16)" else np.float32
+        log.info("model %s (%s %s) on %s (%s%s)", self.path.name, self.manifest.architecture.name,
+                 self.manifest.architecture.backbone, ",".join(self.providers_used), self.engine,
+                 f", batches of {self.batch_size} bound" if self.bound else "")
+
+    @property
+    def page_locked(self) -> bool:
+        """Whether a bound batch's host buffer is page-locked (CUDA only; the figure bench/gpu.py reports)."""
+        return any(b.pinned for b in self._bound.values())
+
+    def _run_bound(self, part: np.ndarray, constants: dict[str, np.ndarray] | None = None,
+                   slice_out: tuple[int, ...] | None = None, dtype_out=None) -> np.ndarray:
+        """One batch through the I/O binding for its shape (made on first use: bound.Bound)."""
+        from livernode.inference.bound import Shape
+
+        key = (part.shape[1:], part.dtype.str)
+        with self._lock:
+            runner = self._bound.get(key)
+            if runner is None:
+                runner = self._bind(key, Shape(part.shape[1:], part.dtype.type,
+                                               slice_out or (*part.shape[1:-1], len(self.lut)),
+                                               dtype_out or self.output_dtype, constants or {}))
+            return runner(part)
+
+    def _bind(self, key: tuple, shape) -> object:
+        """A new binding for `shape`. A CUDA graph is captured for the first GRAPHS shapes only: ONNX Runtime keeps
+        a graph, and the buffers it was captured on, for the session's life, and a node that meets a new slice
+        size now and then for months must not grow without end. Later shapes run bound without a graph (id -1),
+        and at most BINDINGS of those are kept, the oldest let go first."""
+        from livernode.inference.bound import Bound
+
+        graph_id = None
+        if self.engine == "cuda graph":
+            graph_id, self._graphs = (self._graphs, self._graphs + 1) if self._graphs < GRAPHS else (-1, self._graphs)
+        spare = [k for k, b in self._bound.items() if b.graph_id in (None, -1)]
+        if len(spare) >= BINDINGS:
+            del self._bound[spare[0]]
+        runner = self._bound[key] = Bound(self.session, self.input_name, self.output_name, self.batch_size, shape,
+                                          self.device, graph_id)
+        log.info("model %s: batches of %d x %s bound on %s%s%s", self.path.name, self.batch_size,
+                 "x".join(map(str, shape.slice_in)), self.device,
+                 f", CUDA graph {graph_id}" if graph_id not in (None, -1) else "",
+                 ", host buffer page-locked" if runner.pinned else "")
+        return runner
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Network input (n, s, s, c) float32 -> softmax probabilities (n, s, s, k); 3-D: patches (n, d, h, w, 1)."""
         if self.fused:
             raise ManifestError(f"{self.path}: a fused model takes HU slices and gives labels (fused_labels)")
-        outs = [self.session.run(None, {self.input_name: x[i : i + self.batch_size]})[0]
-                for i in range(0, len(x), self.batch_size)]
+        if self.bound:
+            outs = [self._run_bound(np.ascontiguousarray(x[i:i + self.batch_size], np.float32))
+                    for i in range(0, len(x), self.batch_size)]
+        else:
+            outs = [self.session.run(None, {self.input_name: x[i : i + self.batch_size]})[0]
+                    for i in range(0, len(x), self.batch_size)]
         return np.concatenate(outs).astype(np.float32, copy=False)
 
     def inputs(self, hu: np.ndarray, n: int, start: int, stop: int, first: int,
@@ -121,8 +229,10 @@ class Segmenter:
             part = seen[i:i + self.batch_size]
             if part.dtype != np.int16:
                 part = np.clip(np.rint(part), -32768, 32767)
-            feed = {HU: np.ascontiguousarray(part, np.int16), **mats}
-            out[i:i + len(part)] = self.session.run(None, feed)[0]
+            if self.bound:
+                out[i:i + len(part)] = self._run_bound(np.ascontiguousarray(part, np.int16), mats, shape, np.uint8)
+            else:
+                out[i:i + len(part)] = self.session.run(None, {HU: np.ascontiguousarray(part, np.int16), **mats})[0]
         return orientation.inverse(out)
 
     def labels_of(self, prob: np.ndarray) -> np.ndarray:

@@ -122,3 +122,71 @@ def test_infer_with_the_fused_model_gives_the_same_findings(fused, liver_model, 
     plain, fast = found
     assert plain["liver_volume_ml"] > 0 and plain["providers"] == fast["providers"] == ["CPUExecutionProvider"]
     assert fast["liver_volume_ml"] == pytest.approx(plain["liver_volume_ml"], rel=1e-3)
+
+
+def test_bound_batches_give_session_runs_labels(fused, liver_model, chaos_sample):
+    """Bound batches (inference/bound.py, what the node uses on a GPU), here bound to CPU buffers that ONNX Runtime
+    reads and writes in place: the same labels as session.run for both models, with a last batch shorter than the
+    buffer (padded, its padding dropped) and two slice shapes, each with its own binding."""
+    files = sorted((chaos_sample / "DICOM_anon").rglob("*.dcm"))
+    hu = np.clip(np.rint(read_ct_series(files).hu[20:31]), -32768, 32767).astype(np.int16)  # 11: 4 + 4 + 3
+    for model in (liver_model, fused):
+        plain = Segmenter(model, providers="cpu", batch_size=4)
+        bound = Segmenter(model, providers="cpu", batch_size=4, bound=True)
+        assert bound.bound and not plain.bound and bound.engine == plain.engine == "plain"
+        for part in (hu, hu[:, 7:500, 30:491]):
+            want, got = plain.segment(part), bound.segment(part)
+            assert (want > 0).sum() > 1000
+            assert got.dtype == np.uint8 and np.array_equal(got, want)
+        assert len(bound._bound) == (2 if bound.fused else 1)  # the plain model's input is 64 px for both shapes
+        runner = next(iter(bound._bound.values()))
+        assert runner.host_in.shape[0] == 4 and not runner.pinned  # nothing to page-lock without CUDA
+        with pytest.raises(ValueError, match="does not fit"):
+            runner(np.zeros((5, *runner.host_in.shape[1:]), runner.host_in.dtype))
+    streamed = Segmenter(fused, providers="cpu", batch_size=4, bound=True).segment_streamed(
+        len(hu), hu.shape[1:], hu.__getitem__, np.int16)[1]
+    assert np.array_equal(streamed, Segmenter(fused, providers="cpu").segment(hu))
+
+
+def test_bindings_are_bounded_for_a_node_that_meets_many_slice_sizes(fused, chaos_sample, monkeypatch):
+    """A fused model binds one buffer set per slice size. CUDA graph ids go to the first GRAPHS sizes only (ONNX
+    Runtime keeps a graph and its buffers for the session's life), later sizes run bound without a graph (id -1),
+    and at most BINDINGS of those are kept. The bookkeeping is checked here on a CPU session told it has graphs
+    (the CPU provider ignores the graph id); the labels stay those of session.run throughout."""
+    from livernode.inference import runner
+
+    monkeypatch.setattr(runner, "GRAPHS", 2)
+    monkeypatch.setattr(runner, "BINDINGS", 2)
+    files = sorted((chaos_sample / "DICOM_anon").rglob("*.dcm"))
+    hu = np.clip(np.rint(read_ct_series(files).hu[25:28]), -32768, 32767).astype(np.int16)
+    plain = Segmenter(fused, providers="cpu")
+    bound = Segmenter(fused, providers="cpu", batch_size=2, bound=True)
+    bound.engine = "cuda graph"
+    ids = []
+    for side in (200, 210, 220, 230, 240, 250):
+        part = hu[:, 100:100 + side, 120:120 + side]
+        assert np.array_equal(bound.segment(part), plain.segment(part))
+        ids.append(bound._bound[(part.shape[1:], part.dtype.str)].graph_id)
+    assert ids == [0, 1, -1, -1, -1, -1]
+    assert sorted(b.graph_id for b in bound._bound.values()) == [-1, -1, 0, 1]  # graphs kept, two spares
+    assert {k[0] for k in bound._bound} == {(200, 200), (210, 210), (240, 240), (250, 250)}  # 220, 230 let go
+
+
+def test_the_sessions_tried_on_a_gpu_best_first(monkeypatch):
+    """TensorRT where this ONNX Runtime has it and its library loads, then CUDA graphs, then CUDA as it comes; on
+    the CPU only the CPU."""
+    from livernode.inference import runner
+    from livernode.inference.runner import _attempts
+
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert _attempts(["CPUExecutionProvider"], ["CPUExecutionProvider"], True) == [
+        ("plain", ["CPUExecutionProvider"])]
+    monkeypatch.setattr(runner, "_tensorrt_loadable", lambda: True)
+    tried = _attempts(cuda, ["TensorrtExecutionProvider", *cuda], True)
+    assert [name for name, _ in tried] == ["tensorrt", "cuda graph", "plain"]
+    assert tried[0][1][0][0] == "TensorrtExecutionProvider" and tried[0][1][0][1]["trt_fp16_enable"]
+    assert tried[1][1] == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+    assert [name for name, _ in _attempts(cuda, cuda, False)] == ["plain"]
+    monkeypatch.setattr(runner, "_tensorrt_loadable", lambda: False)  # listed by ONNX Runtime, not installed
+    assert [name for name, _ in _attempts(cuda, ["TensorrtExecutionProvider", *cuda], True)] == ["cuda graph",
+                                                                                                 "plain"]
