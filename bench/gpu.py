@@ -135,6 +135,48 @@ def variants(model: Path, providers: str, files: list[Path], work: Path, end_to_
     return out
 
 
+def pipeline(model: Path, size: int, providers: str, files: list[Path], work: Path) -> dict:
+    """Today's path and the new default end to end through the node's pipeline with a trained network (`model`,
+    its manifest set to run at `size` px, as bench/pipeline.py does for `make bench`), so that post-processing
+    sees a liver, not an untrained network's noise: the better of two runs each, with the stages."""
+    import onnx
+
+    from livernode.daemon.pipeline import process_files
+    from livernode.export.fused import fuse
+    from livernode.inference.manifest import METADATA_KEY, parse_manifest
+    from livernode.inference.runner import Segmenter
+
+    plain = onnx.load(str(model))
+    entry = next(p for p in plain.metadata_props if p.key == METADATA_KEY)
+    manifest = parse_manifest(entry.value, str(model))
+    manifest = manifest.model_copy(update={"input": manifest.input.model_copy(update={"preferred_size": size})})
+    entry.value = manifest.to_json()
+    paths = {False: work / f"trained-{size}.onnx", True: work / f"trained-{size}-fused.onnx"}
+    onnx.save(plain, str(paths[False]))
+    onnx.save(fuse(plain, manifest, str(model)), str(paths[True]))
+    out: dict = {"size": size, "trained_size": parse_manifest(entry.value, "").input.preferred_size, "rows": {}}
+    for name, is_fused, options in VARIANTS:
+        if name not in (OLD, NEW):
+            continue
+        row: dict = {}
+        out["rows"][name] = row
+        try:
+            seg = Segmenter(paths[is_fused], providers="cpu" if providers == "cpu" else "cuda", **options)
+            row.update(engine=seg.engine, batch=seg.batch_size)
+            runs = []
+            for i in range(2):
+                t = time.perf_counter()
+                result = process_files(files, seg, work / f"pipeline-{size}-{len(out['rows'])}-{i}")
+                runs.append((time.perf_counter() - t, result))
+            best, result = min(runs, key=lambda r: r[0])
+            row.update(end_to_end_s=best, stages_s=result.timings, liver_ml=result.findings.liver_volume_ml,
+                       lesions=len(result.findings.lesions), tumour_ml=result.findings.tumour_volume_ml)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"{name}: {row['error']}", file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="the fp16 benchmark model (bench-512-fp16.onnx)")
@@ -144,6 +186,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--study-slices", type=int, default=500)
     ap.add_argument("--out", type=Path, default=Path("bench/gpu-results.json"))
+    ap.add_argument("--trained", type=Path, help="a trained model (make demo's, exported --fp16): today's path and "
+                    "the new default end to end with it, at --trained-size px")
+    ap.add_argument("--trained-size", type=int, nargs="+", default=[256])
     a = ap.parse_args(argv)
     sess, used = session(a.model, a.providers)
     device = "cuda" if "CUDAExecutionProvider" in used else "cpu"
@@ -160,6 +205,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         files = study(Path(tmp), a.study_slices)
         result["variants"] = variants(a.model, a.providers, files, Path(tmp), end_to_end=True)
+        a.out.write_text(json.dumps(result, indent=1))
+        if a.trained:
+            result["trained"] = []
+            for size in a.trained_size:
+                result["trained"].append(pipeline(a.trained, size, a.providers, files, Path(tmp)))
+                a.out.write_text(json.dumps(result, indent=1))
     a.out.write_text(json.dumps(result, indent=1))
     for name, row in result["variants"]["rows"].items():
         if "error" in row:
@@ -169,6 +220,15 @@ def main(argv=None) -> int:
                if "end_to_end_s" in row else "")
         print(f"{name} ({row['engine']}, batch {row['batch']}): {row['slices_per_s']:.1f} slices/s HU to labels, "
               f"labels equal to today's on {100 * row['agreement_with_today']:.3f} % of voxels{e2e}")
+    for trained in result.get("trained", []):
+        for name, row in trained["rows"].items():
+            if "error" in row:
+                print(f"trained network, {name}: failed: {row['error'][:300]}")
+                continue
+            print(f"trained network at {trained['size']} px, {name} ({row['engine']}): {a.study_slices}-slice study "
+                  f"end to end {row['end_to_end_s']:.2f} s (" + ", ".join(
+                      f"{k} {v:.2f}" for k, v in row["stages_s"].items()) + f"); liver {row['liver_ml']:.0f} mL, "
+                  f"{row['lesions']} lesions")
     return 0
 
 
