@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 # at about 100 % of one core) or wait on sockets, so two workers take about half the time on two cores.
 TEST_WORKERS ?= 2
 
-.PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-train compare compare-long gpu-wheels lock clean \
-        reliability-figures
+.PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-train compare compare-long gpu-model gpu-wheels lock \
+        clean reliability-figures
 
 setup: $(STAMP)
 
@@ -81,6 +81,12 @@ compare-long: setup $(COMPARE_DATA)
 	$(BIN)/livernode compare --data $(COMPARE_DATA) --format dicom --out bench/compare-long \
 	  --archs unet,resnet34-unet --context 0 --config config/compare-long.toml
 	$(BIN)/python bench/render_compare.py
+
+# The network bench/gpu.sh measures: make demo's, exported with float16 weights (run there at 512 px, and end to
+# end at 256 and 512 px).
+gpu-model: demo
+	mkdir -p bench/work
+	$(BIN)/livernode export demo/run --out bench/work/demo-fp16.onnx --fp16
 
 # Everything bench/gpu.sh installs on a GPU machine without internet (run this where there is internet):
 # the CUDA build of ONNX Runtime, the CUDA and cuDNN runtime wheels, and livernode's base dependencies at the

@@ -95,13 +95,11 @@ def variants(model: Path, providers: str, files: list[Path], work: Path, end_to_
     from livernode.daemon.pipeline import process_files
     from livernode.export.fused import fuse
     from livernode.imaging.dicomio import read_ct_series
-    from livernode.inference.manifest import METADATA_KEY, parse_manifest
     from livernode.inference.runner import Segmenter
 
     plain_model = onnx.load(str(model))
-    manifest = parse_manifest({p.key: p.value for p in plain_model.metadata_props}.get(METADATA_KEY), str(model))
     fused = work / "fused.onnx"
-    onnx.save(fuse(plain_model, manifest, str(model)), str(fused))
+    onnx.save(fuse(plain_model, _manifest(plain_model, model), str(model)), str(fused))
     hu = np.clip(np.rint(read_ct_series(files).hu), -32768, 32767).astype(np.int16)
     choice = "cpu" if providers == "cpu" else "cuda"
     out: dict = {"slices": len(hu), "rows": {}}
@@ -135,6 +133,30 @@ def variants(model: Path, providers: str, files: list[Path], work: Path, end_to_
     return out
 
 
+def _manifest(proto, source: Path):
+    from livernode.inference.manifest import METADATA_KEY, parse_manifest
+
+    return parse_manifest({p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY), str(source))
+
+
+def at_size(model: Path, size: int, out: Path) -> Path:
+    """`model` with its manifest set to run at `size` px (a U-Net runs at any multiple of 32; bench/pipeline.py does
+    the same for `make bench`), or `model` itself when it already does."""
+    import onnx
+
+    from livernode.inference.manifest import METADATA_KEY
+
+    proto = onnx.load(str(model))
+    manifest = _manifest(proto, model)
+    if manifest.input.preferred_size == size:
+        return model
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    entry.value = manifest.model_copy(update={"input": manifest.input.model_copy(
+        update={"preferred_size": size})}).to_json()
+    onnx.save(proto, str(out))
+    return out
+
+
 def pipeline(model: Path, size: int, providers: str, files: list[Path], work: Path) -> dict:
     """Today's path and the new default end to end through the node's pipeline with a trained network (`model`,
     its manifest set to run at `size` px, as bench/pipeline.py does for `make bench`), so that post-processing
@@ -143,18 +165,14 @@ def pipeline(model: Path, size: int, providers: str, files: list[Path], work: Pa
 
     from livernode.daemon.pipeline import process_files
     from livernode.export.fused import fuse
-    from livernode.inference.manifest import METADATA_KEY, parse_manifest
     from livernode.inference.runner import Segmenter
 
-    plain = onnx.load(str(model))
-    entry = next(p for p in plain.metadata_props if p.key == METADATA_KEY)
-    manifest = parse_manifest(entry.value, str(model))
-    manifest = manifest.model_copy(update={"input": manifest.input.model_copy(update={"preferred_size": size})})
-    entry.value = manifest.to_json()
-    paths = {False: work / f"trained-{size}.onnx", True: work / f"trained-{size}-fused.onnx"}
-    onnx.save(plain, str(paths[False]))
-    onnx.save(fuse(plain, manifest, str(model)), str(paths[True]))
-    out: dict = {"size": size, "trained_size": parse_manifest(entry.value, "").input.preferred_size, "rows": {}}
+    trained_size = _manifest(onnx.load(str(model)), model).input.preferred_size
+    paths = {False: at_size(model, size, work / f"trained-{size}.onnx")}
+    plain = onnx.load(str(paths[False]))
+    paths[True] = work / f"trained-{size}-fused.onnx"
+    onnx.save(fuse(plain, _manifest(plain, model), str(model)), str(paths[True]))
+    out: dict = {"size": size, "trained_size": trained_size, "rows": {}}
     for name, is_fused, options in VARIANTS:
         if name not in (OLD, NEW):
             continue
@@ -179,7 +197,8 @@ def pipeline(model: Path, size: int, providers: str, files: list[Path], work: Pa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True, help="the fp16 benchmark model (bench-512-fp16.onnx)")
+    ap.add_argument("--model", type=Path, required=True,
+                    help="an fp16 model (make gpu-model: make demo's network, exported --fp16), run at --size px")
     ap.add_argument("--providers", choices=sorted(PROVIDERS), default="auto")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
@@ -204,7 +223,8 @@ def main(argv=None) -> int:
           f"matmul ceiling ({100 * result['fraction_of_ceiling']:.0f} %)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         files = study(Path(tmp), a.study_slices)
-        result["variants"] = variants(a.model, a.providers, files, Path(tmp), end_to_end=True)
+        model = at_size(a.model, a.size, Path(tmp) / f"model-{a.size}.onnx")
+        result["variants"] = variants(model, a.providers, files, Path(tmp), end_to_end=True)
         a.out.write_text(json.dumps(result, indent=1))
         if a.trained:
             result["trained"] = []

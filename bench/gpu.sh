@@ -2,8 +2,9 @@
 # GPU benchmark for a machine with an NVIDIA card and no internet. At most ~5 minutes.
 #
 # Prepare on a machine with internet:  make gpu-wheels   (fills bench/wheels: onnxruntime-gpu, the CUDA 13 and cuDNN
-# runtime wheels, and everything livernode's base install needs), and make bench (writes the benchmark models).
-# Then carry the repository, bench/wheels and bench/work along and run:  bench/gpu.sh
+# runtime wheels, and everything livernode's base install needs), and make gpu-model (make demo's network with
+# float16 weights, bench/work/demo-fp16.onnx). Then carry the repository, bench/wheels and bench/work along and
+# run:  bench/gpu.sh   (extra arguments go to bench/gpu.py, e.g. --trained-size 256 512)
 #
 # On a CUDA image whose python3 already has numpy, scipy, OpenCV, onnx and the CUDA 13 libraries (as pip packages),
 # set SITE to a folder instead: only the wheels in $WHEELS are installed there (no dependencies resolved), and the
@@ -12,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-bench/wheels}
 VENV=${VENV:-/tmp/livernode-gpu-venv}
-MODEL=${MODEL:-bench/work/bench-512-fp16.onnx}
+MODEL=${MODEL:-bench/work/demo-fp16.onnx}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi not found"
 if [ -n "${SITE:-}" ]; then
   PY=python3
@@ -38,4 +39,4 @@ else
 fi
 # onnxruntime-gpu finds the CUDA and cuDNN libraries installed as wheels once they are preloaded
 "$PY" -c "import onnxruntime as o; getattr(o, 'preload_dlls', lambda: None)(); print(o.__version__, o.get_available_providers())"
-exec "$PY" -c "import onnxruntime as o; getattr(o, 'preload_dlls', lambda: None)(); import runpy, sys; sys.argv = ['bench/gpu.py', '--model', '$MODEL', *sys.argv[1:]]; runpy.run_path('bench/gpu.py', run_name='__main__')" "$@"
+exec "$PY" -c "import onnxruntime as o; getattr(o, 'preload_dlls', lambda: None)(); import runpy, sys; sys.argv = ['bench/gpu.py', '--model', '$MODEL', '--trained', '$MODEL', *sys.argv[1:]]; runpy.run_path('bench/gpu.py', run_name='__main__')" "$@"
