@@ -87,6 +87,7 @@ class Segmenter:
         opts.log_severity_level = 3
         available = ort.get_available_providers()
         chosen = _providers(providers, available)
+        self._plain = (opts, chosen)  # what a session without graphs is made of (_without_graphs)
         self.session, self.engine, why = None, "", []
         for engine, wanted in _attempts(chosen, available, cuda_graph):
             first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
@@ -153,13 +154,31 @@ class Segmenter:
         from livernode.inference.bound import Shape
 
         key = (part.shape[1:], part.dtype.str)
+        shape = Shape(part.shape[1:], part.dtype.type, slice_out or (*part.shape[1:-1], len(self.lut)),
+                      dtype_out or self.output_dtype, constants or {})
         with self._lock:
-            runner = self._bound.get(key)
-            if runner is None:
-                runner = self._bind(key, Shape(part.shape[1:], part.dtype.type,
-                                               slice_out or (*part.shape[1:-1], len(self.lut)),
-                                               dtype_out or self.output_dtype, constants or {}))
-            return runner(part)
+            runner = self._bound.get(key) or self._bind(key, shape)
+            try:
+                return runner(part)
+            except ValueError:
+                raise
+            except Exception as exc:  # a graph ONNX Runtime could not capture or replay: once, without graphs
+                if self.engine != "cuda graph":
+                    raise
+                self._without_graphs(exc)
+                return self._bind(key, shape)(part)
+
+    def _without_graphs(self, exc: Exception) -> None:
+        """Replace a CUDA graph session whose run failed (a node that cannot be captured shows only then) by a
+        plain one, for good: the node keeps working, a little slower, and says why."""
+        import onnxruntime as ort
+
+        log.warning("model %s: a CUDA graph run failed (%s); running without CUDA graphs from now on",
+                    self.path.name, str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        opts, chosen = self._plain
+        self._bound.clear()
+        self.session = ort.InferenceSession(str(self.path), opts, providers=chosen)
+        self.engine, self._graphs = "plain", 0
 
     def _bind(self, key: tuple, shape) -> object:
         """A new binding for `shape`. A CUDA graph is captured for the first GRAPHS shapes only: ONNX Runtime keeps

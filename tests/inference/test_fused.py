@@ -190,3 +190,33 @@ def test_the_sessions_tried_on_a_gpu_best_first(monkeypatch):
     monkeypatch.setattr(runner, "_tensorrt_loadable", lambda: False)  # listed by ONNX Runtime, not installed
     assert [name for name, _ in _attempts(cuda, ["TensorrtExecutionProvider", *cuda], True)] == ["cuda graph",
                                                                                                  "plain"]
+
+
+def test_a_cuda_graph_that_fails_to_run_leaves_a_plain_session(fused, chaos_sample, monkeypatch, caplog):
+    """ONNX Runtime may refuse to capture or replay a graph only at the first run. The segmenter then makes a plain
+    session for good, says why, and the batch that failed is run again on it (here on a CPU session told it has
+    graphs, whose bound runs with a graph id fail as such a run would)."""
+    import logging
+
+    from livernode.inference import bound as bound_module
+
+    files = sorted((chaos_sample / "DICOM_anon").rglob("*.dcm"))
+    hu = np.clip(np.rint(read_ct_series(files).hu[25:30]), -32768, 32767).astype(np.int16)
+    want = Segmenter(fused, providers="cpu").segment(hu)
+    real = bound_module.Bound.__call__
+
+    def capture_fails(self, part):
+        if self.graph_id not in (None, -1):
+            raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+        return real(self, part)
+
+    monkeypatch.setattr(bound_module.Bound, "__call__", capture_fails)
+    seg = Segmenter(fused, providers="cpu", batch_size=2, bound=True)
+    seg.engine = "cuda graph"
+    first = seg.session
+    with caplog.at_level(logging.WARNING, logger="livernode.inference.runner"):
+        got = seg.segment(hu)
+    assert (want > 0).sum() > 1000 and np.array_equal(got, want)
+    assert seg.engine == "plain" and seg.session is not first
+    assert all(b.graph_id is None for b in seg._bound.values()) and len(seg._bound) == 1
+    assert "CUDA graph run failed (CUDA failure 900" in caplog.text
