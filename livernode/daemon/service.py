@@ -54,7 +54,9 @@ class Service:
         state = Path(cfg.paths.state)
         self.spool = Spool(state / "spool", min_free_bytes=int(cfg.study.min_free_mb * 1e6))
         self.store = Store(state / "index.sqlite")
-        self.segmenter = Segmenter(cfg.inference.model, providers=cfg.inference.providers)
+        # TensorRT, where it is installed, keeps the engines it builds in a folder only the node can write
+        self.segmenter = Segmenter(cfg.inference.model, providers=cfg.inference.providers,
+                                   tensorrt_cache=state / "tensorrt")
         self.ray = None
         if cfg.inference.backend == "ray":  # the actors have loaded the model when this returns
             from livernode.daemon.ray_backend import RayStudies

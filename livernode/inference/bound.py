@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -23,13 +24,15 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 CUDART = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
+WARM_RUNS = 2  # runs of a new binding before its CUDA graph is captured
 
 
 def _cudart():
-    """The CUDA runtime ONNX Runtime's CUDA provider already loaded (dlopen returns the loaded copy), or None."""
+    """The CUDA runtime ONNX Runtime's CUDA provider already loaded, or None: RTLD_NOLOAD never loads a second
+    copy (a CUDA 12 runtime beside a CUDA 13 build, say)."""
     for name in CUDART:
         try:
-            return ctypes.CDLL(name)
+            return ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
         except OSError:
             continue
     return None
@@ -43,6 +46,7 @@ def pin(array: np.ndarray, owner: object) -> bool:
         return False
     ptr = ctypes.c_void_p(array.ctypes.data)
     if lib.cudaHostRegister(ptr, ctypes.c_size_t(array.nbytes), ctypes.c_uint(0)) != 0:
+        lib.cudaGetLastError()  # clear this thread's error, or ONNX Runtime's next kernel check would report it
         return False
     # the finalizer holds the array, so its memory stays allocated until it is unregistered
     weakref.finalize(owner, _unpin, lib, ptr, array).atexit = False
@@ -50,7 +54,8 @@ def pin(array: np.ndarray, owner: object) -> bool:
 
 
 def _unpin(lib, ptr, array: np.ndarray) -> None:
-    lib.cudaHostUnregister(ptr)
+    if lib.cudaHostUnregister(ptr) != 0:
+        lib.cudaGetLastError()
 
 
 @dataclass
@@ -91,9 +96,14 @@ class Bound:
             self._keep.append(v)
             self.io.bind_ortvalue_input(name, v)
         self.io.bind_ortvalue_output(output_name, self.dev_out)
-        self.options = ort.RunOptions()
-        if graph_id is not None:  # each shape its own CUDA graph, captured on the first runs; -1: none
+        self.options = self.warm_options = ort.RunOptions()
+        self.runs = 0
+        if graph_id is not None:  # each shape its own CUDA graph; -1: none
             self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            # ONNX Runtime counts its runs before a capture per session, not per graph: a new size's graph would be
+            # captured on its first run, while its memory is still being allocated. WARM_RUNS plain runs first.
+            self.warm_options = ort.RunOptions()
+            self.warm_options.add_run_config_entry("gpu_graph_id", "-1")
 
     def __call__(self, part: np.ndarray) -> np.ndarray:
         """Run `part` (at most `batch` slices of the bound shape); returns a new array of its results."""
@@ -104,7 +114,8 @@ class Bound:
         self.host_in[n:] = 0  # the padding's results are dropped; zeros keep them finite
         if self.device != "cpu":
             self.dev_in.update_inplace(self.host_in)
-        self.session.run_with_iobinding(self.io, self.options)
+        self.session.run_with_iobinding(self.io, self.options if self.runs >= WARM_RUNS else self.warm_options)
+        self.runs += 1
         if self.device == "cpu":
             return self.host_out[:n].copy()
         return self.dev_out.numpy()[:n]

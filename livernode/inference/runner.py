@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -51,20 +50,21 @@ def _tensorrt_loadable() -> bool:
     return False
 
 
-def _attempts(chosen: list[str], available: list[str], cuda_graph: bool) -> list[tuple[str, list]]:
+def _attempts(chosen: list[str], available: list[str], cuda_graph: bool,
+              tensorrt_cache: Path | None = None) -> list[tuple[str, list]]:
     """The sessions to try, best first, each (what it is, providers with their options). On CUDA: TensorRT where
-    this ONNX Runtime has it (fp16, engines cached), then CUDA with its work captured as CUDA graphs (which ONNX
-    Runtime allows only when every node runs on CUDA), then CUDA as it comes. The first that loads with its first
-    provider really in use is kept."""
+    this ONNX Runtime has it, its library loads and the caller gives a folder of its own for the engines TensorRT
+    builds (the node: its state folder; engines are code, so never a shared temporary folder), at the model's own
+    precision; then CUDA with its work captured as CUDA graphs (which ONNX Runtime allows only when every node runs
+    on CUDA); then CUDA as it comes. The first that loads with its first provider really in use is kept."""
     plain = ("plain", list(chosen))
     if "CUDAExecutionProvider" not in chosen:
         return [plain]
     out = []
-    if "TensorrtExecutionProvider" in available and _tensorrt_loadable():
-        cache = str(Path(tempfile.gettempdir()) / "livernode-tensorrt")
-        out.append(("tensorrt", [("TensorrtExecutionProvider", {"trt_fp16_enable": True,
-                                                                "trt_engine_cache_enable": True,
-                                                                "trt_engine_cache_path": cache}), *chosen]))
+    if tensorrt_cache is not None and "TensorrtExecutionProvider" in available and _tensorrt_loadable():
+        out.append(("tensorrt", [("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
+                                                                "trt_engine_cache_path": str(tensorrt_cache)}),
+                                 *chosen]))
     if cuda_graph:
         out.append(("cuda graph", [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}),
                                    *[p for p in chosen if p != "CUDAExecutionProvider"]]))
@@ -75,7 +75,8 @@ class Segmenter:
     """One ONNX Runtime session per model. `providers_used` is what the session really runs on."""
 
     def __init__(self, path: Path, providers: ProviderChoice = "auto", threads: int | None = None,
-                 batch_size: int | None = None, cuda_graph: bool = True, bound: bool | None = None) -> None:
+                 batch_size: int | None = None, cuda_graph: bool = True, bound: bool | None = None,
+                 tensorrt_cache: Path | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -89,8 +90,11 @@ class Segmenter:
         chosen = _providers(providers, available)
         self._plain = (opts, chosen)  # what a session without graphs is made of (_without_graphs)
         self.session, self.engine, why = None, "", []
-        for engine, wanted in _attempts(chosen, available, cuda_graph):
+        # a graph session runs bound only, so a caller that asks for unbound runs gets none
+        for engine, wanted in _attempts(chosen, available, cuda_graph and bound is not False, tensorrt_cache):
             first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
+            if engine == "tensorrt":
+                Path(tensorrt_cache).mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
                 session = ort.InferenceSession(str(self.path), opts, providers=wanted)
             except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
@@ -146,7 +150,8 @@ class Segmenter:
     @property
     def page_locked(self) -> bool:
         """Whether a bound batch's host buffer is page-locked (CUDA only; the figure bench/gpu.py reports)."""
-        return any(b.pinned for b in self._bound.values())
+        with self._lock:
+            return any(b.pinned for b in self._bound.values())
 
     def _run_bound(self, part: np.ndarray, constants: dict[str, np.ndarray] | None = None,
                    slice_out: tuple[int, ...] | None = None, dtype_out=None) -> np.ndarray:
@@ -157,7 +162,11 @@ class Segmenter:
         shape = Shape(part.shape[1:], part.dtype.type, slice_out or (*part.shape[1:-1], len(self.lut)),
                       dtype_out or self.output_dtype, constants or {})
         with self._lock:
-            runner = self._bound.get(key) or self._bind(key, shape)
+            runner = self._bound.pop(key, None)
+            if runner is not None:
+                self._bound[key] = runner  # the most recently used last: spares are let go oldest first
+            else:
+                runner = self._bind(key, shape)
             try:
                 return runner(part)
             except ValueError:

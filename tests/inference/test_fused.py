@@ -172,24 +172,112 @@ def test_bindings_are_bounded_for_a_node_that_meets_many_slice_sizes(fused, chao
     assert {k[0] for k in bound._bound} == {(200, 200), (210, 210), (240, 240), (250, 250)}  # 220, 230 let go
 
 
-def test_the_sessions_tried_on_a_gpu_best_first(monkeypatch):
-    """TensorRT where this ONNX Runtime has it and its library loads, then CUDA graphs, then CUDA as it comes; on
-    the CPU only the CPU."""
+def test_the_sessions_tried_on_a_gpu_best_first(monkeypatch, tmp_path):
+    """TensorRT where this ONNX Runtime has it, its library loads and the caller gives it a folder for its engines;
+    then CUDA graphs; then CUDA as it comes. On the CPU only the CPU."""
     from livernode.inference import runner
     from livernode.inference.runner import _attempts
 
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert _attempts(["CPUExecutionProvider"], ["CPUExecutionProvider"], True) == [
+    trt = ["TensorrtExecutionProvider", *cuda]
+    assert _attempts(["CPUExecutionProvider"], ["CPUExecutionProvider"], True, tmp_path) == [
         ("plain", ["CPUExecutionProvider"])]
     monkeypatch.setattr(runner, "_tensorrt_loadable", lambda: True)
-    tried = _attempts(cuda, ["TensorrtExecutionProvider", *cuda], True)
+    tried = _attempts(cuda, trt, True, tmp_path)
     assert [name for name, _ in tried] == ["tensorrt", "cuda graph", "plain"]
-    assert tried[0][1][0][0] == "TensorrtExecutionProvider" and tried[0][1][0][1]["trt_fp16_enable"]
+    assert tried[0][1][0] == ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
+                                                            "trt_engine_cache_path": str(tmp_path)})
     assert tried[1][1] == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
-    assert [name for name, _ in _attempts(cuda, cuda, False)] == ["plain"]
+    assert [name for name, _ in _attempts(cuda, trt, True)] == ["cuda graph", "plain"]  # no folder, no TensorRT
+    assert [name for name, _ in _attempts(cuda, cuda, False, tmp_path)] == ["plain"]
     monkeypatch.setattr(runner, "_tensorrt_loadable", lambda: False)  # listed by ONNX Runtime, not installed
-    assert [name for name, _ in _attempts(cuda, ["TensorrtExecutionProvider", *cuda], True)] == ["cuda graph",
-                                                                                                 "plain"]
+    assert [name for name, _ in _attempts(cuda, trt, True, tmp_path)] == ["cuda graph", "plain"]
+
+
+class _FakeGpuSession:
+    """An ONNX Runtime session on the CPU that reports the providers it was asked for, as a GPU build would, except
+    that TensorRT fails to load and the CUDA graph session comes back on the CPU alone (ONNX Runtime's fallback)."""
+
+    made: list = []
+
+    def __init__(self, path, opts, providers):
+        first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        _FakeGpuSession.made.append(first if first != "CUDAExecutionProvider" or isinstance(providers[0], str)
+                                    else "CUDA graph")
+        if first == "TensorrtExecutionProvider":
+            raise RuntimeError("libnvinfer.so.10: cannot open shared object file")
+        self._real = self.real(path, opts, providers=["CPUExecutionProvider"])
+        self._providers = ["CPUExecutionProvider"] if self.made[-1] == "CUDA graph" and self.refuse_graph else \
+            [p[0] if isinstance(p, tuple) else p for p in providers]
+
+    refuse_graph = False
+    real = None  # ONNX Runtime's own session class
+
+    def get_providers(self):
+        return self._providers
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("refuse_graph", [False, True])
+def test_the_segmenter_keeps_the_first_session_that_really_runs_where_asked(liver_model, tmp_path, monkeypatch,
+                                                                          caplog, refuse_graph):
+    """The attempts in order, each one's failure said in one log line, and the first kept whose first provider is
+    really in use; a caller that asks for unbound runs never gets a graph session; TensorRT's folder is made
+    private only when TensorRT is tried."""
+    import logging
+
+    import onnxruntime
+
+    from livernode.inference import runner
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(_FakeGpuSession, "real", onnxruntime.InferenceSession)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _FakeGpuSession)
+    monkeypatch.setattr(runner, "_tensorrt_loadable", lambda: True)
+    monkeypatch.setattr(_FakeGpuSession, "refuse_graph", refuse_graph)
+    monkeypatch.setattr(_FakeGpuSession, "made", [])
+    engines = tmp_path / "state" / "tensorrt"
+    with caplog.at_level(logging.INFO, logger="livernode.inference.runner"):
+        seg = Segmenter(liver_model, providers="cuda", tensorrt_cache=engines)
+    assert _FakeGpuSession.made == ["TensorrtExecutionProvider", "CUDA graph"] + (
+        ["CUDAExecutionProvider"] if refuse_graph else [])
+    assert seg.engine == ("plain" if refuse_graph else "cuda graph")
+    assert seg.bound and seg.batch_size == 16 and seg.device == "cuda"
+    assert "tensorrt: libnvinfer.so.10: cannot open" in caplog.text
+    assert ("cuda graph: ONNX Runtime fell back to ['CPUExecutionProvider']" in caplog.text) == refuse_graph
+    assert engines.is_dir() and engines.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setattr(_FakeGpuSession, "made", [])
+    unbound = Segmenter(liver_model, providers="cuda", bound=False)
+    assert _FakeGpuSession.made == ["CUDAExecutionProvider"] and unbound.engine == "plain" and not unbound.bound
+
+
+def test_a_new_binding_runs_plain_before_its_graph_is_captured(liver_model, monkeypatch):
+    """ONNX Runtime captures a graph on the first run with its id once the session has run at all, so each new
+    binding's first WARM_RUNS runs carry graph id -1 (no capture) and only then its own id."""
+    import onnxruntime as ort
+
+    from livernode.inference.bound import WARM_RUNS, Bound, Shape
+
+    session = ort.InferenceSession(str(liver_model), providers=["CPUExecutionProvider"])
+    seen = []
+    real = ort.InferenceSession.run_with_iobinding
+
+    def record(self, io, options=None):
+        seen.append(options.get_run_config_entry("gpu_graph_id"))
+        return real(self, io, options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", record)
+    size = session.get_inputs()[0].shape[1] if isinstance(session.get_inputs()[0].shape[1], int) else 64
+    b = Bound(session, session.get_inputs()[0].name, session.get_outputs()[0].name, 2,
+              Shape((size, size, 1), np.float32, (size, size, 3), np.float32), "cpu", graph_id=3)
+    x = np.random.default_rng(0).random((2, size, size, 1), np.float32)
+    outs = [b(x) for _ in range(WARM_RUNS + 2)]
+    assert seen == ["-1"] * WARM_RUNS + ["3", "3"]
+    assert all(np.array_equal(o, outs[0]) for o in outs) and outs[0].shape == (2, size, size, 3)
+    np.testing.assert_allclose(outs[0], session.run(None, {session.get_inputs()[0].name: x})[0], atol=1e-6)
 
 
 def test_a_cuda_graph_that_fails_to_run_leaves_a_plain_session(fused, chaos_sample, monkeypatch, caplog):
