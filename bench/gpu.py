@@ -130,7 +130,31 @@ def variants(model: Path, providers: str, files: list[Path], work: Path, end_to_
         except Exception as exc:  # one way failing on this machine must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             print(f"{name}: {row['error']}", file=sys.stderr)
+    out["sizes"] = sizes(fused, choice, hu[:48])
     return out
+
+
+def sizes(fused: Path, choice: str, hu: np.ndarray) -> list[dict]:
+    """The new default on slices cropped to more sizes than get a CUDA graph (runner.GRAPHS): each size's labels
+    against the same fused model run with session.run, and the graph id its binding got (-1: none)."""
+    from livernode.inference.runner import GRAPHS, Segmenter
+
+    new, old = Segmenter(fused, providers=choice), Segmenter(fused, providers=choice, bound=False, cuda_graph=False)
+    rows = []
+    for rows_, cols in [(512, 512), (448, 512), (384, 384), (320, 448), (256, 256), (480, 480)][:GRAPHS + 2]:
+        part = np.ascontiguousarray(hu[:, :rows_, :cols])
+        row: dict = {"shape": [rows_, cols]}
+        try:
+            got = [new.segment(part) for _ in range(3)]  # warm-up runs, capture, replay
+            want = old.segment(part)
+            row.update(agreement=float((got[-1] == want).mean()), replays_equal=all(
+                np.array_equal(g, got[-1]) for g in got), engine=new.engine,
+                graph_id=next((b.graph_id for k, b in new._bound.items() if k[0] == part.shape[1:]), None))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        rows.append(row)
+        print(f"slice size {rows_}x{cols}: {row}", flush=True)
+    return rows
 
 
 def _manifest(proto, source: Path):
