@@ -139,3 +139,25 @@ def matmul_ceiling(device: str = "cpu", threads: int | None = None) -> float:
         sess.run_with_iobinding(io)
         io.synchronize_outputs()
     return 2 * n**3 / best_of(run, 20 if device == "cuda" else 5)
+
+
+def manifest_of(proto, source: Path):
+    """The manifest inside a loaded ONNX model (`source`: its file, for messages)."""
+    from livernode.inference.manifest import METADATA_KEY, parse_manifest
+
+    return parse_manifest({p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY), str(source))
+
+
+def at_size(model: Path, size: int, out: Path):
+    """A copy of `model` written to `out` whose manifest runs it at `size` px (a U-Net runs at any multiple of 32):
+    (the copy as loaded, its manifest, the size the model was trained at)."""
+    import onnx
+
+    from livernode.inference.manifest import METADATA_KEY
+
+    proto = onnx.load(str(model))
+    manifest = manifest_of(proto, model)
+    resized = manifest.model_copy(update={"input": manifest.input.model_copy(update={"preferred_size": size})})
+    next(p for p in proto.metadata_props if p.key == METADATA_KEY).value = resized.to_json()
+    onnx.save(proto, str(out))
+    return proto, resized, manifest.input.preferred_size

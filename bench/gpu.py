@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import matmul_ceiling, stacked_study  # noqa: E402
+from bench.common import at_size, manifest_of, matmul_ceiling, stacked_study  # noqa: E402
 from bench.model_speed import conv_flops  # noqa: E402
 
 PROVIDERS = {"auto": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -99,7 +99,7 @@ def variants(model: Path, providers: str, files: list[Path], work: Path, end_to_
 
     plain_model = onnx.load(str(model))
     fused = work / "fused.onnx"
-    onnx.save(fuse(plain_model, _manifest(plain_model, model), str(model)), str(fused))
+    onnx.save(fuse(plain_model, manifest_of(plain_model, model), str(model)), str(fused))
     hu = np.clip(np.rint(read_ct_series(files).hu), -32768, 32767).astype(np.int16)
     choice = "cpu" if providers == "cpu" else "cuda"
     out: dict = {"slices": len(hu), "rows": {}}
@@ -157,30 +157,6 @@ def sizes(fused: Path, choice: str, hu: np.ndarray) -> list[dict]:
     return rows
 
 
-def _manifest(proto, source: Path):
-    from livernode.inference.manifest import METADATA_KEY, parse_manifest
-
-    return parse_manifest({p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY), str(source))
-
-
-def at_size(model: Path, size: int, out: Path) -> Path:
-    """`model` with its manifest set to run at `size` px (a U-Net runs at any multiple of 32; bench/pipeline.py does
-    the same for `make bench`), or `model` itself when it already does."""
-    import onnx
-
-    from livernode.inference.manifest import METADATA_KEY
-
-    proto = onnx.load(str(model))
-    manifest = _manifest(proto, model)
-    if manifest.input.preferred_size == size:
-        return model
-    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
-    entry.value = manifest.model_copy(update={"input": manifest.input.model_copy(
-        update={"preferred_size": size})}).to_json()
-    onnx.save(proto, str(out))
-    return out
-
-
 def pipeline(model: Path, size: int, providers: str, files: list[Path], work: Path) -> dict:
     """Today's path and the new default end to end through the node's pipeline with a trained network (`model`,
     its manifest set to run at `size` px, as bench/pipeline.py does for `make bench`), so that post-processing
@@ -191,11 +167,9 @@ def pipeline(model: Path, size: int, providers: str, files: list[Path], work: Pa
     from livernode.export.fused import fuse
     from livernode.inference.runner import Segmenter
 
-    trained_size = _manifest(onnx.load(str(model)), model).input.preferred_size
-    paths = {False: at_size(model, size, work / f"trained-{size}.onnx")}
-    plain = onnx.load(str(paths[False]))
-    paths[True] = work / f"trained-{size}-fused.onnx"
-    onnx.save(fuse(plain, _manifest(plain, model), str(model)), str(paths[True]))
+    paths = {False: work / f"trained-{size}.onnx", True: work / f"trained-{size}-fused.onnx"}
+    plain, manifest, trained_size = at_size(model, size, paths[False])
+    onnx.save(fuse(plain, manifest, str(model)), str(paths[True]))
     out: dict = {"size": size, "trained_size": trained_size, "rows": {}}
     for name, is_fused, options in VARIANTS:
         if name not in (OLD, NEW):
@@ -247,7 +221,8 @@ def main(argv=None) -> int:
           f"matmul ceiling ({100 * result['fraction_of_ceiling']:.0f} %)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         files = study(Path(tmp), a.study_slices)
-        model = at_size(a.model, a.size, Path(tmp) / f"model-{a.size}.onnx")
+        model = Path(tmp) / f"model-{a.size}.onnx"
+        at_size(a.model, a.size, model)
         result["variants"] = variants(model, a.providers, files, Path(tmp), end_to_end=True)
         a.out.write_text(json.dumps(result, indent=1))
         if a.trained:

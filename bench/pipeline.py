@@ -31,31 +31,24 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ENV, PY, REPO, best_of, free_port, log, stacked_study, stop, storescu, wait_port
+from bench.common import (ENV, PY, REPO, at_size, best_of, free_port, log, stacked_study, stop, storescu,
+                          wait_port)
 
 QUIET_S = 0.5
 
 
 def pipeline_model(work: Path, template_dir: Path, size: int = 256) -> tuple[Path, dict]:
     """The demo's trained model with its manifest set to `size` px input, and its scores on the template case."""
-    import onnx
-
     from livernode.demo import demo_model
-    from livernode.inference.manifest import METADATA_KEY, parse_manifest
     from livernode.training.evaluate import evaluate
 
     demo = REPO / "demo" / "model.onnx"
     src = demo if demo.is_file() else demo_model(REPO / "bench" / "cache" / "demo-3-epochs", epochs=3)[0]
-    model = onnx.load(str(src))
-    entry = next(p for p in model.metadata_props if p.key == METADATA_KEY)
-    manifest = parse_manifest(entry.value, str(src))
-    entry.value = manifest.model_copy(update={"input": manifest.input.model_copy(
-        update={"preferred_size": size})}).to_json()
     out = work / f"trained-{size}.onnx"
-    onnx.save(model, str(out))
+    _, _, trained_size = at_size(src, size, out)
     report = evaluate(out, template_dir, "dicom", work / f"trained-{size}-evaluation")["summary"]
     scores = {"liver_dice": report["liver"]["dice_global"], "tumour_dice": report["tumour"]["dice_global"],
-              "trained_size": manifest.input.preferred_size, "run_size": size,
+              "trained_size": trained_size, "run_size": size,
               "weights": "make demo" if src == demo else "the demo recipe cut to 3 epochs"}
     log(f"pipeline model: weights from {scores['weights']} at {size} px, liver Dice {scores['liver_dice']:.3f} "
         "on the template case")

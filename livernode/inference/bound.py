@@ -27,15 +27,20 @@ CUDART = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 WARM_RUNS = 2  # runs of a new binding before its CUDA graph is captured
 
 
-def _cudart():
-    """The CUDA runtime ONNX Runtime's CUDA provider already loaded, or None: RTLD_NOLOAD never loads a second
-    copy (a CUDA 12 runtime beside a CUDA 13 build, say)."""
-    for name in CUDART:
+def first_library(names: tuple[str, ...], mode: int = os.RTLD_LOCAL):
+    """The first of `names` the dynamic loader opens with `mode`, or None."""
+    for name in names:
         try:
-            return ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
+            return ctypes.CDLL(name, mode=mode)
         except OSError:
             continue
     return None
+
+
+def _cudart():
+    """The CUDA runtime ONNX Runtime's CUDA provider already loaded, or None: RTLD_NOLOAD never loads a second
+    copy (a CUDA 12 runtime beside a CUDA 13 build, say)."""
+    return first_library(CUDART, os.RTLD_NOLOAD)
 
 
 def pin(array: np.ndarray, owner: object) -> bool:
@@ -76,7 +81,7 @@ class Bound:
                  graph_id: int | None = None) -> None:
         import onnxruntime as ort
 
-        self.session, self.batch, self.device, self.graph_id = session, batch, device, graph_id
+        self.session, self.batch, self.device, self.graph_id, self.shape = session, batch, device, graph_id, shape
         self.host_in = np.zeros((batch, *shape.slice_in), shape.dtype_in)
         self.pinned = device == "cuda" and pin(self.host_in, self)
         self.io = session.io_binding()

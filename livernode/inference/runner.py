@@ -39,15 +39,9 @@ def _tensorrt_loadable() -> bool:
     """Whether TensorRT's own library loads here. ONNX Runtime's GPU build lists its TensorRT provider whether or not
     TensorRT is installed, and without it each session would first fail, print a banner and build a CUDA session
     that is thrown away."""
-    import ctypes
+    from livernode.inference.bound import first_library
 
-    for name in ("libnvinfer.so.10", "libnvinfer.so"):
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
+    return first_library(("libnvinfer.so.10", "libnvinfer.so")) is not None
 
 
 def _attempts(chosen: list[str], available: list[str], cuda_graph: bool,
@@ -159,14 +153,14 @@ class Segmenter:
         from livernode.inference.bound import Shape
 
         key = (part.shape[1:], part.dtype.str)
-        shape = Shape(part.shape[1:], part.dtype.type, slice_out or (*part.shape[1:-1], len(self.lut)),
-                      dtype_out or self.output_dtype, constants or {})
         with self._lock:
             runner = self._bound.pop(key, None)
             if runner is not None:
                 self._bound[key] = runner  # the most recently used last: spares are let go oldest first
             else:
-                runner = self._bind(key, shape)
+                runner = self._bind(key, Shape(part.shape[1:], part.dtype.type,
+                                               slice_out or (*part.shape[1:-1], len(self.lut)),
+                                               dtype_out or self.output_dtype, constants or {}))
             try:
                 return runner(part)
             except ValueError:
@@ -175,7 +169,7 @@ class Segmenter:
                 if self.engine != "cuda graph":
                     raise
                 self._without_graphs(exc)
-                return self._bind(key, shape)(part)
+                return self._bind(key, runner.shape)(part)
 
     def _without_graphs(self, exc: Exception) -> None:
         """Replace a CUDA graph session whose run failed (a node that cannot be captured shows only then) by a
