@@ -6,7 +6,6 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -16,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 from livernode.errors import LivernodeError
 from livernode.fsutil import replacing
 from livernode.imaging.labels import LABELS
-from livernode.imaging.segwrite import LONG_VRS, PER_FRAME, PIXEL_DATA, Algorithm, build_seg, save_seg
+from livernode.imaging.segwrite import LONG_VRS, PER_FRAME, PIXEL_DATA, Algorithm, write_seg
 
 
 class SegCheckFailed(LivernodeError):
@@ -25,14 +24,14 @@ class SegCheckFailed(LivernodeError):
 
 def write_result_seg(source: Sequence[Dataset], labels: np.ndarray, path: Path, *, algorithm: Algorithm,
                      series_uid: str, sop_uid: str, series_number: int = 9001, note: str = "",
-                     description: str = "") -> hd.seg.Segmentation:
-    """Build, write and check the SEG. Its series description is `description` (the model's research-use
+                     description: str = "") -> Dataset:
+    """Build, write and check the SEG (returned without its frames: see `write_seg`). Its series description is `description` (the model's research-use
     statement, when it has one) or the algorithm's name, ended by `note` (e.g. that the liver is cut off)."""
     name = description or f"{algorithm.name} liver segmentation"
-    seg = build_seg(source, labels, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number,
-                    algorithm=algorithm, series_description=name[:64 - len(note)] + note)  # LO: 64; the note stays
     with replacing(path) as tmp:  # checked before it takes the final name; durable once it has
-        save_seg(seg, tmp)  # what seg.save_as(tmp, enforce_file_format=True) writes, faster
+        # what build_seg(...).save_as(tmp, enforce_file_format=True) writes, the frames straight from the labels
+        seg = write_seg(source, labels, tmp, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number,
+                        algorithm=algorithm, series_description=name[:64 - len(note)] + note)  # LO: 64
         verify_seg(tmp, source, labels)
     return seg
 

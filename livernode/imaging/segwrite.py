@@ -113,6 +113,139 @@ def build_seg(source: Sequence[Dataset], labels: np.ndarray, *, series_uid: str,
     return seg
 
 
+def write_seg(source: Sequence[Dataset], labels: np.ndarray, path, *, series_uid: str, sop_uid: str,
+              series_number: int, algorithm: Algorithm | None, series_description: str) -> Dataset:
+    """Build the SEG of `build_seg` and write it to `path` (a path or a writable binary file): the elements
+    `build_seg` and `save_seg` write, with frames straight from the label volume. highdicom builds the object model
+    (every module but the frames) on a probe volume with one labelled voxel; the per-frame groups and the bit-packed
+    pixel data are then encoded here in one pass over the labelled slices, as highdicom would make them: frames by
+    segment, then by slice position, empty ones left out, dimension index values (segment, plane among the
+    labelled planes). The one frame highdicom made is encoded both ways first; where they differ, or the input is
+    not the plain case (no labels, a value that is no segment, multi-frame sources), highdicom builds it all.
+
+    Returns the SEG's object model without its per-frame groups and pixel data (those are in the file), for the
+    references an SR makes to it."""
+    kw = dict(series_uid=series_uid, sop_uid=sop_uid, series_number=series_number, algorithm=algorithm,
+              series_description=series_description)
+    seg = _direct(source, labels, path, kw)
+    if seg is None:
+        seg = build_seg(source, labels, **kw)
+        save_seg(seg, path)
+    return seg
+
+
+def _direct(source: Sequence[Dataset], labels: np.ndarray, path, kw: dict) -> Dataset | None:
+    """`write_seg`'s frames from the label volume; None (nothing written) where highdicom must build it all."""
+    from highdicom.spatial import _get_slice_distances, get_normal_vector, get_volume_positions
+    from highdicom.volume import VOLUME_INDEX_CONVENTION
+    from pydicom.valuerep import DS
+
+    segments = [li.value for li in LABELS]
+    if labels.ndim != 3 or labels.shape[0] != len(source) or labels.dtype != np.uint8 or not len(source):
+        return None
+    n = len(labels)
+    labelled = np.flatnonzero(labels.reshape(n, -1).any(axis=1))
+    if not len(labelled) or int(labels.max()) > max(segments) or any(
+            int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in source):
+        return None
+    probe = np.zeros_like(labels)  # the object model: one labelled voxel, of the first segment
+    probe[labelled[0], 0, 0] = segments[0]
+    seg = build_seg(source, probe, **kw)
+    del probe
+    if PER_FRAME not in seg or [e.tag for e in seg if e.tag > PER_FRAME] != [PIXEL_DATA] or int(
+            seg.BitsAllocated) != 1 or len(seg.PerFrameFunctionalGroupsSequence) != 1:
+        return None
+    made = seg.PerFrameFunctionalGroupsSequence[0]
+    try:
+        src_item = made.DerivationImageSequence[0].SourceImageSequence[0]
+        constant = (_encode(src_item.PurposeOfReferenceCodeSequence[0]),
+                    _encode(made.DerivationImageSequence[0].DerivationCodeSequence[0]),
+                    _text("CS", str(src_item.SpatialLocationsPreserved)))
+        orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+        # the plane positions as highdicom takes them from the source images, and its order of the planes
+        positions = [[DS(v, auto_format=True) for v in ds.ImagePositionPatient] for ds in source]
+        texts = [_text("DS", _ds_string(p)) for p in positions]
+        refs = [(_text("UI", str(ds.SOPClassUID)), _text("UI", str(ds.SOPInstanceUID))) for ds in source]
+        values = np.array(positions, float)
+        normal = get_normal_vector(orientation, index_convention=VOLUME_INDEX_CONVENTION)
+        _, order = np.unique(_get_slice_distances(values, normal), return_index=True)
+        if len(order) != n:
+            return None  # planes at the same position: highdicom says so
+        first = int(labelled[0])
+        if _frame(constant, refs[first], texts[first], 1, 1, segments[0]) != _items([made]):
+            return None  # highdicom makes its frames otherwise than this encoder assumes
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, _Unhandled, UnicodeEncodeError):
+        return None
+    keep = set(labelled.tolist())
+    planes = [int(p) for p in order if int(p) in keep]  # the labelled planes in highdicom's order
+    if len(labelled) > 1 and len(segments) == 1:  # highdicom's test for a 3D dimension organisation: one channel
+        # (segment) at most, and the labelled planes, as given, evenly spaced
+        spacing, _ = get_volume_positions(image_positions=values[labelled], image_orientation=orientation,
+                                          sort=False)
+        if spacing is not None and spacing > 0.0:
+            seg.DimensionOrganizationType = "3D"
+    frames, pixels = [], []
+    rows, cols = labels.shape[1:]
+    step = 32  # frames packed at a time: a multiple of 8, so every chunk starts on a byte boundary
+    chunk, filled = np.empty((step, rows, cols), bool), 0
+    for index, number in enumerate(segments, 1):
+        for dim, p in enumerate(planes, 1):
+            np.equal(labels[p], number, out=chunk[filled])
+            if not chunk[filled].any():
+                continue
+            frames.append(_frame(constant, refs[p], texts[p], index, dim, number))
+            filled += 1
+            if filled == step:
+                pixels.append(np.packbits(chunk, bitorder="little").tobytes())
+                filled = 0
+    if filled:
+        pixels.append(np.packbits(chunk[:filled], bitorder="little").tobytes())
+    data = b"".join(pixels)
+    if len(data) % 2:
+        data += b"0"  # highdicom's padding byte
+    seg.NumberOfFrames = len(frames)
+    del seg.PerFrameFunctionalGroupsSequence, seg.PixelData
+    rest = _element(PER_FRAME, "SQ", b"".join(frames)) + _element(PIXEL_DATA, "OB", data)
+    write_parts(seg, path, PER_FRAME, rest)
+    return seg
+
+
+def _text(vr: str, text: str) -> bytes:
+    """A text value as pydicom writes it: padded to even length (UI with a NUL, the others with a space)."""
+    return (text + ("\0" if vr == "UI" else " ") * (len(text) % 2)).encode("ascii")
+
+
+def _ds_string(vals) -> str:
+    return "\\".join(x.original_string if hasattr(x, "original_string") else str(x) for x in vals)
+
+
+def _raw(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"SQ":
+        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _item(body: bytes) -> bytes:
+    return _ITEM + struct.pack("<L", len(body)) + body
+
+
+def _frame(constant: tuple[bytes, bytes, bytes], ref: tuple[bytes, bytes], position: bytes, segment_index: int,
+           plane: int, number: int) -> bytes:
+    """One item of the per-frame functional groups, as highdicom builds it for a single-frame source image and
+    pydicom writes it (elements in tag order, explicit VR little endian, defined lengths)."""
+    purpose, derivation, preserved = constant
+    source_item = (_raw(0x0008, 0x1150, b"UI", ref[0]) + _raw(0x0008, 0x1155, b"UI", ref[1])
+                   + _raw(0x0028, 0x135A, b"CS", preserved) + _raw(0x0040, 0xA170, b"SQ", _item(purpose)))
+    derivation_item = _raw(0x0008, 0x2112, b"SQ", _item(source_item)) + _raw(0x0008, 0x9215, b"SQ",
+                                                                              _item(derivation))
+    body = (_raw(0x0008, 0x9124, b"SQ", _item(derivation_item))
+            + _raw(0x0020, 0x9111, b"SQ", _item(_raw(0x0020, 0x9157, b"UL",
+                                                     struct.pack("<2L", segment_index, plane))))
+            + _raw(0x0020, 0x9113, b"SQ", _item(_raw(0x0020, 0x0032, b"DS", position)))
+            + _raw(0x0062, 0x000A, b"SQ", _item(_raw(0x0062, 0x000B, b"US", struct.pack("<H", number)))))
+    return _item(body)
+
+
 # Writing: pydicom spends tens of microseconds per element on a path made for every case (ambiguous VRs,
 # character sets, raw elements), and a SEG's per-frame functional groups are thousands of small items (about 20
 # elements in 9 nested items a frame), which made save_as cost as much as highdicom's constructor. Those items
@@ -169,13 +302,12 @@ def _encode(ds: Dataset) -> bytes:
             value = struct.pack(f"<{len(vals)}{_NUMBERS[vr]}", *vals)
         elif vr in ("DS", "IS"):
             vals = list(v) if multi else [v]
-            text = "\\".join(x.original_string if hasattr(x, "original_string") else str(x) for x in vals)
-            value = (text + " " * (len(text) % 2)).encode("ascii")
+            value = _text("DS", _ds_string(vals))
         elif vr in _ASCII:
             text = "\\".join(v) if multi else v
             if not isinstance(text, str):
                 raise _Unhandled(tag)
-            value = (text + ("\0" if vr == "UI" else " ") * (len(text) % 2)).encode("ascii")
+            value = _text(vr, text)
         else:
             raise _Unhandled(tag)
         out.append(_element(tag, vr, value))

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from livernode.daemon.seg import SegCheckFailed, verify_seg, write_result_seg
-from livernode.imaging.segwrite import Algorithm, build_seg, save_seg
+from livernode.imaging.segwrite import Algorithm, build_seg, save_seg, write_seg
 
 
 def _source(synth_dirs):
@@ -149,6 +149,75 @@ def test_result_seg_equals_the_highdicom_path(synth_dirs, tmp_path):
     uids = [str(ds.SOPInstanceUID) for ds in source]
     back = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], assert_missing_frames_are_empty=True)
     assert np.array_equal(back[..., 0] > 0, labels == 1) and np.array_equal(back[..., 1] > 0, labels == 2)
+
+
+def _cases(synth_dirs):
+    """(name, source headers, labels): frames on byte boundaries and not, planes left empty between labelled ones,
+    slices given top to bottom, one labelled plane, one segment only, a plane with only tumour, random labels."""
+    source, labels = _pair(synth_dirs)
+    odd_source, odd = _pair(synth_dirs, 61, 63)
+    gaps = labels.copy()
+    gaps[5] = 0
+    gaps[7, 20:30, 20:30] = 2  # tumour alone on a plane: a frame of segment 2 without one of segment 1
+    gaps[7][gaps[7] == 1] = 0
+    one = np.zeros_like(labels)
+    one[4, 10:20, 10:20] = 1
+    tumour_only = np.where(labels == 2, 2, 0).astype(np.uint8)
+    noise = np.random.default_rng(7).choice(np.array([0, 1, 2], np.uint8), size=labels.shape, p=[0.6, 0.3, 0.1])
+    return [("frames on byte boundaries", source, labels), ("61 x 63 frames", odd_source, odd),
+            ("empty and tumour-only planes", source, gaps), ("top to bottom", source[::-1], labels[::-1].copy()),
+            ("one labelled plane", source, one), ("tumour only", source, tumour_only), ("random", source, noise),
+            ("no labels (highdicom writes every frame)", source, np.zeros_like(labels))]
+
+
+def test_frames_straight_from_the_labels_equal_highdicoms(synth_dirs, tmp_path, monkeypatch):
+    """write_seg (highdicom's object model on one labelled voxel, the frames encoded here) against highdicom's
+    Segmentation of the whole volume written by pydicom: the same elements and the same pixel data bytes."""
+    from livernode.imaging import segwrite
+
+    encoded = []
+    real = segwrite._frame
+    monkeypatch.setattr(segwrite, "_frame", lambda *a: encoded.append(1) or real(*a))
+    for name, source, labels in _cases(synth_dirs):
+        encoded.clear()
+        with open(tmp_path / "new.dcm", "wb") as f:
+            seg = write_seg(source, labels, f, series_uid="1.2.3.4", sop_uid="1.2.3.5", series_number=9001,
+                            algorithm=Algorithm("t", "1"), series_description="t")
+        _build(source, labels).save_as(tmp_path / "old.dcm", enforce_file_format=True)
+        new, old = pydicom.dcmread(tmp_path / "new.dcm"), pydicom.dcmread(tmp_path / "old.dcm")
+        assert int(new.NumberOfFrames) > 0 and len(new.PixelData) > 0, name
+        assert _differences(new.file_meta, old.file_meta) == [], name
+        assert _differences(new, old) == [], name
+        assert new.PixelData == old.PixelData, name
+        assert int(seg.NumberOfFrames) == int(old.NumberOfFrames), name
+        # the frames were encoded here (each, and highdicom's one once more), but for the empty volume
+        assert len(encoded) == (int(old.NumberOfFrames) + 1 if labels.any() else 0), name
+        if labels.any():
+            verify_seg(tmp_path / "new.dcm", source, labels)
+
+
+def test_frames_fall_back_to_highdicom_where_its_frame_differs(synth_dirs, tmp_path, monkeypatch, caplog):
+    """When the one frame highdicom made does not encode as the encoder here would make it (another highdicom),
+    highdicom builds every frame: the file is still highdicom's, and a value that is no segment is refused as
+    highdicom refuses it."""
+    from livernode.imaging import segwrite
+
+    source, labels = _pair(synth_dirs)
+    monkeypatch.setattr(segwrite, "_frame", lambda *a: b"not highdicom's")
+    built = []
+    real = segwrite.build_seg
+    monkeypatch.setattr(segwrite, "build_seg", lambda *a, **k: built.append(1) or real(*a, **k))
+    write_seg(source, labels, tmp_path / "new.dcm", series_uid="1.2.3.4", sop_uid="1.2.3.5", series_number=9001,
+              algorithm=Algorithm("t", "1"), series_description="t")
+    assert len(built) == 2  # the probe, then the whole volume
+    _build(source, labels).save_as(tmp_path / "old.dcm", enforce_file_format=True)
+    new, old = pydicom.dcmread(tmp_path / "new.dcm"), pydicom.dcmread(tmp_path / "old.dcm")
+    assert _differences(new, old) == [] and new.PixelData == old.PixelData and int(new.NumberOfFrames) > 0
+    bad = labels.copy()
+    bad[4, 0, 0] = 3
+    with pytest.raises(ValueError):
+        write_seg(source, bad, tmp_path / "bad.dcm", series_uid="1.2.3.4", sop_uid="1.2.3.5", series_number=9001,
+                  algorithm=Algorithm("t", "1"), series_description="t")
 
 
 def _corrupt(path, out, change):
