@@ -10,7 +10,9 @@ post-processing is measured on the hard side.
 3. End to end: a 200-slice 512x512 study sent by dcmtk storescu to `livernode serve`; seconds from the last
    instance acknowledged to the SEG and SR acknowledged by a dcmtk storescp PACS, split by stage (the node's own
    summary.json). The peer is the pure model: the same slices through the same ONNX session, nothing else.
-   Run in the order model, node, node, model (a fresh node each time), and compared as the sums of each.
+   Run in the order model, node, node, model (a fresh node each time), and compared as the sums of each. The
+   tail (the time beside the network) is the node's time less the quiet period and the seconds its network ran in
+   that run (summary.json's network_s).
 4. Memory: peak RSS of `livernode infer` on a 600-slice 512x512 study against its int16 volume plus the model,
    for the 2-D network and for a 3-D V-Net (config/compare.toml's recipe, trained once and kept in bench/cache),
    run by sliding window over the resampled study.
@@ -124,15 +126,22 @@ def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
     e2e = [n[0] for n in nodes]
     model_s, node_s = sum(model_runs) / 2, sum(e2e) / 2
     decode_s = _pydicom_decode_seconds(files)
-    tail_s = node_s - QUIET_S - model_s  # everything but the network's own compute and the quiet period
+    # Everything but the network's own compute and the quiet period, the network's seconds as the node measured
+    # them in the same run (summary.json's network_s): the pure model's runs differ by up to a sixth from one
+    # another, which made the difference node - pure model swing by seconds. That difference is kept beside it.
+    tails = [e - QUIET_S - n[3]["network_s"] for e, n in zip(e2e, nodes)]
+    tail_s = sum(tails) / 2
+    subtracted = node_s - QUIET_S - model_s
     stages = {k: round(sum(n[2].get(k, 0.0) for n in nodes) / 2, 3) for k in nodes[0][2]}
     summary = nodes[-1][3]
     log(f"end to end: {node_s:.2f} s after the last ack (runs {', '.join(f'{x:.2f}' for x in e2e)}); pure model "
-        f"{model_s:.2f} s (runs {', '.join(f'{x:.2f}' for x in model_runs)}); the rest {tail_s:.2f} s against "
-        f"{decode_s:.2f} s of pydicom reading the files")
+        f"{model_s:.2f} s (runs {', '.join(f'{x:.2f}' for x in model_runs)}); the rest {tail_s:.2f} s (runs "
+        f"{', '.join(f'{x:.2f}' for x in tails)}; {subtracted:.2f} s by the pure model) against {decode_s:.2f} s of "
+        "pydicom reading the files")
     return {"slices": len(files), "send_s": sum(n[1] for n in nodes) / 2, "last_ack_to_pacs_s": node_s,
             "runs_s": e2e, "pure_model_runs_s": model_runs, "quiet_period_s": QUIET_S, "stages_s": stages,
-            "pure_model_s": model_s, "overhead": node_s / model_s, "non_model_s": tail_s,
+            "pure_model_s": model_s, "overhead": node_s / model_s, "non_model_s": tail_s, "non_model_runs_s": tails,
+            "network_runs_s": [n[3]["network_s"] for n in nodes], "non_model_by_subtraction_s": subtracted,
             "pydicom_decode_s": decode_s, "non_model_vs_decode": tail_s / decode_s,
             "lesions_found": summary["lesion_count"], "liver_ml": summary.get("liver_volume_ml")}
 

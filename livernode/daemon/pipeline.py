@@ -240,22 +240,26 @@ def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segment
     """Segment one series of the study and write its SEG, SR, summary.json and preview.png into `out_dir`."""
     kept, order, turn = _ordered(headers, series_uid)
     clock.lap("load")
+    network_before = segmenter.network_s
     volume, labels, slices = _segment(kept, order, segmenter, series_uid, clock.progress, turn)
     clock.lap("infer")
+    network_s = segmenter.network_s - network_before  # of infer, the network's own runs
     source = slices.sources()
     # From here on only a preview's dozen slices need pixels: they are read again from disk (`slices`), and the
     # study's HU volume (2 bytes a voxel) is not held through post-processing and SEG writing.
     spacing, shape = volume.spacing, volume.hu.shape
     del volume
     return _write_series(source, labels, spacing, shape, slices, turn, out_dir, clock,
-                         ModelFacts.of(segmenter), series_uid, series_number=series_number, series=series)
+                         ModelFacts.of(segmenter), series_uid, series_number=series_number, series=series,
+                         network_s=network_s)
 
 
 def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[float, float, float],
                   shape: tuple[int, ...], slices, turn: Orientation, out_dir: Path, clock: _Clock,
-                  model: ModelFacts, series_uid: str, *, series_number: int, series: dict) -> StudyResult:
+                  model: ModelFacts, series_uid: str, *, series_number: int, series: dict,
+                  network_s: float | None = None) -> StudyResult:
     """Post-process a series' labels and write its SEG, SR, summary.json and preview.png (from `slices`, HU slice
-    by index) into `out_dir`."""
+    by index) into `out_dir`. `network_s`: of the infer stage, the seconds the network itself ran, where known."""
     source = list(source)  # headers only
     findings = postprocess(labels, spacing)
     del labels
@@ -291,6 +295,7 @@ def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[
                "weights_sha256": m.weights_sha256, "created": m.created, "training_data": m.training_data},
         providers=list(model.providers),
         timings_s=clock.timings,
+        **({} if network_s is None else {"network_s": round(network_s, 3)}),
     )
     summary_path = out_dir / "summary.json"
     write_json(summary_path, summary)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -134,6 +136,10 @@ class Segmenter:
         self._bound: dict[tuple, object] = {}  # input shape -> its binding, oldest first
         self._graphs = 0  # CUDA graph ids handed out (ONNX Runtime keeps each graph for the session's life)
         self._lock = threading.Lock()  # a binding's buffers serve one batch at a time
+        # seconds spent in the network itself (inside ONNX Runtime's runs), over the session's life: the node
+        # reports each series' share (summary.json's network_s), so the work around the model is measured in the
+        # same run
+        self.network_s, self._network_lock = 0.0, threading.Lock()
         out = self.session.get_outputs()[0]
         self.output_name = out.name
         self.output_dtype = np.float16 if out.type == "tensor(float16)" else np.float32
@@ -208,13 +214,22 @@ class Segmenter:
         """Network input (n, s, s, c) float32 -> softmax probabilities (n, s, s, k); 3-D: patches (n, d, h, w, 1)."""
         if self.fused:
             raise ManifestError(f"{self.path}: a fused model takes HU slices and gives labels (fused_labels)")
-        if self.bound:
-            outs = [self._run_bound(np.ascontiguousarray(x[i:i + self.batch_size], np.float32))
-                    for i in range(0, len(x), self.batch_size)]
-        else:
-            outs = [self.session.run(None, {self.input_name: x[i : i + self.batch_size]})[0]
-                    for i in range(0, len(x), self.batch_size)]
+        outs = []
+        for i in range(0, len(x), self.batch_size):
+            with self._network():
+                outs.append(self._run_bound(np.ascontiguousarray(x[i:i + self.batch_size], np.float32))
+                            if self.bound else self.session.run(None, {self.input_name: x[i:i + self.batch_size]})[0])
         return np.concatenate(outs).astype(np.float32, copy=False)
+
+    @contextlib.contextmanager
+    def _network(self):
+        """Adds the seconds its body takes to `network_s`."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._network_lock:
+                self.network_s += time.perf_counter() - t
 
     def inputs(self, hu: np.ndarray, n: int, start: int, stop: int, first: int,
                orientation: Orientation = Orientation()) -> np.ndarray:
@@ -251,10 +266,10 @@ class Segmenter:
             part = seen[i:i + self.batch_size]
             if part.dtype != np.int16:
                 part = np.clip(np.rint(part), -32768, 32767)
-            if self.bound:
-                out[i:i + len(part)] = self._run_bound(np.ascontiguousarray(part, np.int16), mats, shape, np.uint8)
-            else:
-                out[i:i + len(part)] = self.session.run(None, {HU: np.ascontiguousarray(part, np.int16), **mats})[0]
+            part = np.ascontiguousarray(part, np.int16)
+            with self._network():
+                out[i:i + len(part)] = (self._run_bound(part, mats, shape, np.uint8) if self.bound
+                                        else self.session.run(None, {HU: part, **mats})[0])
         return orientation.inverse(out)
 
     def labels_of(self, prob: np.ndarray) -> np.ndarray:

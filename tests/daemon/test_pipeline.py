@@ -53,6 +53,9 @@ def test_split_pipeline_gives_the_results_of_process_all(chaos_sample, liver_mod
         assert sa[key] == sb[key], key
     assert split.preview_path.stat().st_size > 0 and split.sr_path.stat().st_size > 0
     assert sb["timings_s"]["infer"] == 1.0 and sb["timings_s"]["load"] > 0
+    # the streamed path says how much of its infer stage the network itself took; the split one cannot know
+    assert 0 < sa["network_s"] <= sa["timings_s"]["infer"] and "network_s" not in sb
+    assert segmenter.network_s >= sa["network_s"]
 
 
 def _same_but_generated(a, b, sources, where="") -> None:
