@@ -22,6 +22,20 @@ LIVER_BGR, TUMOUR_BGR = (tuple(LABEL_BY_VALUE[v].rgb[::-1]) for v in (LIVER, TUM
 BOX_BGR = (0, 230, 255)
 
 
+def _blend_table() -> tuple[np.ndarray, np.ndarray]:
+    """(label -> row, row x grey level -> BGR): 60 % grey and 40 % of the segment's colour in float32, truncated
+    to uint8, for every grey level at once; row 0 (any other label) is the grey level itself."""
+    grey = np.arange(256, dtype=np.float32)[:, None]
+    table = np.stack([np.repeat(grey, 3, axis=1)] + [0.6 * grey + 0.4 * np.array(c, np.float32)
+                                                      for c in (LIVER_BGR, TUMOUR_BGR)]).astype(np.uint8)
+    row = np.zeros(256, np.intp)
+    row[LIVER], row[TUMOUR] = 1, 2
+    return row, table
+
+
+_BLEND_ROW, _BLEND = _blend_table()
+
+
 def summary_dict(findings: Findings, **extra) -> dict:
     return {
         "liver_volume_ml": round(findings.liver_volume_ml, 2),
@@ -52,11 +66,7 @@ def preview(hu: np.ndarray, findings: Findings, path: Path, turn: Orientation = 
     for n, k in enumerate(picks):
         img = np.ascontiguousarray((window(turn.forward(hu[k]), -160, 240) * 255).astype(np.uint8))
         lab = turn.forward(labels[k])
-        rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR).astype(np.float32)
-        for value, colour in ((LIVER, LIVER_BGR), (TUMOUR, TUMOUR_BGR)):
-            m = lab == value
-            rgb[m] = 0.6 * rgb[m] + 0.4 * np.array(colour, np.float32)
-        rgb = rgb.astype(np.uint8)
+        rgb = _BLEND[_BLEND_ROW[lab], img]  # the grey level, 40 % of the segment's colour over it
         comp, _ = ndimage.label(lab == TUMOUR)  # boxes around each lesion's footprint on this slice
         for sl in ndimage.find_objects(comp):
             if sl is not None:

@@ -309,19 +309,27 @@ def _components(comp: np.ndarray, mask: np.ndarray, min_voxels: float
                 ) -> list[tuple[int, tuple[slice, slice, slice], int]]:
     """(label, bounding box, voxels) of every component in `comp` (`mask`: its non-zero voxels) with at least
     `min_voxels` voxels, in scipy's order (by first voxel in C order), from the coordinates of the labelled voxels
-    alone: no pass over the volume per component."""
+    alone: no pass over the volume per component, and no sort of the voxels (sizes by counting, first voxels and
+    boxes by unbuffered minima and maxima per label)."""
     coords = np.nonzero(mask)
     found = comp[coords]
     if not len(found):
         return []
-    present, first, inverse, sizes = np.unique(found, return_index=True, return_inverse=True, return_counts=True)
-    group = np.argsort(inverse, kind="stable")  # voxels grouped by component
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    lo = [np.minimum.reduceat(c[group], starts) for c in coords]
-    hi = [np.maximum.reduceat(c[group], starts) for c in coords]
+    n = int(found.max()) + 1
+    sizes = np.bincount(found, minlength=n)
+    first = np.full(n, len(found), np.intp)
+    np.minimum.at(first, found, np.arange(len(found)))  # coords are in C order: the index of each label's first
+    lo, hi = [], []
+    for c in coords:
+        low, high = np.full(n, np.iinfo(np.intp).max, np.intp), np.full(n, -1, np.intp)
+        np.minimum.at(low, found, c)
+        np.maximum.at(high, found, c)
+        lo.append(low)
+        hi.append(high)
+    present = np.flatnonzero(sizes)
     out = []
-    for j in np.argsort(first, kind="stable"):  # scipy numbers components in the order it meets them
+    for j in present[np.argsort(first[present], kind="stable")]:  # scipy numbers them in the order it meets them
         if sizes[j] >= min_voxels:
             box = tuple(slice(int(a[j]), int(b[j]) + 1) for a, b in zip(lo, hi))
-            out.append((int(present[j]), box, int(sizes[j])))
+            out.append((int(j), box, int(sizes[j])))
     return out
