@@ -14,6 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.tag import BaseTag, Tag
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.uid import ExplicitVRLittleEndian
 
 from livernode import __version__
@@ -359,9 +360,18 @@ def write_parts(ds: Dataset, path, first: BaseTag, rest: bytes) -> None:
     head = Dataset()  # everything before `first`; the elements are ds's own, not copies
     head.file_meta = ds.file_meta
     head.preamble = getattr(ds, "preamble", None)
+    plain = Dataset()  # what pydicom encodes itself
     for elem in ds:
         if elem.tag < first:
-            head.add(elem)
+            raw = _raw_sequence(elem) if elem.VR == "SQ" else None
+            head.add(raw or elem)
+            if raw is None:
+                plain.add(elem)
+    if len(plain) < len(head):
+        # pydicom writes raw elements as they are when the dataset is marked as already in the file's encoding,
+        # and then leaves the ambiguous VRs (US or SS, ...) alone: they are resolved here first, as it would
+        correct_ambiguous_vr(plain, True)
+        head.set_original_encoding(False, True, head._character_set)
     buf = io.BytesIO()
     head.save_as(buf, enforce_file_format=True)
     if hasattr(path, "write"):
@@ -371,3 +381,15 @@ def write_parts(ds: Dataset, path, first: BaseTag, rest: bytes) -> None:
     with open(path, "wb") as f:
         f.write(buf.getbuffer())
         f.write(rest)
+
+
+def _raw_sequence(elem):
+    """A long sequence (a SEG's references to each source image) as a raw element of its encoded items: the bytes
+    pydicom would write. None when an item holds what `_encode` leaves to pydicom."""
+    from pydicom.dataelem import RawDataElement
+
+    try:
+        value = _items(elem.value)
+    except (_Unhandled, UnicodeEncodeError, struct.error):
+        return None
+    return RawDataElement(elem.tag, "SQ", len(value), value, 0, False, True)

@@ -111,6 +111,16 @@ def test_save_seg_writes_what_save_as_writes(synth_dirs, tmp_path):
     save_seg(seg, tmp_path / "fast.dcm")
     seg.save_as(tmp_path / "pydicom.dcm", enforce_file_format=True)
     assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+    # the sequences before the frames (encoded here too) with a text that is not ASCII in one of their items, and
+    # an element of ambiguous VR beside them, which pydicom resolves
+    seg = _build(*_pair(synth_dirs))
+    seg.SpecificCharacterSet = "ISO_IR 100"
+    seg.ContributingEquipmentSequence[0].InstitutionName = "Hôpital"
+    seg.add_new(0x00280106, "US or SS", 0)  # SmallestImagePixelValue
+    save_seg(seg, tmp_path / "fast.dcm")
+    seg.save_as(tmp_path / "pydicom.dcm", enforce_file_format=True)
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+    assert pydicom.dcmread(tmp_path / "fast.dcm").ContributingEquipmentSequence[0].InstitutionName == "Hôpital"
 
 
 def _differences(a, b, path=""):
