@@ -145,6 +145,8 @@ def _direct(source: Sequence[Dataset], labels: np.ndarray, path, kw: dict) -> Da
     if labels.ndim != 3 or labels.shape[0] != len(source) or labels.dtype != np.uint8 or not len(source):
         return None
     n = len(labels)
+    if labels.shape[1] * labels.shape[2] < 8:
+        return None  # highdicom pads frames of under 8 pixels to a byte each; these are packed back to back
     labelled = np.flatnonzero(labels.reshape(n, -1).any(axis=1))
     if not len(labelled) or int(labels.max()) > max(segments) or any(
             int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in source):
@@ -154,7 +156,8 @@ def _direct(source: Sequence[Dataset], labels: np.ndarray, path, kw: dict) -> Da
     seg = build_seg(source, probe, **kw)
     del probe
     if PER_FRAME not in seg or [e.tag for e in seg if e.tag > PER_FRAME] != [PIXEL_DATA] or int(
-            seg.BitsAllocated) != 1 or len(seg.PerFrameFunctionalGroupsSequence) != 1:
+            seg.BitsAllocated) != 1 or len(seg.PerFrameFunctionalGroupsSequence) != 1 or (
+            seg.file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian):
         return None
     made = seg.PerFrameFunctionalGroupsSequence[0]
     try:
@@ -384,12 +387,29 @@ def write_parts(ds: Dataset, path, first: BaseTag, rest: bytes) -> None:
 
 
 def _raw_sequence(elem):
-    """A long sequence (a SEG's references to each source image) as a raw element of its encoded items: the bytes
-    pydicom would write. None when an item holds what `_encode` leaves to pydicom."""
+    """A sequence (a SEG's references to each of its source images) as a raw element of its encoded items: the
+    bytes pydicom would write. None, for pydicom to write, when the sequence has an undefined length, when an item
+    holds what `_encode` leaves to pydicom, or when one still holds elements as read from a file (a source's
+    study or patient sequence, which highdicom shares without copying): pydicom writes those bytes as they were
+    read, padding and all, and they are not converted here."""
     from pydicom.dataelem import RawDataElement
 
+    if elem.is_undefined_length or any(_holds_raw(item) for item in elem.value):
+        return None
     try:
         value = _items(elem.value)
     except (_Unhandled, UnicodeEncodeError, struct.error):
         return None
     return RawDataElement(elem.tag, "SQ", len(value), value, 0, False, True)
+
+
+def _holds_raw(ds: Dataset) -> bool:
+    """Whether `ds` or an item below it holds an element not yet converted from the bytes it was read from."""
+    from pydicom.dataelem import RawDataElement
+
+    for elem in ds._dict.values():
+        if isinstance(elem, RawDataElement):
+            return True
+        if elem.VR == "SQ" and any(_holds_raw(item) for item in elem.value):
+            return True
+    return False

@@ -1,6 +1,7 @@
 """The result SEG is read back before sending: misregistration or a changed mask fails the job."""
 
 import copy
+import io
 import re
 import subprocess
 
@@ -123,6 +124,49 @@ def test_save_seg_writes_what_save_as_writes(synth_dirs, tmp_path):
     assert pydicom.dcmread(tmp_path / "fast.dcm").ContributingEquipmentSequence[0].InstitutionName == "Hôpital"
 
 
+def _read_back(source, undefined):
+    """`source` written to files and read back, each with a Procedure Code Sequence (which highdicom shares with
+    the SEG without copying): of undefined length or not, its item's elements still as read, one NUL-padded."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+
+    out = []
+    for ds in source:
+        ds = copy.deepcopy(ds)
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "123", "99X", "Xyz"
+        ds.ProcedureCodeSequence = [item]
+        ds["ProcedureCodeSequence"].is_undefined_length = undefined
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        buf.seek(0)
+        back = pydicom.dcmread(buf)
+        meaning = pydicom.tag.Tag("CodeMeaning")
+        back.ProcedureCodeSequence[0]._dict[meaning] = RawDataElement(meaning, "LO", 4, b"Xyz\0", 0, False, True)
+        out.append(back)
+    return out
+
+
+def test_shared_sequences_read_from_the_sources_are_written_as_read(synth_dirs, tmp_path):
+    """A source's own sequence, shared by the SEG, keeps its undefined length and its bytes as they were read
+    (save_as writes them so): the SEG's head is not re-encoded there, whichever way the frames are written."""
+    source, labels = _pair(synth_dirs)
+    for undefined in (True, False):
+        shared = _read_back(source, undefined)
+        seg = _build(shared, labels)
+        assert seg["ProcedureCodeSequence"].is_undefined_length == undefined
+        save_seg(seg, tmp_path / "fast.dcm")
+        seg.save_as(tmp_path / "pydicom.dcm", enforce_file_format=True)
+        assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+        assert b"Xyz\0" in (tmp_path / "fast.dcm").read_bytes()
+        write_seg(shared, labels, tmp_path / "direct.dcm", series_uid="1.2.3.4", sop_uid="1.2.3.5",
+                  series_number=9001, algorithm=Algorithm("t", "1"), series_description="t")
+        direct = (tmp_path / "direct.dcm").read_bytes()
+        assert b"Xyz\0" in direct
+        assert _differences(pydicom.dcmread(tmp_path / "direct.dcm"), pydicom.dcmread(tmp_path / "pydicom.dcm")) == []
+        assert pydicom.dcmread(tmp_path / "direct.dcm")["ProcedureCodeSequence"].is_undefined_length == undefined
+
+
 def _differences(a, b, path=""):
     """Element by element, into sequences; dates, times and the dimension organisation's UID (new at each
     construction) are left out."""
@@ -174,9 +218,13 @@ def _cases(synth_dirs):
     one[4, 10:20, 10:20] = 1
     tumour_only = np.where(labels == 2, 2, 0).astype(np.uint8)
     noise = np.random.default_rng(7).choice(np.array([0, 1, 2], np.uint8), size=labels.shape, p=[0.6, 0.3, 0.1])
+    shuffle = np.random.default_rng(3).permutation(len(source))
+    uneven = [k for k in range(len(source)) if k != 3]  # a slice missing: the planes are not evenly spaced
     return [("frames on byte boundaries", source, labels), ("61 x 63 frames", odd_source, odd),
             ("empty and tumour-only planes", source, gaps), ("top to bottom", source[::-1], labels[::-1].copy()),
             ("one labelled plane", source, one), ("tumour only", source, tumour_only), ("random", source, noise),
+            ("shuffled", [source[k] for k in shuffle], labels[shuffle]),
+            ("uneven spacing", [source[k] for k in uneven], labels[uneven]),
             ("no labels (highdicom writes every frame)", source, np.zeros_like(labels))]
 
 
