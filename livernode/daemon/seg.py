@@ -25,8 +25,9 @@ class SegCheckFailed(LivernodeError):
 def write_result_seg(source: Sequence[Dataset], labels: np.ndarray, path: Path, *, algorithm: Algorithm,
                      series_uid: str, sop_uid: str, series_number: int = 9001, note: str = "",
                      description: str = "") -> Dataset:
-    """Build, write and check the SEG (returned without its frames: see `write_seg`). Its series description is `description` (the model's research-use
-    statement, when it has one) or the algorithm's name, ended by `note` (e.g. that the liver is cut off)."""
+    """Build, write and check the SEG; returns it without its frames (see `segwrite.write_seg`). Its series
+    description is `description` (the model's research-use statement, when it has one) or the algorithm's name,
+    ended by `note` (e.g. that the liver is cut off)."""
     name = description or f"{algorithm.name} liver segmentation"
     with replacing(path) as tmp:  # checked before it takes the final name; durable once it has
         # what build_seg(...).save_as(tmp, enforce_file_format=True) writes, the frames straight from the labels

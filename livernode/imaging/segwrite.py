@@ -12,9 +12,9 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.sr.coding import Code
 from pydicom.tag import BaseTag, Tag
-from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.uid import ExplicitVRLittleEndian
 
 from livernode import __version__
@@ -122,7 +122,8 @@ def write_seg(source: Sequence[Dataset], labels: np.ndarray, path, *, series_uid
     pixel data are then encoded here in one pass over the labelled slices, as highdicom would make them: frames by
     segment, then by slice position, empty ones left out, dimension index values (segment, plane among the
     labelled planes). The one frame highdicom made is encoded both ways first; where they differ, or the input is
-    not the plain case (no labels, a value that is no segment, multi-frame sources), highdicom builds it all.
+    not the plain case (no labels, a value that is no segment, multi-frame sources, frames under 8 pixels, a
+    transfer syntax other than explicit VR little endian), highdicom builds it all.
 
     Returns the SEG's object model without its per-frame groups and pixel data (those are in the file), for the
     references an SR makes to it."""
