@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 from livernode.errors import LivernodeError
 from livernode.fsutil import replacing
 from livernode.imaging.labels import LABELS
-from livernode.imaging.segwrite import LONG_VRS, PER_FRAME, PIXEL_DATA, Algorithm, write_seg
+from livernode.imaging.segwrite import LONG_VRS_ENCODED, PER_FRAME, PIXEL_DATA, Algorithm, write_seg
 
 
 class SegCheckFailed(LivernodeError):
@@ -111,7 +111,6 @@ def verify_seg(path: Path, source: Sequence[Dataset], labels: np.ndarray, chunk:
 
 _TOP_LEVEL = ["SOPClassUID", "SegmentationType", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
               "SegmentSequence"]
-_LONG_VRS = {vr.encode() for vr in LONG_VRS}  # as they lie in the file
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -160,7 +159,7 @@ def _elements(buf: bytes, at: int, end: int) -> dict[int, object]:
     found: dict[int, object] = {}
     while at < end:
         group, element, vr = struct.unpack_from("<HH2s", buf, at)
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS_ENCODED:
             (length,), at = struct.unpack_from("<L", buf, at + 8), at + 12
         else:
             (length,), at = struct.unpack_from("<H", buf, at + 6), at + 8

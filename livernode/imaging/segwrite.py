@@ -11,6 +11,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.sr.coding import Code
@@ -224,16 +225,6 @@ def _ds_string(vals) -> str:
     return "\\".join(x.original_string if hasattr(x, "original_string") else str(x) for x in vals)
 
 
-def _raw(group: int, element: int, vr: bytes, value: bytes) -> bytes:
-    if vr == b"SQ":
-        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
-
-
-def _item(body: bytes) -> bytes:
-    return _ITEM + struct.pack("<L", len(body)) + body
-
-
 def _frame(constant: tuple[bytes, bytes, bytes], ref: tuple[bytes, bytes], position: bytes, segment_index: int,
            plane: int, number: int) -> bytes:
     """One item of the per-frame functional groups, as highdicom builds it for a single-frame source image and
@@ -259,6 +250,7 @@ def _frame(constant: tuple[bytes, bytes, bytes], ref: tuple[bytes, bytes], posit
 PER_FRAME = Tag(0x52009230)  # PerFrameFunctionalGroupsSequence
 PIXEL_DATA = Tag(0x7FE00010)
 LONG_VRS = {"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}  # 4-byte length
+LONG_VRS_ENCODED = {vr.encode() for vr in LONG_VRS}  # as they lie in a file
 _NUMBERS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
 # in every character set, ASCII is ASCII (text that is not ASCII goes to pydicom)
 _ASCII = {"UI", "CS", "SH", "LO", "DA", "TM", "DT", "AS", "AE", "ST", "LT", "UT"}
@@ -270,11 +262,20 @@ class _Unhandled(Exception):
 
 
 def _element(tag: BaseTag, vr: str, value: bytes) -> bytes:
-    if vr in LONG_VRS:
-        return struct.pack("<HH2sHL", tag.group, tag.element, vr.encode(), 0, len(value)) + value
+    return _raw(tag.group, tag.element, vr.encode(), value)
+
+
+def _raw(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One element in explicit VR little endian: a 4-byte length for the long VRs, else 2 bytes."""
+    if vr in LONG_VRS_ENCODED:
+        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
     if len(value) > 0xFFFF:
-        raise _Unhandled(tag)
-    return struct.pack("<HH2sH", tag.group, tag.element, vr.encode(), len(value)) + value
+        raise _Unhandled((group, element))
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _item(body: bytes) -> bytes:
+    return _ITEM + struct.pack("<L", len(body)) + body
 
 
 def _items(items: Sequence[Dataset]) -> bytes:
@@ -282,8 +283,7 @@ def _items(items: Sequence[Dataset]) -> bytes:
     for item in items:
         if getattr(item, "is_undefined_length_sequence_item", False):
             raise _Unhandled("undefined length item")
-        body = _encode(item)
-        parts += [_ITEM, struct.pack("<L", len(body)), body]
+        parts.append(_item(_encode(item)))
     return b"".join(parts)
 
 
@@ -393,8 +393,6 @@ def _raw_sequence(elem):
     holds what `_encode` leaves to pydicom, or when one still holds elements as read from a file (a source's
     study or patient sequence, which highdicom shares without copying): pydicom writes those bytes as they were
     read, padding and all, and they are not converted here."""
-    from pydicom.dataelem import RawDataElement
-
     if elem.is_undefined_length or any(_holds_raw(item) for item in elem.value):
         return None
     try:
@@ -406,8 +404,6 @@ def _raw_sequence(elem):
 
 def _holds_raw(ds: Dataset) -> bool:
     """Whether `ds` or an item below it holds an element not yet converted from the bytes it was read from."""
-    from pydicom.dataelem import RawDataElement
-
     for elem in ds._dict.values():
         if isinstance(elem, RawDataElement):
             return True
