@@ -3,7 +3,8 @@
 Phantom studies (one series each) go through `livernode infer` one after the other, a fresh process per study as a
 user scripting it today would run them (the peer: the sum of their wall times), then through `livernode batch`
 with 1 and with 2 local worker processes (each ONNX Runtime session on one thread, the model loaded once per
-worker), and with `--ray local` and 2 actors. Reported: studies per hour of each, the scaling from 1 to 2 workers,
+worker), and with `--ray local` and 2 actors. The network runs at the size it was trained at (128 px), the size of
+the phantoms. Reported: studies per hour of each, the scaling from 1 to 2 workers,
 and the seconds per study that going through Ray costs against local processes (Ray's start included, as a user
 meets it)."""
 

@@ -45,12 +45,16 @@ def conv_flops(model_path: Path, size: int) -> float:
     return total
 
 
-def bench_model(keras_model, out: Path, size: int, fp16: bool = False) -> Path:
-    """The network exported by the real exporter with a manifest (untrained weights: speed does not depend on
-    them), so that `livernode serve` and `livernode infer` can load it."""
-    from livernode.export.onnx_export import _convert, make_manifest, save_with_manifest
+def bench_model(onnx_model, out: Path, size: int, fp16: bool = False) -> Path:
+    """The network (converted once by the real exporter's `_convert`) saved with a manifest (untrained weights:
+    speed does not depend on them), so that `livernode serve` and `livernode infer` can load it; `fp16` stores it
+    with float16 weights and float32 input and output, as `livernode export --fp16` does."""
+    import copy
 
-    model = _convert(keras_model, 1, fp16=fp16)
+    from livernode.export.onnx_export import make_manifest, save_with_manifest, to_float16
+
+    model = copy.deepcopy(onnx_model)  # saving adds the manifest to the model it is given
+    model = to_float16(model) if fp16 else model
     pre = {"channels": 1, "size_multiple": 32, "size": size, "window_low": -100.0, "window_high": 400.0,
            "bilateral": False}
     summary = {"architecture": "unet", "backbone": "resnet34", "data": "none (benchmark: untrained weights)",
@@ -70,8 +74,11 @@ def run(work: Path) -> dict:
     threads = os.cpu_count() or 1
     tf.keras.utils.set_random_seed(0)  # the same untrained weights every run
     keras_model = build_model("resnet34", 1)
-    path = bench_model(keras_model, work / "bench-256.onnx", 256)
-    fp16 = bench_model(keras_model, work / "bench-512-fp16.onnx", 512, fp16=True)
+    from livernode.export.onnx_export import _convert
+
+    converted = _convert(keras_model, 1, fp16=False)  # once: tf2onnx takes half a minute here
+    path = bench_model(converted, work / "bench-256.onnx", 256)
+    fp16 = bench_model(converted, work / "bench-512-fp16.onnx", 512, fp16=True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -88,17 +88,20 @@ def _convert(keras_model, channels: int, fp16: bool, dims: int = 2):
     spec = (tf.TensorSpec((None,) * (dims + 1) + (channels,), tf.float32, name="image"),)
     model, _ = tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=OPSET)
     _tidy_graph(model, dims)
-    if fp16:
-        try:
-            from onnxconverter_common import float16
-        except ImportError:
-            raise MissingExtra("--fp16 needs onnxconverter-common: install the 'train' extra") from None
-        with warnings.catch_warnings():
-            # it warns once per weight below fp16's smallest normal value; those are expected and harmless here,
-            # and the parity check measures the effect that matters
-            warnings.simplefilter("ignore", UserWarning)
-            model = float16.convert_float_to_float16(model, keep_io_types=True)
-    return model
+    return to_float16(model) if fp16 else model
+
+
+def to_float16(model):
+    """`model` with float16 weights and activations, its input and output left float32."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise MissingExtra("--fp16 needs onnxconverter-common: install the 'train' extra") from None
+    with warnings.catch_warnings():
+        # it warns once per weight below fp16's smallest normal value; those are expected and harmless here,
+        # and the parity check measures the effect that matters
+        warnings.simplefilter("ignore", UserWarning)
+        return float16.convert_float_to_float16(model, keep_io_types=True)
 
 
 def parity(keras_model, onnx_bytes: bytes, x: np.ndarray, precision: str) -> ParityResult:
