@@ -124,8 +124,10 @@ def table(r: dict) -> list[dict]:
                      f"{c['chosen_slices']} slices", f"{c['coverage_s']:.2f}", f"{c['infer_s']:.2f}",
                      f"{100 * c['ratio']:.1f} %", "<= 10 %", c["ratio"] <= 0.10))
     g = r["gpu_script"]
+    # against the model part's ceiling (the better of two measurements), not the script's own single one
+    share = 1000 * g["achieved_tflops"] / m["matmul_ceiling_gflops"]
     rows.append(_row(f"GPU script on {','.join(g['providers'])} ({g['size']}px): slices/s",
-                     f"{g['slices_per_s']:.1f}", "-", f"{100 * g['fraction_of_ceiling']:.0f} % of matmul",
+                     f"{g['slices_per_s']:.1f}", "-", f"{100 * share:.0f} % of matmul",
                      "runs (GPU: report)", True))
     return rows
 
@@ -186,10 +188,12 @@ def main() -> int:
                             "...", pipeline.fused_speed, study, model, WORK)
     results["host_steps"] = part("host_steps", "the node's work on each slice around the network ...",
                                  host_steps.run, study, model)
+    # The GPU script's code on the CPU, with the 256 px float32 network: the 512 px float16 one it runs on a GPU
+    # took 3.3 minutes here (ONNX Runtime's CPU kernels are float32, so float16 graphs run cast by cast).
     gpu_out = WORK / "gpu-on-cpu.json"
     part("gpu_script", "GPU script, exercised on the CPU ...", subprocess.run,
-         [PY, str(REPO / "bench" / "gpu.py"), "--model", results["model"]["model_512_fp16"], "--providers", "cpu",
-          "--batch", "2", "--batches", "2", "--study-slices", "8", "--out", str(gpu_out)], env=ENV, check=True,
+         [PY, str(REPO / "bench" / "gpu.py"), "--model", results["model"]["model_256"], "--size", "256",
+          "--providers", "cpu", "--batch", "2", "--batches", "2", "--study-slices", "8", "--out", str(gpu_out)], env=ENV, check=True,
          stdout=subprocess.DEVNULL)
     results["gpu_script"] = json.loads(gpu_out.read_text())
     results["table"] = table(results)
