@@ -7,7 +7,8 @@ ORT_GPU  := onnxruntime-gpu==1.31.1
 DEB_PKGS := dcmtk dicom3tools orthanc
 PYTEST_ARGS ?=
 # `make test` runs on two pytest-xdist workers: most tests keep one core busy (TensorFlow's training steps here run
-# at about 100 % of one core) or wait on sockets, so two workers take about half the time on two cores.
+# at about 100 % of one core) or wait on sockets, so two workers take about half the time on two cores. Which tests
+# share a worker and the order they are handed out in: GROUPS and the hooks in tests/conftest.py.
 TEST_WORKERS ?= 2
 
 .PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-train compare compare-long gpu-model gpu-wheels lock \
