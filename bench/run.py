@@ -193,8 +193,8 @@ def main() -> int:
     gpu_out = WORK / "gpu-on-cpu.json"
     part("gpu_script", "GPU script, exercised on the CPU ...", subprocess.run,
          [PY, str(REPO / "bench" / "gpu.py"), "--model", results["model"]["model_256"], "--size", "256",
-          "--providers", "cpu", "--batch", "2", "--batches", "2", "--study-slices", "8", "--out", str(gpu_out)], env=ENV, check=True,
-         stdout=subprocess.DEVNULL)
+          "--providers", "cpu", "--batch", "2", "--batches", "2", "--study-slices", "8", "--out", str(gpu_out)],
+         env=ENV, check=True, stdout=subprocess.DEVNULL)
     results["gpu_script"] = json.loads(gpu_out.read_text())
     results["table"] = table(results)
     results["seconds"] = time.perf_counter() - t0
