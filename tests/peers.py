@@ -94,11 +94,27 @@ def wait_port(port: int, proc=None, timeout: float = 60) -> None:
     wait_for(up, timeout, f"port {port}")
 
 
+def loopback_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default ENV) with tests/loopback.c preloaded: for peers that have no option for their address and
+    would listen on every interface. Built with gcc once per user into the temporary folder."""
+    import tempfile
+
+    src = Path(__file__).with_name("loopback.c")
+    lib = Path(tempfile.gettempdir()) / f"livernode-loopback-{os.getuid()}-{int(src.stat().st_mtime)}.so"
+    if not lib.exists():
+        tmp = lib.with_name(f"{lib.name}.{os.getpid()}")
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"], check=True,
+                       capture_output=True)
+        os.replace(tmp, lib)  # atomic: two workers may build it at once
+    return {**(env or ENV), "LD_PRELOAD": str(lib)}
+
+
 def start_storescp(port: int, out: Path, *extra: str) -> subprocess.Popen:
-    """dcmtk storescp as the PACS stand-in, writing what it receives to `out` and its log beside it."""
+    """dcmtk storescp as the PACS stand-in, writing what it receives to `out` and its log beside it; listening on
+    127.0.0.1 only (`loopback_env`: storescp 3.6.7 has no option for its address)."""
     out.mkdir(parents=True, exist_ok=True)
     proc = logged_popen(["/usr/bin/storescp", "-aet", "PACS", *extra, "-od", str(out), str(port)],
-                        out.parent / f"storescp-{port}-{next(_runs)}.log")
+                        out.parent / f"storescp-{port}-{next(_runs)}.log", loopback_env())
     wait_port(port, proc)
     return proc
 

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 from tests.daemon.test_serve_e2e import free_port, start_node, stop_node, wait_for, wait_port
-from tests.peers import logged_popen
+from tests.peers import logged_popen, loopback_env
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def orthanc(tmp_path):
         "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
         "DicomModalities": {"livernode": ["LIVERNODE", "127.0.0.1", node_port]}, "Plugins": [],
     }))
-    proc = logged_popen(["/usr/sbin/Orthanc", str(cfg)], tmp_path / "orthanc.log")
+    proc = logged_popen(["/usr/sbin/Orthanc", str(cfg)], tmp_path / "orthanc.log", loopback_env())  # 127.0.0.1 only
     wait_port(http, proc)
     yield http, dicom, node_port
     proc.terminate()
