@@ -82,6 +82,11 @@ class Segmenter:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        # ONNX Runtime's worker threads otherwise busy-wait after each run, on cores that the node's own stages
+        # beside the network need (decoding the next slices, restoring the last batch's labels): on this 2-core
+        # machine end to end went from 1.17x and 1.14x of the pure model to 1.13x and 1.12x without the spinning,
+        # and the pure model itself did not slow down (bench/pipeline.py's end_to_end, alternated runs).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         chosen = _providers(providers, available)
         self._plain = (opts, chosen)  # what a session without graphs is made of (_without_graphs)

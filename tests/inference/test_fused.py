@@ -254,6 +254,15 @@ def test_the_segmenter_keeps_the_first_session_that_really_runs_where_asked(live
     assert _FakeGpuSession.made == ["CUDAExecutionProvider"] and unbound.engine == "plain" and not unbound.bound
 
 
+def test_the_sessions_worker_threads_do_not_spin(fused, liver_model):
+    """Every session the segmenter makes, plain or bound, tells ONNX Runtime's workers to sleep between runs
+    rather than spin on the cores the node's stages beside the network use."""
+    key = "session.intra_op.allow_spinning"
+    for seg in (Segmenter(liver_model, providers="cpu"), Segmenter(fused, providers="cpu", bound=True)):
+        assert seg.session.get_session_options().get_session_config_entry(key) == "0"
+        assert seg._plain[0].get_session_config_entry(key) == "0"  # what a session without graphs is made of
+
+
 def test_a_new_binding_runs_plain_before_its_graph_is_captured(liver_model, monkeypatch):
     """ONNX Runtime captures a graph on the first run with its id once the session has run at all, so each new
     binding's first WARM_RUNS runs carry graph id -1 (no capture) and only then its own id."""
