@@ -3,8 +3,10 @@ checked, fsynced, renamed, its directory fsynced and indexed before it is acknow
 (which does not fsync), with the same files and the same sender, dcmtk storescu, over 1 and 4 simultaneous
 associations. Every dcmtk tool runs with TCP_NODELAY=1.
 
-A third receiver explains the gap: the floor of any pynetdicom receiver, bench/bare_scp.py, which writes each
-instance durably in the same way and does nothing else (no checks, no index, no audit).
+Two more receivers explain the gap. bench/bare_scp.py is the floor of any pynetdicom receiver: it writes each
+instance durably in the same way and does nothing else (no checks, no index, no audit). bench/raw_scp.py writes
+the same way without pynetdicom, reading the upper layer's PDUs itself on blocking sockets: what a receive path of
+livernode's own could reach.
 
 livernode runs with one receiver process (`--workers 1`, in the node's own process) and with two (`--workers 2`,
 receivers.py), and the CPU seconds the node's processes spend per instance (from /proc, all of them together)
@@ -33,6 +35,11 @@ def _storescp(out: Path, port: int) -> subprocess.Popen:
 
 def _bare(out: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen([PY, str(Path(__file__).with_name("bare_scp.py")), str(out), str(port)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _raw(out: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen([PY, str(Path(__file__).with_name("raw_scp.py")), str(out), str(port)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -109,7 +116,7 @@ def _receive(peer: str, start, files: list[Path], parallel: int, out: Path, cpu:
 
 def run(files: list[Path], model: Path, work: Path) -> list[dict]:
     """Best of REPEATS rounds; each round runs every receiver once, so a burst of load hits all of them."""
-    peers = (("storescp", _storescp), ("bare pynetdicom", _bare),
+    peers = (("storescp", _storescp), ("bare pynetdicom", _bare), ("raw socket", _raw),
              ("livernode", lambda d, p: _livernode(d, p, model, 1)),
              ("livernode 2 processes", lambda d, p: _livernode(d, p, model, 2)))
     rows = []
@@ -118,7 +125,8 @@ def run(files: list[Path], model: Path, work: Path) -> list[dict]:
         cpu: dict[str, dict] = {}
         for i in range(REPEATS):
             for peer, start in peers:
-                use = {"workers": 2 if "2 processes" in peer else 1} if peer.startswith("livernode") else None
+                # CPU seconds of every receiver but storescp, whose forked children are gone when it is read
+                use = {"workers": 2 if "2 processes" in peer else 1} if peer != "storescp" else None
                 took = _receive(peer, start, files, parallel, work / f"ingest-{peer.replace(' ', '-')}-{parallel}-{i}",
                                 use)
                 if took < seconds[peer]:
@@ -134,6 +142,8 @@ def run(files: list[Path], model: Path, work: Path) -> list[dict]:
                      "livernode_per_s": n / seconds["livernode"],
                      "livernode_2_processes_per_s": n / seconds["livernode 2 processes"],
                      "bare_pynetdicom_per_s": n / seconds["bare pynetdicom"],
+                     "raw_socket_per_s": n / seconds["raw socket"],
+                     "ratio_raw_socket_vs_storescp": seconds["storescp"] / seconds["raw socket"],
                      "ratio_bare_pynetdicom_vs_storescp": seconds["storescp"] / seconds["bare pynetdicom"],
                      "ratio_vs_bare_pynetdicom": seconds["bare pynetdicom"] / seconds["livernode"],
                      "ratio_vs_storescp": seconds["storescp"] / seconds["livernode"],

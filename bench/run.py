@@ -65,6 +65,10 @@ def table(r: dict) -> list[dict]:
         rows.append(_row(f"  why: bare pynetdicom + fsync, {x['associations']} assoc.: instances/s vs storescp",
                          f"{x['bare_pynetdicom_per_s']:.0f}", f"{x['storescp_per_s']:.0f}",
                          f"{x['ratio_bare_pynetdicom_vs_storescp']:.2f}x", "(floor)", None))
+        raw_cpu = x["cpu_ms_per_instance"]["raw socket"]["node"]
+        rows.append(_row(f"  why: without pynetdicom (bench/raw_scp.py, {raw_cpu:.1f} ms CPU per instance) + fsync, "
+                         f"{x['associations']} assoc.: instances/s vs storescp", f"{x['raw_socket_per_s']:.0f}",
+                         f"{x['storescp_per_s']:.0f}", f"{x['ratio_raw_socket_vs_storescp']:.2f}x", "(floor)", None))
         rows.append(_row(f"  why: livernode vs bare pynetdicom + fsync, {x['associations']} assoc.",
                          f"{x['livernode_per_s']:.0f}", f"{x['bare_pynetdicom_per_s']:.0f}",
                          f"{x['ratio_vs_bare_pynetdicom']:.2f}x", "(info)", None))
