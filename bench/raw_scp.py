@@ -1,6 +1,6 @@
 """A second floor for the ingest benchmark: a C-STORE receiver without pynetdicom, written straight against the
 DICOM upper layer (PS3.8) with blocking sockets, one thread per association, and the same durable write per
-instance as bench/bare_scp.py (livernode's `atomic_write`: temp file, fsync, link, directory fsync). It accepts CT
+instance as bench/bare_scp.py (livernode's `atomic_write`: temp file, fsync, rename, directory fsync). It accepts CT
 Image Storage in Explicit or Implicit VR Little Endian, and Verification; it checks nothing else. It measures what
 a receiver costs when each PDU is read once into one buffer and nothing is queued between threads: the question
 being whether a receive path of livernode's own would reach the ingest target that pynetdicom's does not.
