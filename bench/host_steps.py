@@ -9,7 +9,10 @@ the way it was done before (the peer, in the same run):
 and on each instance a receiver takes in:
 
 - read: the P-DATA PDUs of one slice (as storescu sends them, 128 KiB each) read from a socket into one buffer
-  each (ingest_scp._BulkSocket) against pynetdicom's reader, 4096 bytes at a time; the reader thread's CPU ms.
+  each (ingest_scp._BulkSocket) against pynetdicom's reader, 4096 bytes at a time; the reader thread's CPU ms;
+- check: decoding a received slice's dataset, checking it (dicomio.check_dataset) and taking the header facts the
+  index keeps, one series in order from a fresh start, with the values decoded before left undecoded against every
+  value decoded.
 
 On two cores decode and restore run beside ONNX Runtime, so each millisecond there is taken from the network;
 reading is a receiver's, beside the sender's. Run alone:
@@ -68,11 +71,53 @@ def run(files: list[Path], model: Path, slices: int = 40) -> dict:
     agreement = float((np.concatenate(by_plane()) == np.concatenate(all_classes())).mean())
     n = len(files)
     read, read_pynetdicom = _socket_read(files[0])
+    check, check_all = _check(files)
     return {"slices": n, "network_px": int(prob.shape[1]),
+            "check_ms_per_instance": check, "check_every_value_ms_per_instance": check_all,
             "read_cpu_ms_per_instance": read, "read_pynetdicom_cpu_ms_per_instance": read_pynetdicom,
             "decode_ms_per_slice": 1000 * fast / n, "decode_pydicom_ms_per_slice": 1000 * slow / n,
             "restore_ms_per_slice": 1000 * planes / n, "restore_all_classes_ms_per_slice": 1000 * together / n,
             "restore_agreement": agreement}
+
+
+def _check(files: list[Path]) -> tuple[float, float]:
+    """ms per instance of what a receiver does with a slice's dataset bytes before storing them (decode, check,
+    header facts), over `files` as one series arriving in order: values decoded before left undecoded
+    (dicomio._DECODED, emptied before each round), and every value decoded."""
+    import io
+
+    import pydicom
+    from pynetdicom.dsutils import decode, encode
+
+    from livernode.imaging import dicomio
+    from livernode.imaging.headers import header_facts
+
+    received = []
+    for f in files:
+        ts = pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        received.append((encode(pydicom.dcmread(f), ts.is_implicit_VR, ts.is_little_endian), ts))
+
+    def check() -> list:
+        return [header_facts(dicomio.check_dataset(decode(io.BytesIO(body), ts.is_implicit_VR, ts.is_little_endian),
+                                                   "bench", transfer_syntax=ts)) for body, ts in received]
+
+    def remembered() -> list:
+        dicomio._DECODED.clear()
+        return check()
+
+    key = dicomio._decoded_key
+
+    def every_value() -> list:
+        dicomio._decoded_key = lambda raw, charset: None
+        try:
+            return check()
+        finally:
+            dicomio._decoded_key = key
+
+    fast, slow = best_interleaved(remembered, every_value, ROUNDS)
+    if remembered() != every_value() or None in remembered():
+        raise RuntimeError("the header facts differ between the two ways of checking")
+    return 1000 * fast / len(received), 1000 * slow / len(received)
 
 
 def _socket_read(file: Path, instances: int = 200) -> tuple[float, float]:

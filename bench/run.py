@@ -123,6 +123,10 @@ def table(r: dict) -> list[dict]:
                      f"{h['read_pynetdicom_cpu_ms_per_instance']:.3f}",
                      f"{h['read_pynetdicom_cpu_ms_per_instance'] / h['read_cpu_ms_per_instance']:.2f}x", "(report)",
                      None))
+    rows.append(_row("receive: decoding and checking one received 512^2 slice and its header facts: ms, values "
+                     "decoded before left undecoded vs every value decoded", f"{h['check_ms_per_instance']:.2f}",
+                     f"{h['check_every_value_ms_per_instance']:.2f}",
+                     f"{h['check_every_value_ms_per_instance'] / h['check_ms_per_instance']:.2f}x", "(report)", None))
     c = r["coverage"]
     rows.append(_row(f"coverage pass, {c['series']}-series study ({c['files']} files): s vs inference of the chosen "
                      f"{c['chosen_slices']} slices", f"{c['coverage_s']:.2f}", f"{c['infer_s']:.2f}",

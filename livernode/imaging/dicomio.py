@@ -72,14 +72,19 @@ def check_dataset(ds: pydicom.Dataset, source: str, *, pixels: bool = True,
                   transfer_syntax: str | None = None, file_size: int | None = None,
                   elements: bool = True) -> pydicom.Dataset:
     """Decode every top-level element now (unless `elements` is false), so a malformed value (a length that runs
-    past the end, an Integer String '1A') fails here with `source` named rather than later, deep in the
+    past the end, a US value of 3 bytes) fails here with `source` named rather than later, deep in the
     pipeline; and refuse an image whose pixel data is shorter than its header says. `transfer_syntax` for a
     dataset received over the network (no file meta). Returns `ds`; InputError otherwise."""
     try:
+        charset = str(ds.get("SpecificCharacterSet", "")) if elements else ""
         for tag in list(ds.keys()):
-            _check_declared_length(ds.get_item(tag, keep_deferred=True), source, file_size)
+            raw = ds.get_item(tag, keep_deferred=True)
+            _check_declared_length(raw, source, file_size)
             if elements:
-                ds[tag]  # noqa: B018 - converts the raw element now
+                key = _decoded_key(raw, charset)
+                if key is None or key not in _DECODED:
+                    ds[tag]  # noqa: B018 - converts the raw element now
+                    _remember(key, tag)
         if pixels and ("Rows" in ds or ds.get("SOPClassUID") in IMAGE_SOP_CLASSES):
             ts = pydicom.uid.UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
             _check_pixel_data(ds, source, ts)
@@ -88,6 +93,40 @@ def check_dataset(ds: pydicom.Dataset, source: str, *, pixels: bool = True,
     except Exception as exc:
         raise InputError(f"{source}: not readable DICOM ({type(exc).__name__}: {exc})") from None
     return ds
+
+
+# Values that decoded without error before, keyed by everything their decoding depends on: the same bytes under the
+# same tag, VR, byte order and character set decode the same way again, and the slices of one series repeat most of
+# their header (of a CT slice's 88 elements, all but a dozen). Such a value is left for whoever reads it. Private
+# tags (their VR comes from their creator), sequences (their items are datasets) and VRs that depend on other
+# elements (US or SS, OB or OW) are decoded every time. Cleared when full.
+_DECODED: dict[tuple, None] = {}
+_DECODED_MAX = 8192
+_DECODED_LONGEST = 256  # bytes: larger values are decoded every time rather than kept as keys
+_NOT_REMEMBERED = frozenset(pydicom.valuerep.AMBIGUOUS_VR) | {"SQ"}
+
+
+def _decoded_key(raw, charset: str) -> tuple | None:
+    """The key of a raw element's decoding in `_DECODED`; None for one that is decoded every time."""
+    if not isinstance(raw, pydicom.dataelem.RawDataElement) or raw.tag.is_private:
+        return None
+    value = b"" if raw.value is None and raw.length == 0 else raw.value  # an empty value; None otherwise: deferred
+    if value is None or len(value) > _DECODED_LONGEST:
+        return None
+    return raw.tag, raw.VR, value, raw.is_implicit_VR, raw.is_little_endian, charset
+
+
+def _remember(key: tuple | None, tag) -> None:
+    if key is None:
+        return
+    try:
+        if pydicom.datadict.dictionary_VR(tag) in _NOT_REMEMBERED or key[1] in _NOT_REMEMBERED:
+            return
+    except KeyError:  # a tag the dictionary does not know
+        return
+    if len(_DECODED) >= _DECODED_MAX:
+        _DECODED.clear()
+    _DECODED[key] = None
 
 
 def _check_declared_length(raw, path: str, file_size: int | None = None) -> None:

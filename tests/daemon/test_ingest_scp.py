@@ -132,6 +132,57 @@ def test_part10_header_is_what_pydicom_writes(sop_uid, syntax):
     assert ours == theirs
 
 
+def _as_received(ds, implicit=False):
+    """`ds` as a receiver decodes it from P-DATA: every element still raw."""
+    import io
+
+    from pynetdicom.dsutils import decode, encode
+
+    return decode(io.BytesIO(encode(ds, implicit, True)), implicit, True)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_values_decoded_before_are_not_decoded_again_and_bad_ones_still_fail(synth_dirs, implicit):
+    """check_dataset leaves a value raw only where the same bytes under the same tag decoded without error before:
+    the next slice of a series is checked by its values that differ, and a malformed value is refused however
+    many good slices came before it. Private values, sequences and VRs that depend on other elements are decoded
+    every time, and what is left raw reads back as a full decode gives it."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.sequence import Sequence
+
+    from livernode.errors import InputError
+    from livernode.imaging import dicomio
+
+    files = sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[:2]
+    first, second = (pydicom.dcmread(f) for f in files)
+    for ds in (first, second):
+        ds.add_new(0x00091010, "LO", "creator")  # a private creator and its value
+        ds.add_new(0x00091001, "LO", "private")
+        ds.ReferencedImageSequence = Sequence([pydicom.Dataset()])
+        ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3"
+        ds.add_new(0x00280106, "US", 0)  # Smallest Image Pixel Value, US or SS in the dictionary
+    syntax = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    dicomio._DECODED.clear()
+    dicomio.check_dataset(_as_received(first, implicit), "first", transfer_syntax=syntax)
+    ds = dicomio.check_dataset(_as_received(second, implicit), "second", transfer_syntax=syntax)
+    raw = {tag for tag in ds.keys() if isinstance(ds.get_item(tag), RawDataElement)}
+    names = {pydicom.datadict.keyword_for_tag(t) for t in raw}
+    assert {"Modality", "SeriesInstanceUID", "StudyInstanceUID", "PixelSpacing"} <= names  # the same in both
+    assert not names & {"SOPInstanceUID", "ImagePositionPatient", "InstanceNumber", "PixelData",
+                        "ReferencedImageSequence", "SmallestImagePixelValue"}
+    assert not any(t.is_private for t in raw)
+    full = _as_received(second, implicit)
+    for tag in full.keys():
+        assert ds[tag].value == full[tag].value and ds[tag].VR == full[tag].VR, tag
+
+    third = _as_received(pydicom.dcmread(files[1]), implicit)  # Rows, decoded in both slices, now one byte long
+    rows = third.get_item(0x00280010)
+    third[0x00280010] = RawDataElement(rows.tag, rows.VR, 1, b"\x01", rows.value_tell, implicit, True)
+    for _ in range(2):  # a value that failed is never remembered as decoded
+        with pytest.raises(InputError, match="third: not readable DICOM.*0028,0010"):
+            dicomio.check_dataset(third, "third", transfer_syntax=syntax)
+
+
 def _body(path):
     """The bytes of a DICOM file after its File Meta Information."""
     meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
