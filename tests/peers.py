@@ -140,11 +140,27 @@ def start_node(state: Path, model: Path, *args: str, faults: dict[str, str] | No
     """`livernode serve` on `state`, its log in a new file beside the state folder. `faults` (environment
     variables read by tests/faulty_node.py) start it through that wrapper instead."""
     cmd = [sys.executable, str(FAULTY_NODE)] if faults else [sys.executable, "-m", "livernode.cli"]
+    if "--port" in args:  # a node killed just before may still listen there through its receivers
+        port = int(args[args.index("--port") + 1])
+        wait_for(lambda: _released(port), 30, f"port {port} released by an earlier node's receiver processes", 0.02)
     log = state.parent / f"{state.name}-node-{next(_runs)}.log"
     receivers = [] if "--workers" in args else ["--workers", RECEIVERS]
     return logged_popen([*cmd, "--log-format", log_format, "serve", "--model", str(model), "--providers", "cpu", "--state", str(state),
                          "--bind", "127.0.0.1", "--study-timeout", "1", "--metrics-port", "0", *receivers, *args], log,
                         {**ENV, **(faults or {}), **(env or {})})
+
+
+def _released(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:`port`. A node's receiver processes die a moment after the node itself
+    (PR_SET_PDEATHSIG), and until then they hold its listening socket: a node started on the port meanwhile would
+    look ready to wait_port while only the dying receivers answer (CI once saw storescu refused right after)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def stop_node(proc: subprocess.Popen, timeout: float = 60) -> str:
