@@ -33,14 +33,12 @@ def _storescp(out: Path, port: int) -> subprocess.Popen:
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _bare(out: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen([PY, str(Path(__file__).with_name("bare_scp.py")), str(out), str(port)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _raw(out: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen([PY, str(Path(__file__).with_name("raw_scp.py")), str(out), str(port)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _floor(script: str):
+    """A starter for one of the floors (bench/bare_scp.py, bench/raw_scp.py): `python SCRIPT OUT PORT`."""
+    def start(out: Path, port: int) -> subprocess.Popen:
+        return subprocess.Popen([PY, str(Path(__file__).with_name(script)), str(out), str(port)], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start
 
 
 def _livernode(state: Path, port: int, model: Path, workers: int) -> subprocess.Popen:
@@ -116,7 +114,7 @@ def _receive(peer: str, start, files: list[Path], parallel: int, out: Path, cpu:
 
 def run(files: list[Path], model: Path, work: Path) -> list[dict]:
     """Best of REPEATS rounds; each round runs every receiver once, so a burst of load hits all of them."""
-    peers = (("storescp", _storescp), ("bare pynetdicom", _bare), ("raw socket", _raw),
+    peers = (("storescp", _storescp), ("bare pynetdicom", _floor("bare_scp.py")), ("raw socket", _floor("raw_scp.py")),
              ("livernode", lambda d, p: _livernode(d, p, model, 1)),
              ("livernode 2 processes", lambda d, p: _livernode(d, p, model, 2)))
     rows = []
