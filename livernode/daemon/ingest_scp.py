@@ -8,120 +8,60 @@ import os
 import socket
 import ssl
 import threading
+import zlib
 from collections.abc import Callable, Sequence
+from io import BytesIO
 
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless,
-    JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, JPEGLossless, RLELossless,
+    PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEGLossless, RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
-    CTImageStorage, EnhancedCTImageStorage, MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    MultiFrameGrayscaleWordSecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage,
-    SecondaryCaptureImageStorage, Verification, XRayRadiationDoseSRStorage,
-)
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from livernode import __version__
 from livernode.daemon.metrics import AuditLog, Metrics
-from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdicom's timers on the monotonic clock
 from livernode.daemon.spool import UID_RE, InvalidUID, Spool, check_uid
 from livernode.daemon.store import Store
+from livernode.daemon.upper_layer import VERIFICATION, Acceptor, Association, Rejected, StoreRequest
 from livernode.errors import InputError
 from livernode.imaging.dicomio import check_dataset, part10_header
 from livernode.imaging.headers import header_facts
 
 log = logging.getLogger(__name__)
 
-# Explicit VR Little Endian first: peers that honour the SCP's order then send uncompressed explicit data.
+# Explicit VR Little Endian first: the acceptor picks the first of these that a context offers.
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                      JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
                      RLELossless]
 # CT, plus what PACS auto-routing sends along with an abdominal CT study: dose screens (secondary captures) and
 # dose reports. They are stored so that routing succeeds, and series selection says why they are not segmented.
-STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage, SecondaryCaptureImageStorage,
-                   MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-                   MultiFrameGrayscaleWordSecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage,
-                   XRayRadiationDoseSRStorage)
+STORAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+                   "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+                   "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+                   "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture Image Storage
+                   "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture Image Storage
+                   "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture Image Storage
+                   "1.2.840.10008.5.1.4.1.1.88.67")  # X-Ray Radiation Dose SR Storage
+SUPPORTED = {VERIFICATION: [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian],
+             **{sop_class: TRANSFER_SYNTAXES for sop_class in STORAGE_CLASSES}}
 SUCCESS, OUT_OF_RESOURCES, DATA_SET_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
-TLS_HANDSHAKE_TIMEOUT_S = 10.0
+# Associations one receiver serves at a time; one more is rejected as transient (the peer may try again).
+MAX_ASSOCIATIONS = 10
+# A deflated dataset is refused when it would inflate beyond this.
+MAX_INFLATED = 1 << 30
+VERSION_NAME = f"LIVERNODE_{__version__}"[:16]
 
 
-class _BulkSocket(AssociationSocket):
-    """pynetdicom's association socket, except that a PDU's bytes are read as they arrive, straight into a buffer
-    that holds them. pynetdicom reads 4096 bytes at a time and grows its buffer by each piece: 128 system calls and
-    128 appends for one 512x512 CT slice."""
-
-    # The buffer starts at most this large and doubles as bytes fill it: a PDU's length is the peer's claim (up to
-    # 4 GiB, before any check of who the peer is), so memory follows what arrives, not what is announced.
-    FIRST_BYTES = 1 << 20
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        """`nr_bytes` from the peer, or fewer if the peer closes the connection first (as pynetdicom's)."""
-        buf = bytearray(min(nr_bytes, self.FIRST_BYTES))
-        got = 0
-        while got < nr_bytes:
-            if got == len(buf):
-                buf.extend(bytes(min(len(buf), nr_bytes - got)))
-            with memoryview(buf) as view:
-                n = self.socket.recv_into(view[got:])
-            if not n:
-                del buf[got:]
-                break
-            got += n
-        return buf
-
-
-class _Handler(RequestHandler):
-    """pynetdicom's per-connection handler, with the association on a _BulkSocket."""
-
-    def _create_association(self):
-        assoc = super()._create_association()
-        assoc.dul.socket.__class__ = _BulkSocket  # the same socket object; only how it reads changes
-        return assoc
-
-
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, except that the TLS handshake happens in the connection's own thread, with a
-    time limit, and a failed handshake is reported. (pynetdicom shakes hands in the accept loop, where one peer
-    that connects and stays silent would hold every other peer off.)"""
-
-    tls: ssl.SSLContext | None = None
-    on_tls_failure: Callable[[tuple, Exception], None] = staticmethod(lambda address, exc: None)
-
-    def __init__(self, *args, listen_socket: socket.socket | None = None, **kwargs) -> None:
-        # A receiver process (receivers.py) accepts on the node's listening socket, bound once by the parent and
-        # shared by every receiver: the kernel gives each connection to one of them, whole.
-        self.listen_socket = listen_socket
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        if self.listen_socket is None:
-            return super().server_bind()
-        self.socket.close()
-        self.socket = self.listen_socket
-        self.server_address = self.socket.getsockname()
-
-    def server_activate(self) -> None:
-        if self.listen_socket is None:
-            super().server_activate()
-
-    def server_close(self) -> None:
-        if self.listen_socket is None:
-            return super().server_close()
-        self.socket.close()  # only this process' descriptor: shutting the socket down would stop every receiver
-
-
-    def process_request_thread(self, request, client_address) -> None:
-        if self.tls is not None:
-            try:
-                request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
-                request = self.tls.wrap_socket(request, server_side=True)
-                request.settimeout(None)
-            except OSError as exc:  # ssl.SSLError, a timeout, or the peer hanging up
-                self.on_tls_failure(client_address, exc)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+def decode_dataset(data, transfer_syntax: str):
+    """A received dataset's bytes as a pydicom Dataset (pixel data left as bytes)."""
+    ts = UID(transfer_syntax)
+    if ts.is_deflated:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        data = inflater.decompress(data, MAX_INFLATED)
+        if inflater.unconsumed_tail:
+            raise InputError(f"the deflated dataset inflates beyond {MAX_INFLATED >> 20} MiB")
+    return read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
 
 
 def server_tls_context(cert_file, key_file, ca_file=None) -> ssl.SSLContext:
@@ -136,26 +76,23 @@ def server_tls_context(cert_file, key_file, ca_file=None) -> ssl.SSLContext:
 
 
 class StoreSCP:
-    """A pynetdicom server bound to (host, port) that stores CT instances into `spool` and `store`."""
+    """A C-STORE receiver bound to (host, port), or accepting on `listen_socket`, that stores CT instances into
+    `spool` and `store`. Its upper layer is livernode's own (upper_layer.py)."""
 
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, store: Store,
                  on_stored: Callable[[str], None] | None = None, metrics: Metrics | None = None,
                  audit: AuditLog | None = None, *, allowed_calling: Sequence[str] = (),
                  require_called: bool = True, tls: ssl.SSLContext | None = None,
                  listen_socket: socket.socket | None = None) -> None:
-        self.ae = AE(ae_title=ae_title)
-        self.ae.maximum_pdu_size = 0  # no limit: fewer PDUs per instance
-        self.ae.require_calling_aet = [t.strip() for t in allowed_calling]
-        self.ae.require_called_aet = require_called
-        self.ae.add_supported_context(Verification)
-        for sop_class in STORAGE_CLASSES:
-            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        self.ae_title = ae_title.strip()
+        self.allowed_calling = [t.strip() for t in allowed_calling]
+        self.require_called = require_called
         self.host, self.port = host, port
         self.tls, self.listen_socket = tls, listen_socket
         self.spool, self.store = spool, store
         self.on_stored = on_stored
-        self.server = None
-        self._thread: threading.Thread | None = None
+        self.acceptor: Acceptor | None = None
+        self._closed = False
         self._lock = threading.Lock()
         # Writers of the same SOP Instance UID in this process take turns; across receiver processes the spool's
         # create-if-absent keeps "store once" exact. Different instances, from parallel associations, are written
@@ -165,68 +102,73 @@ class StoreSCP:
         self.audit = audit or AuditLog(None)
 
     def start(self) -> None:
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
-                    (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ABORTED, self._on_aborted)]
-        server = self.ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=_Server,
-                                     listen_socket=self.listen_socket, request_handler=_Handler)
-        server.tls, server.on_tls_failure = self.tls, self._on_tls_failure
-        self.ae._servers.append(server)  # as pynetdicom's start_server does: its shutdown() removes it again
-        self._thread = threading.Thread(target=server.serve_forever, name=f"scp-{self.ae.ae_title}", daemon=True)
-        self._thread.start()
-        self.server = server
-        self.port = server.server_address[1]
-        log.info("C-STORE SCP %s listening on %s:%d%s", self.ae.ae_title, self.host, self.port,
+        sock = self.listen_socket
+        if sock is None:  # a single receiver binds the port itself
+            sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self.port))
+                sock.listen(128)
+            except OSError:
+                sock.close()
+                raise
+        acceptor = Acceptor(sock, decide=self._decide, on_store=self._on_store, on_accepted=self._on_accepted,
+                            on_rejected=self._on_rejected, on_aborted=self._on_aborted,
+                            on_tls_failure=self._on_tls_failure, tls=self.tls,
+                            implementation_uid=PYDICOM_IMPLEMENTATION_UID, version_name=VERSION_NAME,
+                            name=self.ae_title)
+        acceptor.start()
+        self.acceptor = acceptor
+        self.port = sock.getsockname()[1]
+        log.info("C-STORE SCP %s listening on %s:%d%s", self.ae_title, self.host, self.port,
                  " (TLS)" if self.tls else "")
 
     def listening(self) -> bool:
         """True while the port is bound and the accepting thread runs."""
-        server, thread = self.server, self._thread
-        return server is not None and server.socket.fileno() >= 0 and thread is not None and thread.is_alive()
+        acceptor = self.acceptor
+        return acceptor is not None and not self._closed and acceptor.listener.fileno() >= 0 and acceptor.running()
 
     def stop(self) -> None:
-        """Stop accepting associations; safe to call from several threads and more than once."""
+        """Stop accepting associations; safe to call from several threads and more than once. Associations under
+        way go on (`active()`)."""
         with self._lock:
-            server, self.server = self.server, None
-        if server is not None:
-            server.shutdown()  # also closes the listening socket
+            if self._closed or self.acceptor is None:
+                return
+            self._closed = True
+        self.acceptor.stop()
+        # only this process' descriptor when the socket is shared: shutting it down would stop every receiver
+        self.acceptor.listener.close()
 
-    def _on_accepted(self, event) -> None:
-        r = event.assoc.requestor
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        subject = ""
-        if isinstance(sock, ssl.SSLSocket):
-            cert = sock.getpeercert() or {}
-            subject = ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
-        self.audit.write("association_accepted", calling_ae=r.ae_title, called_ae=self._called(event),
-                         address=r.address, tls=bool(sock is not None and isinstance(sock, ssl.SSLSocket)),
-                         peer_certificate=subject, process=os.getpid())
+    def active(self) -> list[Association]:
+        """The established associations, also after `stop()`."""
+        return self.acceptor.active() if self.acceptor is not None else []
 
-    @staticmethod
-    def _called(event) -> str:
-        primitive = event.assoc.requestor.primitive
-        return str(getattr(primitive, "called_ae_title", "") or "").strip()
+    def _decide(self, rq, assoc: Association, others: int) -> dict[str, list[str]]:
+        if self.allowed_calling and rq.calling not in self.allowed_calling:
+            raise Rejected("calling AE title", f"calling AE title {rq.calling!r} is not on the allow-list", 1, 1, 3)
+        if self.require_called and rq.called != self.ae_title:
+            raise Rejected("called AE title", f"called AE title {rq.called!r} is not ours ({self.ae_title})",
+                           1, 1, 7)
+        if others >= MAX_ASSOCIATIONS:
+            raise Rejected("association limit", f"too many associations ({others} under way)", 2, 3, 2)
+        return SUPPORTED
 
-    def _on_rejected(self, event) -> None:
-        r = event.assoc.requestor
-        called, calling = self._called(event), str(r.ae_title).strip()
-        if self.ae.require_calling_aet and calling not in self.ae.require_calling_aet:
-            kind, reason = "calling AE title", f"calling AE title {calling!r} is not on the allow-list"
-        elif self.ae.require_called_aet and called != self.ae.ae_title.strip():
-            kind, reason = "called AE title", f"called AE title {called!r} is not ours ({self.ae.ae_title})"
-        else:
-            kind, reason = "association limit", "too many associations"
-        log.warning("association from %s (%s) refused: %s", r.address, calling, reason)
-        self.metrics.associations_rejected.labels(kind).inc()
-        self.audit.write("association_rejected", calling_ae=calling, called_ae=called, address=r.address,
-                         reason=reason)
+    def _on_accepted(self, assoc: Association) -> None:
+        self.audit.write("association_accepted", calling_ae=assoc.calling, called_ae=assoc.called,
+                         address=assoc.address[0], tls=assoc.tls, peer_certificate=assoc.peer_certificate,
+                         process=os.getpid())
 
-    def _on_aborted(self, event) -> None:
-        """A-ABORT either way: the peer gave up, or pynetdicom refused an invalid message. An instance whose
-        dataset had not fully arrived was never acknowledged and nothing of it is written."""
-        r = event.assoc.requestor
-        log.warning("association with %s (%s) aborted", r.address, r.ae_title)
-        self.audit.write("association_aborted", calling_ae=r.ae_title, address=r.address)
+    def _on_rejected(self, assoc: Association, exc: Rejected) -> None:
+        log.warning("association from %s (%s) refused: %s", assoc.address[0], assoc.calling, exc.reason)
+        self.metrics.associations_rejected.labels(exc.kind).inc()
+        self.audit.write("association_rejected", calling_ae=assoc.calling, called_ae=assoc.called,
+                         address=assoc.address[0], reason=exc.reason)
+
+    def _on_aborted(self, assoc: Association, why: str) -> None:
+        """A-ABORT either way, or the connection lost: the peer gave up, or it broke the protocol. An instance
+        whose dataset had not fully arrived was never acknowledged and nothing of it is written."""
+        log.warning("association with %s (%s) aborted: %s", assoc.address[0], assoc.calling, why)
+        self.audit.write("association_aborted", calling_ae=assoc.calling, address=assoc.address[0], reason=why)
 
     def _on_tls_failure(self, address: tuple, exc: Exception) -> None:
         reason = f"TLS handshake failed: {type(exc).__name__}: {exc}"
@@ -234,24 +176,24 @@ class StoreSCP:
         self.metrics.associations_rejected.labels("tls").inc()
         self.audit.write("connection_refused", address=address[0], port=address[1], reason=reason)
 
-    def _refuse(self, status: int, reason: str, sop_uid: str, peer: str) -> int:
+    def _refuse(self, status: int, reason: str, sop_uid: str, peer: str) -> tuple[int, str]:
         self.metrics.instances_rejected.labels(reason).inc()
         self.audit.write("instance_refused", sop_instance_uid=sop_uid, peer=peer, status=f"0x{status:04X}",
                          reason=reason)
-        return status
+        return status, reason
 
-    def _on_store(self, event) -> int:
-        req = event.request
-        sop_uid = str(req.AffectedSOPInstanceUID)
+    def _on_store(self, assoc: Association, req: StoreRequest) -> tuple[int, str]:
+        sop_uid = req.sop_instance_uid
         if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
             sop_uid = repr(sop_uid)[:80]  # shown quoted and cut short: a peer's bytes never go raw into a log
-        peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
-        if not self.spool.has_room(len(event.request.DataSet.getbuffer()) if event.request.DataSet else 0):
+        peer = assoc.peer
+        if not self.spool.has_room(req.size):
             log.error("refusing %s from %s: free space below the threshold", sop_uid, peer)
             return self._refuse(OUT_OF_RESOURCES, "out of space", sop_uid, peer)
         try:
             check_uid(sop_uid, "SOP Instance UID")
-            ds = check_dataset(event.dataset, f"instance {sop_uid}", transfer_syntax=event.context.transfer_syntax)
+            ds = check_dataset(decode_dataset(req.data(), req.transfer_syntax), f"instance {sop_uid}",
+                               transfer_syntax=UID(req.transfer_syntax))
             study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
             check_uid(study, "Study Instance UID")
             check_uid(series, "Series Instance UID")
@@ -266,18 +208,17 @@ class StoreSCP:
                       type(exc).__name__, exc)
             return self._refuse(CANNOT_UNDERSTAND, "unparseable", sop_uid, peer)
         if str(getattr(ds, "SOPInstanceUID", "")) != sop_uid or \
-                str(getattr(ds, "SOPClassUID", "")) != str(req.AffectedSOPClassUID):
+                str(getattr(ds, "SOPClassUID", "")) != req.sop_class_uid:
             log.error("refusing %s from %s: dataset UIDs do not match the C-STORE request", sop_uid, peer)
             return self._refuse(DATA_SET_MISMATCH, "dataset does not match request", sop_uid, peer)
-        header = part10_header(str(req.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax),
-                               self.ae.implementation_class_uid, self.ae.implementation_version_name)
+        header = part10_header(req.sop_class_uid, sop_uid, req.transfer_syntax, PYDICOM_IMPLEMENTATION_UID,
+                               VERSION_NAME)
         facts = header_facts(ds)  # what series selection reads, from the index instead of the file
         try:
-            with self._uid_locks[hash(sop_uid) % len(self._uid_locks)], req.DataSet.getbuffer() as body:
+            with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
                 # the peer's bytes as received, behind a file meta header: no decode and re-encode
-                path, new = self.spool.store(study, series, sop_uid, (header, body))
-                self.store.add_instance(sop_uid, study, series, str(req.AffectedSOPClassUID), str(path),
-                                        header=facts)
+                path, new = self.spool.store(study, series, sop_uid, (header, *req.pieces))
+                self.store.add_instance(sop_uid, study, series, req.sop_class_uid, str(path), header=facts)
         except OSError as exc:  # disk full or failing: nothing partial is left, and the peer may retry
             log.error("refusing %s from %s: cannot store it (%s)", sop_uid, peer, exc)
             return self._refuse(OUT_OF_RESOURCES, "write failed", sop_uid, peer)
@@ -287,4 +228,4 @@ class StoreSCP:
             self.audit.write("instance_received", sop_instance_uid=sop_uid, study_instance_uid=study, peer=peer)
             if self.on_stored:
                 self.on_stored(study)
-        return SUCCESS
+        return SUCCESS, ""
