@@ -5,8 +5,8 @@ associations. Every dcmtk tool runs with TCP_NODELAY=1.
 
 Two more receivers explain the gap. bench/bare_scp.py is the floor of any pynetdicom receiver: it writes each
 instance durably in the same way and does nothing else (no checks, no index, no audit). bench/raw_scp.py writes
-the same way without pynetdicom, reading the upper layer's PDUs itself on blocking sockets: what a receive path of
-livernode's own could reach.
+the same way on livernode's own upper layer (livernode/daemon/upper_layer.py), which the node's receivers use:
+the difference between it and the node is the node's own steps per instance.
 
 livernode runs with one receiver process (`--workers 1`, in the node's own process) and with two (`--workers 2`,
 receivers.py), and the CPU seconds the node's processes spend per instance (from /proc, all of them together)
