@@ -81,7 +81,7 @@ def check_dataset(ds: pydicom.Dataset, source: str, *, pixels: bool = True,
             raw = ds.get_item(tag, keep_deferred=True)
             _check_declared_length(raw, source, file_size)
             if elements:
-                key = _decoded_key(raw, charset)
+                key = decoded_key(raw, charset)
                 if key is None or key not in _DECODED:
                     ds[tag]  # noqa: B018 - converts the raw element now
                     _remember(key, tag)
@@ -106,7 +106,7 @@ _DECODED_LONGEST = 256  # bytes: larger values are decoded every time rather tha
 _NOT_REMEMBERED = frozenset(pydicom.valuerep.AMBIGUOUS_VR) | {"SQ"}
 
 
-def _decoded_key(raw, charset: str) -> tuple | None:
+def decoded_key(raw, charset: str) -> tuple | None:
     """The key of a raw element's decoding in `_DECODED`; None for one that is decoded every time."""
     if not isinstance(raw, pydicom.dataelem.RawDataElement) or raw.tag.is_private:
         return None

@@ -11,6 +11,8 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DSdecimal, DSfloat, IS
 
+from livernode.imaging import dicomio
+
 # What series selection (select.py), slice ordering and decoding (dicomio.py) and the coverage pass read of an
 # instance before its series is chosen. No patient or study identifiers beyond the UIDs the index holds anyway.
 KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
@@ -20,15 +22,37 @@ KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstance
 PIXEL_DATA = 0x7FE00010
 
 
+# (keyword, tag, whether its plain value may be remembered): not for a VR that depends on other elements (US or SS:
+# Pixel Padding Value reads as signed or not by Pixel Representation).
+_TAGS = tuple((keyword, pydicom.tag.Tag(keyword),
+               pydicom.datadict.dictionary_VR(keyword) not in pydicom.valuerep.AMBIGUOUS_VR) for keyword in KEYWORDS)
+# The plain value of a raw element, by dicomio.decoded_key (its bytes, tag, VR, encoding and character set): most of
+# these facts repeat from slice to slice of a series, and the receivers leave such values undecoded
+# (dicomio.check_dataset). Cleared when full.
+_PLAIN: dict[tuple, object] = {}
+_PLAIN_MAX = 8192
+
+
 def header_facts(ds: pydicom.Dataset) -> str | None:
     """`ds`'s KEYWORDS as compact JSON: numbers and strings as the file holds them (decimal and integer strings
     keep their text, so a value read back compares equal to the file's). None when a value does not convert:
     selection then reads the file."""
     facts = {}
     try:
-        for keyword in KEYWORDS:
-            if keyword in ds:
-                facts[keyword] = _plain(ds[keyword].value)
+        charset = str(ds.get("SpecificCharacterSet", ""))
+        for keyword, tag, cacheable in _TAGS:
+            raw = ds.get_item(tag, keep_deferred=True)
+            if raw is None:
+                continue
+            key = dicomio.decoded_key(raw, charset) if cacheable else None
+            value = _PLAIN.get(key, _PLAIN) if key is not None else _PLAIN
+            if value is _PLAIN:  # not seen before
+                value = _plain(ds[tag].value)
+                if key is not None:
+                    if len(_PLAIN) >= _PLAIN_MAX:
+                        _PLAIN.clear()
+                    _PLAIN[key] = value
+            facts[keyword] = value
         return json.dumps(facts, separators=(",", ":"))
     except Exception:  # noqa: BLE001 - a value pydicom cannot give: no facts, not a refused instance
         return None
