@@ -9,7 +9,7 @@ the way it was done before (the peer, in the same run):
 and on each instance a receiver takes in:
 
 - read: the P-DATA PDUs of one slice (as storescu sends them, 128 KiB each) read from a socket into one buffer
-  each (ingest_scp._BulkSocket) against pynetdicom's reader, 4096 bytes at a time; the reader thread's CPU ms;
+  each (the receivers' upper layer) against pynetdicom's reader, 4096 bytes at a time; the reader thread's CPU ms;
 - check: decoding a received slice's dataset, checking it (dicomio.check_dataset) and taking the header facts the
   index keeps, one series in order from a fresh start, with the values decoded before left undecoded against every
   value decoded.
@@ -83,13 +83,13 @@ def run(files: list[Path], model: Path, slices: int = 40) -> dict:
 def _check(files: list[Path]) -> tuple[float, float]:
     """ms per instance of what a receiver does with a slice's dataset bytes before storing them (decode, check,
     header facts), over `files` as one series arriving in order: values decoded before left undecoded
-    (dicomio._DECODED, emptied before each round), and every value decoded."""
-    import io
-
+    (dicomio._DECODED and headers._PLAIN, emptied before each round), and every value decoded."""
     import pydicom
-    from pynetdicom.dsutils import decode, encode
+    from pynetdicom.dsutils import encode
 
+    from livernode.daemon.ingest_scp import decode_dataset
     from livernode.imaging import dicomio
+    from livernode.imaging import headers
     from livernode.imaging.headers import header_facts
 
     received = []
@@ -98,21 +98,22 @@ def _check(files: list[Path]) -> tuple[float, float]:
         received.append((encode(pydicom.dcmread(f), ts.is_implicit_VR, ts.is_little_endian), ts))
 
     def check() -> list:
-        return [header_facts(dicomio.check_dataset(decode(io.BytesIO(body), ts.is_implicit_VR, ts.is_little_endian),
-                                                   "bench", transfer_syntax=ts)) for body, ts in received]
+        return [header_facts(dicomio.check_dataset(decode_dataset(body, ts), "bench", transfer_syntax=ts))
+                for body, ts in received]
 
     def remembered() -> list:
         dicomio._DECODED.clear()
+        headers._PLAIN.clear()
         return check()
 
-    key = dicomio._decoded_key
+    key = dicomio.decoded_key
 
     def every_value() -> list:
-        dicomio._decoded_key = lambda raw, charset: None
+        dicomio.decoded_key = lambda raw, charset: None
         try:
             return check()
         finally:
-            dicomio._decoded_key = key
+            dicomio.decoded_key = key
 
     fast, slow = best_interleaved(remembered, every_value, ROUNDS)
     if remembered() != every_value() or None in remembered():
@@ -121,8 +122,9 @@ def _check(files: list[Path]) -> tuple[float, float]:
 
 
 def _socket_read(file: Path, instances: int = 200) -> tuple[float, float]:
-    """The reader thread's CPU ms per instance, _BulkSocket and pynetdicom's AssociationSocket, for `instances`
-    slices the size of `file`'s dataset sent over a socket pair in 128 KiB PDUs."""
+    """The reader thread's CPU ms per instance, the receivers' upper layer (upper_layer.read_pdu's reader) and
+    pynetdicom's AssociationSocket, for `instances` slices the size of `file`'s dataset sent over a socket pair in
+    128 KiB PDUs."""
     import queue
     import resource
     import socket
@@ -131,12 +133,19 @@ def _socket_read(file: Path, instances: int = 200) -> tuple[float, float]:
 
     from pynetdicom.transport import AssociationSocket
 
-    from livernode.daemon.ingest_scp import _BulkSocket
+    from livernode.daemon.upper_layer import _read_exactly
 
     pdu = 131066
     pieces = [min(pdu, file.stat().st_size - i) for i in range(0, file.stat().st_size, pdu)]
 
-    def cpu_ms(cls) -> float:
+    def pynetdicom_reader(sock):
+        return AssociationSocket(SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue())),
+                                 client_socket=sock).recv
+
+    def ours(sock):
+        return lambda n: _read_exactly(sock, n)
+
+    def cpu_ms(reader) -> float:
         a, b = socket.socketpair()
         payload = bytes(pdu)
 
@@ -147,20 +156,20 @@ def _socket_read(file: Path, instances: int = 200) -> tuple[float, float]:
 
         sender = threading.Thread(target=send)
         sender.start()
-        sock = cls(SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue())), client_socket=a)
+        recv = reader(a)
         t0 = resource.getrusage(resource.RUSAGE_THREAD)
-        got = sum(len(sock.recv(n)) for _ in range(instances) for n in pieces)
+        got = sum(len(recv(n)) for _ in range(instances) for n in pieces)
         t1 = resource.getrusage(resource.RUSAGE_THREAD)
         a.close()
         sender.join(timeout=30)
         b.close()
         if got != instances * sum(pieces):
-            raise RuntimeError(f"{cls.__name__} read {got} of {instances * sum(pieces)} bytes")
+            raise RuntimeError(f"{reader.__name__} read {got} of {instances * sum(pieces)} bytes")
         return 1000 * (t1.ru_utime + t1.ru_stime - t0.ru_utime - t0.ru_stime) / instances
 
-    cpu_ms(_BulkSocket), cpu_ms(AssociationSocket)  # warm-up
-    bulk = min(cpu_ms(_BulkSocket) for _ in range(ROUNDS))
-    return bulk, min(cpu_ms(AssociationSocket) for _ in range(ROUNDS))
+    cpu_ms(ours), cpu_ms(pynetdicom_reader)  # warm-up
+    bulk = min(cpu_ms(ours) for _ in range(ROUNDS))
+    return bulk, min(cpu_ms(pynetdicom_reader) for _ in range(ROUNDS))
 
 
 if __name__ == "__main__":
