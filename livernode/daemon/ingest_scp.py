@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from io import BytesIO
@@ -61,6 +62,8 @@ def decode_dataset(data, transfer_syntax: str):
         data = inflater.decompress(data, MAX_INFLATED)
         if inflater.unconsumed_tail:
             raise InputError(f"the deflated dataset inflates beyond {MAX_INFLATED >> 20} MiB")
+        if not inflater.eof:
+            raise InputError("the deflated dataset ends before its deflate stream does")
     return read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
 
 
@@ -142,6 +145,18 @@ class StoreSCP:
     def active(self) -> list[Association]:
         """The established associations, also after `stop()`."""
         return self.acceptor.active() if self.acceptor is not None else []
+
+    def finish(self, timeout: float) -> None:
+        """After `stop()`: let the associations under way end by themselves for at most `timeout` seconds, then
+        abort the rest. What they had answered 0x0000 is on disk and indexed; the rest was never acknowledged."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.active():
+            time.sleep(0.05)
+        left = self.active()
+        if left:
+            log.error("%d association(s) still open after %.0f s; aborting them", len(left), timeout)
+            for assoc in left:
+                assoc.abort()
 
     def _decide(self, rq, assoc: Association, others: int) -> dict[str, list[str]]:
         if self.allowed_calling and rq.calling not in self.allowed_calling:

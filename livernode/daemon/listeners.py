@@ -12,7 +12,7 @@ from livernode.daemon.health import Liveness, work_loop
 from livernode.daemon.ingest_folder import FolderIngest
 from livernode.daemon.ingest_scp import StoreSCP, server_tls_context
 from livernode.daemon.metrics import AuditLog, Metrics
-from livernode.daemon.receivers import ReceiverPool, ReceiverSpec, default_workers
+from livernode.daemon.receivers import FINISH_S, ReceiverPool, ReceiverSpec, default_workers
 from livernode.daemon.spool import Spool
 from livernode.daemon.store import Store
 from livernode.logs import current_format
@@ -74,7 +74,11 @@ class Listeners:
             self.scp.stop()
 
     def stop_all(self) -> None:
+        """Close the port and stop watching the folder. A receiver in this process lets the associations under
+        way finish first (for at most receivers.FINISH_S), as receiver processes do."""
         self.close_port()
+        if isinstance(self.scp, StoreSCP):
+            self.scp.finish(FINISH_S)
         if self.folder:
             self.folder.stop()
 

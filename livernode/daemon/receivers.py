@@ -102,15 +102,7 @@ def _receiver(spec: ReceiverSpec, listener: socket.socket, threshold, parent: in
     scp.stop()  # this process stops accepting; the socket stays open in the others
     # Associations under way finish (for at most FINISH_S); a connection that has not asked for one yet is simply
     # dropped when this process exits, as is anything never acknowledged.
-    deadline = time.monotonic() + FINISH_S
-    while time.monotonic() < deadline and scp.active():
-        time.sleep(0.05)
-    left = scp.active()
-    if left:  # what they sent and was answered 0x0000 is on disk and indexed; the rest was never acknowledged
-        log.error("receiver %d: %d association(s) still open after %.0f s; aborting them", os.getpid(), len(left),
-                  FINISH_S)
-        for assoc in left:
-            assoc.abort()
+    scp.finish(FINISH_S)
     logging.shutdown()
     os._exit(0)  # nothing left to wait for: associations still open were aborted above
 

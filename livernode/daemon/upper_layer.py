@@ -18,9 +18,10 @@ What it does and refuses:
 - Anything that breaks the protocol (a PDU of an unknown type or in the wrong state, lengths that do not add up, a
   fragment for a context that was not accepted, a command set that cannot be read) ends the association with
   A-ABORT, and `on_aborted` names why. Nothing of a dataset that had not fully arrived is handed on.
-- Limits: the association request within ARTIM_S of the connection, then no more than IDLE_S between PDUs; an
-  association-control PDU of at most CONTROL_PDU_MAX bytes. A P-DATA PDU's buffer grows with the bytes that arrive,
-  not with the length its header announces.
+- Limits: the whole association request within ARTIM_S of the connection (or of the TLS handshake), then no
+  more than IDLE_S between PDUs; before an association, any PDU of at most CONTROL_PDU_MAX bytes, and at most
+  MAX_PENDING connections still to ask for one. A buffer grows with the bytes that arrive (from 64 KiB before an
+  association, 1 MiB within one), not with the length a PDU's header announces.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,8 +56,15 @@ SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS = 0x0122, 0xC211
 ARTIM_S = 30.0  # from the connection (or the TLS handshake) to the association request
 IDLE_S = 60.0  # between two PDUs of an established association
 TLS_HANDSHAKE_S = 10.0
-CONTROL_PDU_MAX = 1 << 20  # an association request with a hundred contexts is some 10 KB
-FIRST_BUFFER = 1 << 20  # a P-DATA buffer starts at most this large and doubles as bytes fill it
+CONTROL_PDU_MAX = 1 << 18  # an association request with a hundred contexts is some 10 KB
+# A buffer starts at most this large and doubles as bytes fill it: small while the peer is unknown, then large
+# enough for most PDUs (a 512x512 CT slice's dataset is 0.5 MB).
+FIRST_BUFFER, FIRST_BUFFER_UNASSOCIATED = 1 << 20, 1 << 16
+MAX_PENDING = 64  # connections that have not yet asked for an association; more are closed at once
+# accept() failures that concern one connection or a passing shortage, not the listening socket
+TRANSIENT_ACCEPT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.ENOBUFS, errno.ENOMEM, errno.EMFILE,
+                           errno.ENFILE, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN,
+                           errno.ENONET, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EPERM, errno.ETIMEDOUT}
 
 
 class ProtocolError(Exception):
@@ -179,6 +188,8 @@ def parse_associate_rq(body: bytes | bytearray) -> AssociationRequest:
             abstract = [_uid(v) for k, v in subs if k == 0x30]
             if len(abstract) != 1:
                 raise ProtocolError(f"presentation context {value[0]} names {len(abstract)} abstract syntaxes")
+            if any(value[0] == c[0] for c in contexts):
+                raise ProtocolError(f"presentation context {value[0]} is proposed twice")
             contexts.append((value[0], abstract[0], [_uid(v) for k, v in subs if k == 0x40]))
         # 0x50, user information: maximum length, implementation, role selection, extended negotiation, user
         # identity. None of it changes what this acceptor does: its answers are small, it takes one operation at a
@@ -208,9 +219,10 @@ def _us(command: dict[int, bytes], element: int) -> int:
     return struct.unpack("<H", command[element])[0]
 
 
-def _element(element: int, value: bytes) -> bytes:
+def _element(element: int, value: bytes, pad: bytes = b"\0") -> bytes:
+    """A command element: UIs are padded with NUL, text (LO) with a space."""
     if len(value) % 2:
-        value += b"\0"
+        value += pad
     return struct.pack("<HHI", 0, element, len(value)) + value
 
 
@@ -221,7 +233,7 @@ def response(context_id: int, field_: int, message_id: int, status: int, sop_cla
              _element(0x0120, struct.pack("<H", message_id)), _element(0x0800, struct.pack("<H", NO_DATASET)),
              _element(0x0900, struct.pack("<H", status))]
     if comment:  # Error Comment, LO: at most 64 characters
-        parts.append(_element(0x0902, comment[:64].encode("ascii", "replace").replace(b"\\", b"/")))
+        parts.append(_element(0x0902, comment[:64].encode("ascii", "replace").replace(b"\\", b"/"), b" "))
     if sop_instance is not None:
         parts.append(_element(0x1000, sop_instance.encode("ascii", "replace")))
     body = b"".join(parts)
@@ -229,12 +241,19 @@ def response(context_id: int, field_: int, message_id: int, status: int, sop_cla
     return _pdu(P_DATA, struct.pack(">IBB", len(data) + 2, context_id, 0x03) + data)
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytearray:
-    """`n` bytes from the peer; the buffer grows as bytes arrive. ConnectionError if the peer closes first."""
-    buf, got = bytearray(min(n, FIRST_BUFFER)), 0
+def _read_exactly(sock: socket.socket, n: int, deadline: float | None = None,
+                  first: int = FIRST_BUFFER) -> bytearray:
+    """`n` bytes from the peer; the buffer grows as bytes arrive. ConnectionError if the peer closes first;
+    socket.timeout at `deadline` (time.monotonic()), or when the socket's own timeout passes between two reads."""
+    buf, got = bytearray(min(n, first)), 0
     while got < n:
         if got == len(buf):
             buf.extend(bytes(min(len(buf), n - got)))
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"{got} of {n} bytes by the deadline")
+            sock.settimeout(left)
         with memoryview(buf) as view:
             k = sock.recv_into(view[got:])
         if not k:
@@ -243,18 +262,23 @@ def _read_exactly(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def read_pdu(sock: socket.socket, control_max: int = CONTROL_PDU_MAX) -> tuple[int, bytearray]:
-    head = _read_exactly(sock, 6)
+def read_pdu(sock: socket.socket, deadline: float | None = None, *,
+             associated: bool = True) -> tuple[int, bytearray]:
+    """The next PDU. Before an association (`associated` false) only an A-ASSOCIATE-RQ of at most
+    CONTROL_PDU_MAX bytes is read; within one, only P-DATA may be longer."""
+    head = _read_exactly(sock, 6, deadline)
     kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
-    if kind != P_DATA and length > control_max:
-        raise ProtocolError(f"PDU of type 0x{kind:02X} declares {length} bytes (at most {control_max})")
-    return kind, _read_exactly(sock, length)
+    if not associated and kind != ASSOCIATE_RQ:
+        raise ProtocolError(f"PDU of type 0x{kind:02X} before an association request", UNEXPECTED_PDU)
+    if (kind != P_DATA or not associated) and length > CONTROL_PDU_MAX:
+        raise ProtocolError(f"PDU of type 0x{kind:02X} declares {length} bytes (at most {CONTROL_PDU_MAX})")
+    return kind, _read_exactly(sock, length, deadline, FIRST_BUFFER if associated else FIRST_BUFFER_UNASSOCIATED)
 
 
 class Acceptor:
     """Accepts connections on a listening socket, each served whole by its own thread.
 
-    `decide(request, association, others)` (others: this acceptor's other associations now) returns the supported
+    `decide(request, association, others)` (others: this acceptor's established associations) returns the supported
     abstract syntaxes, each with its transfer syntaxes in order of preference, or raises `Rejected`.
     `on_store(association, request)` returns a status and an error comment for a C-STORE. The `on_*` callbacks
     report what happened; none of them may raise.
@@ -275,6 +299,7 @@ class Acceptor:
         self._user_item = _item(0x50, user)
         self.name = name
         self.associations: set[Association] = set()  # negotiating or established, in this process
+        self._starting = 0  # connections accepted whose thread has not yet registered them
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -305,14 +330,37 @@ class Acceptor:
                     conn, address = self.listener.accept()
                 except (BlockingIOError, InterruptedError):
                     continue  # another receiver process took it
-                except OSError as exc:  # the listening socket was shut down (the node stopping) or closed
-                    if not self._stop.is_set():
+                except OSError as exc:
+                    if exc.errno in TRANSIENT_ACCEPT_ERRORS and not self._stop.is_set():
+                        log.warning("%s: accepting a connection failed (%s); accepting again", self.name, exc)
+                        time.sleep(0.1 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                                        errno.ENOMEM) else 0)
+                        continue
+                    if not self._stop.is_set():  # shut down (the node stopping: EINVAL) or closed
                         (log.info if exc.errno == errno.EINVAL else log.error)(
                             "%s: no longer accepting connections: %s", self.name, exc)
                     break
-                threading.Thread(target=self._serve, args=(conn, address), name=f"assoc-{address[0]}:{address[1]}",
-                                 daemon=True).start()
+                self._start_serving(conn, address)
         self._stop.set()
+
+    def _start_serving(self, conn: socket.socket, address: tuple) -> None:
+        with self._lock:
+            pending = sum(1 for a in self.associations if not a.established) + self._starting
+            if pending < MAX_PENDING:
+                self._starting += 1
+        if pending >= MAX_PENDING:
+            log.warning("connection from %s closed: %d connections have yet to ask for an association",
+                        address[0], pending)
+            conn.close()
+            return
+        try:
+            threading.Thread(target=self._serve, args=(conn, address), name=f"assoc-{address[0]}:{address[1]}",
+                             daemon=True).start()
+        except RuntimeError as exc:  # no thread can be started now: this connection is refused, not the port
+            with self._lock:
+                self._starting -= 1
+            log.error("connection from %s closed: cannot serve it (%s)", address[0], exc)
+            conn.close()
 
     def active(self) -> list[Association]:
         with self._lock:
@@ -321,6 +369,22 @@ class Acceptor:
     # -- one connection ----------------------------------------------------------------------------------------
 
     def _serve(self, conn: socket.socket, address: tuple) -> None:
+        assoc = Association(address, conn)
+        with self._lock:
+            self._starting -= 1
+            self.associations.add(assoc)
+        try:
+            self._serve_connection(assoc)
+        finally:
+            with self._lock:
+                self.associations.discard(assoc)
+            try:
+                assoc.sock.close()
+            except OSError:
+                pass
+
+    def _serve_connection(self, assoc: Association) -> None:
+        conn, address = assoc.sock, assoc.address
         conn.setblocking(True)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
@@ -329,14 +393,10 @@ class Acceptor:
                 conn = self.tls.wrap_socket(conn, server_side=True)
             except OSError as exc:  # ssl.SSLError, a timeout, or the peer hanging up
                 self.on_tls_failure(address, exc)
-                conn.close()
                 return
-        assoc = Association(address, conn)
-        if isinstance(conn, ssl.SSLSocket):
+            assoc.sock = conn
             cert = conn.getpeercert() or {}
             assoc.peer_certificate = ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
-        with self._lock:
-            self.associations.add(assoc)
         try:
             self._run(assoc)
         except ProtocolError as exc:
@@ -366,23 +426,13 @@ class Acceptor:
                 assoc.send(_pdu(ABORT, bytes([0, 0, 2, 0])))
             except OSError:
                 pass
-        finally:
-            with self._lock:
-                self.associations.discard(assoc)
-            try:
-                conn.close()
-            except OSError:
-                pass
 
     def _run(self, assoc: Association) -> None:
         sock = assoc.sock
-        sock.settimeout(ARTIM_S)
         try:
-            kind, body = read_pdu(sock)
+            kind, body = read_pdu(sock, time.monotonic() + ARTIM_S, associated=False)
         except ConnectionError:
             return  # a port probe: connected and left without asking for anything
-        if kind != ASSOCIATE_RQ:
-            raise ProtocolError(f"PDU of type 0x{kind:02X} before an association request", UNEXPECTED_PDU)
         if not self._negotiate(assoc, parse_associate_rq(body)):
             return
         sock.settimeout(IDLE_S)
@@ -443,7 +493,7 @@ class Acceptor:
                 raise Rejected("application context", f"application context {rq.application_context!r} is not "
                                "DICOM's", 1, 1, 2)
             with self._lock:
-                others = len(self.associations) - 1
+                others = sum(1 for a in self.associations if a.established)
             supported = self.decide(rq, assoc, others)
         except Rejected as exc:
             self.on_rejected(assoc, exc)

@@ -174,15 +174,57 @@ def test_association_requests_it_cannot_serve_are_rejected_with_the_standards_co
 
 
 def test_one_association_over_the_limit_is_rejected_as_transient(node, tmp_path, monkeypatch):
+    """The limit counts associations; a connection that has not asked for one does not take a place."""
     monkeypatch.setattr(ingest_scp, "MAX_ASSOCIATIONS", 1)
-    first, answer = _associate(node.port)
-    with first:
-        assert answer[0] == 2
-        second, refused = _associate(node.port)
-        with second:
-            assert refused[0] == 3 and tuple(refused[1][1:4]) == (2, 3, 2)  # transient, presentation, local limit
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30):
+        first, answer = _associate(node.port)
+        with first:
+            assert answer[0] == 2
+            second, refused = _associate(node.port)
+            with second:
+                assert refused[0] == 3 and tuple(refused[1][1:4]) == (2, 3, 2)  # transient, presentation, limit
     rejected = _audited(tmp_path, "association_rejected", 1)
     assert "too many associations" in rejected[0]["reason"]
+
+
+def test_connections_that_do_not_ask_for_an_association_are_bounded(node, monkeypatch):
+    """At most MAX_PENDING of them are held; a PDU other than an association request, or one longer than
+    CONTROL_PDU_MAX, before an association is refused from its header, without reading what it announces."""
+    monkeypatch.setattr(upper_layer, "MAX_PENDING", 2)
+    silent = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(2)]
+    try:
+        wait_for(lambda: len(node.acceptor.associations) == 2, 30, "two connections held")
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as third:
+            assert third.recv(10) == b""  # closed at once
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_for(lambda: not node.acceptor.associations, 30, "the silent connections let go")
+    for header in (struct.pack(">BBI", 4, 0, 0xFFFFFFF0), struct.pack(">BBI", 1, 0, 1 << 30)):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+            sock.sendall(header)
+            abort = _recv_pdu(sock)
+            assert abort is not None and abort[0] == 7, abort
+    sock, answer = _associate(node.port)
+    with sock:
+        assert answer[0] == 2
+
+
+def test_stopping_lets_associations_finish_then_aborts_the_rest(node):
+    sock, answer = _associate(node.port)
+    with sock:
+        assert answer[0] == 2
+        node.stop()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
+        sock.sendall(_pdata(3, 0x03, _command(0x0030, 1, VERIFICATION)))  # the association goes on
+        assert _status(_response(sock)) == 0
+        t = time.monotonic()
+        node.finish(0.5)
+        assert time.monotonic() - t >= 0.5
+        abort = _recv_pdu(sock)
+        assert abort is not None and abort[0] == 7 and abort[1][2] == 0  # A-ABORT from the service user
+    node.finish(5)  # nothing left: returns at once
 
 
 def _ct(synth_dirs) -> pydicom.Dataset:
@@ -271,6 +313,20 @@ def test_silent_peers_are_let_go(node, tmp_path, monkeypatch):
         t = time.monotonic()
         assert silent.recv(10) == b""  # closed without an association request
         assert time.monotonic() - t < 10
+    request = _rq([(1, CT, (EXPLICIT,))])
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as slow:
+        t = time.monotonic()
+        try:  # an association request a byte at a time, each well within the limit: the whole of it is not
+            for i in range(len(request)):
+                slow.sendall(request[i:i + 1])
+                time.sleep(0.05)
+        except OSError:
+            pass  # closed while sending
+        try:
+            closed = slow.recv(10) == b""
+        except ConnectionResetError:  # the node closed it while bytes were still arriving
+            closed = True
+        assert closed and time.monotonic() - t < 0.5 + 5
     sock, answer = _associate(node.port)
     with sock:
         assert answer[0] == 2
