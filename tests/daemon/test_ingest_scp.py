@@ -213,3 +213,19 @@ def test_a_wall_clock_step_does_not_abort_an_association(scp, synth_dirs, monkey
     assert scp.store.study(str(first.StudyInstanceUID)).instances == 2
 
 
+
+
+def test_a_deflated_dataset_is_inflated_whole_or_refused(synth_dirs):
+    """Deflated Explicit VR Little Endian: the dataset decodes as sent; one cut short is refused, not read in part."""
+    import zlib
+
+    from livernode.daemon.ingest_scp import decode_dataset
+    from livernode.errors import InputError
+
+    ds = pydicom.dcmread(sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0])
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = deflater.compress(encoded(ds)) + deflater.flush()
+    got = decode_dataset(deflated, "1.2.840.10008.1.2.1.99")
+    assert got.SOPInstanceUID == ds.SOPInstanceUID and got.PixelData == ds.PixelData
+    with pytest.raises(InputError, match="ends before its deflate stream does"):
+        decode_dataset(deflated[: len(deflated) // 2], "1.2.840.10008.1.2.1.99")
