@@ -24,7 +24,9 @@ from livernode import __version__
 from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.spool import UID_RE, InvalidUID, Spool, check_uid
 from livernode.daemon.store import Store
-from livernode.daemon.upper_layer import VERIFICATION, Acceptor, Association, Rejected, StoreRequest
+from livernode.daemon.upper_layer import (
+    VERIFICATION, Acceptor, Association, Rejected, StoreRequest, listening_socket,
+)
 from livernode.errors import InputError
 from livernode.imaging.dicomio import check_dataset, part10_header
 from livernode.imaging.headers import header_facts
@@ -107,14 +109,7 @@ class StoreSCP:
     def start(self) -> None:
         sock = self.listen_socket
         if sock is None:  # a single receiver binds the port itself
-            sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((self.host, self.port))
-                sock.listen(128)
-            except OSError:
-                sock.close()
-                raise
+            sock = listening_socket(self.host, self.port)
         acceptor = Acceptor(sock, decide=self._decide, on_store=self._on_store, on_accepted=self._on_accepted,
                             on_rejected=self._on_rejected, on_aborted=self._on_aborted,
                             on_tls_failure=self._on_tls_failure, tls=self.tls,

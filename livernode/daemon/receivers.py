@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from livernode.daemon.upper_layer import listening_socket
 from livernode.errors import LivernodeError
 
 log = logging.getLogger(__name__)
@@ -143,14 +144,7 @@ class ReceiverPool:
         metrics_dir = Path(self.spec.metrics_dir)
         shutil.rmtree(metrics_dir, ignore_errors=True)  # counts of an earlier run (the node's own start over)
         metrics_dir.mkdir(parents=True)
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(self.host, self.port)
         # Every receiver waits on the socket; one takes each connection and the others' accept() returns at once
         # instead of blocking until the next one (the flag belongs to the socket, so all receivers share it).
         sock.setblocking(False)

@@ -15,12 +15,8 @@ import pydicom
 import pytest
 
 from livernode.daemon import ingest_scp, upper_layer
-from livernode.daemon.ingest_scp import StoreSCP
-from livernode.daemon.metrics import AuditLog
-from livernode.daemon.spool import Spool
-from livernode.daemon.store import Store
 from tests.peers import encoded, wait_for
-from tests.reliability.conftest import audit_events
+from tests.reliability.conftest import audit_events, scp  # noqa: F401 - scp: the receiver under test
 
 APP = b"1.2.840.10008.3.1.1.1"
 CT, MR, VERIFICATION = b"1.2.840.10008.5.1.4.1.1.2", b"1.2.840.10008.5.1.4.1.1.4", b"1.2.840.10008.1.1"
@@ -114,17 +110,8 @@ def _status(rsp: dict[int, bytes]) -> int:
     return struct.unpack("<H", rsp[0x0900])[0]
 
 
-@pytest.fixture()
-def node(tmp_path):
-    server = StoreSCP("LIVERNODE", "127.0.0.1", 0, Spool(tmp_path / "spool"), Store(tmp_path / "index.sqlite"),
-                      audit=AuditLog(tmp_path / "audit.jsonl"))
-    server.start()
-    yield server
-    server.stop()
-
-
-def _stored(node) -> list:
-    return sorted(node.spool.instances.rglob("*.dcm"))
+def _stored(scp) -> list:
+    return sorted(scp.spool.instances.rglob("*.dcm"))
 
 
 def _audited(tmp_path, event: str, n: int) -> list[dict]:
@@ -134,10 +121,10 @@ def _audited(tmp_path, event: str, n: int) -> list[dict]:
     return wait_for(enough, 30, f"{n} {event} events audited")
 
 
-def test_presentation_contexts_are_negotiated_in_the_acceptors_order(node, tmp_path):
+def test_presentation_contexts_are_negotiated_in_the_acceptors_order(scp, tmp_path):
     contexts = [(1, CT, (IMPLICIT, EXPLICIT)), (3, CT, (JPEG_BASELINE,)), (5, MR, (EXPLICIT,)),
                 (7, VERIFICATION, (IMPLICIT,))]
-    sock, (kind, body) = _associate(node.port, contexts)
+    sock, (kind, body) = _associate(scp.port, contexts)
     with sock:
         assert kind == 2, "not an A-ASSOCIATE-AC"
         results = _ac_results(body)
@@ -162,9 +149,9 @@ def test_presentation_contexts_are_negotiated_in_the_acceptors_order(node, tmp_p
     ({"app": b"1.2.3.4"}, (1, 1, 2), "application context"),
     ({"called": b"SOMEONE"}, (1, 1, 7), "called AE title 'SOMEONE' is not ours"),
 ])
-def test_association_requests_it_cannot_serve_are_rejected_with_the_standards_codes(node, tmp_path, request_kwargs,
+def test_association_requests_it_cannot_serve_are_rejected_with_the_standards_codes(scp, tmp_path, request_kwargs,
                                                                                      codes, reason):
-    sock, answer = _associate(node.port, **request_kwargs)
+    sock, answer = _associate(scp.port, **request_kwargs)
     with sock:
         assert answer is not None and answer[0] == 3, answer  # A-ASSOCIATE-RJ
         assert tuple(answer[1][1:4]) == codes
@@ -173,69 +160,69 @@ def test_association_requests_it_cannot_serve_are_rejected_with_the_standards_co
     assert reason in rejected[0]["reason"] and rejected[0]["calling_ae"] == "RAWTEST"
 
 
-def test_one_association_over_the_limit_is_rejected_as_transient(node, tmp_path, monkeypatch):
+def test_one_association_over_the_limit_is_rejected_as_transient(scp, tmp_path, monkeypatch):
     """The limit counts associations; a connection that has not asked for one does not take a place."""
     monkeypatch.setattr(ingest_scp, "MAX_ASSOCIATIONS", 1)
-    with socket.create_connection(("127.0.0.1", node.port), timeout=30):
-        first, answer = _associate(node.port)
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=30):
+        first, answer = _associate(scp.port)
         with first:
             assert answer[0] == 2
-            second, refused = _associate(node.port)
+            second, refused = _associate(scp.port)
             with second:
                 assert refused[0] == 3 and tuple(refused[1][1:4]) == (2, 3, 2)  # transient, presentation, limit
     rejected = _audited(tmp_path, "association_rejected", 1)
     assert "too many associations" in rejected[0]["reason"]
 
 
-def test_connections_that_do_not_ask_for_an_association_are_bounded(node, monkeypatch):
+def test_connections_that_do_not_ask_for_an_association_are_bounded(scp, monkeypatch):
     """At most MAX_PENDING of them are held; a PDU other than an association request, or one longer than
     CONTROL_PDU_MAX, before an association is refused from its header, without reading what it announces."""
     monkeypatch.setattr(upper_layer, "MAX_PENDING", 2)
-    silent = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(2)]
+    silent = [socket.create_connection(("127.0.0.1", scp.port), timeout=30) for _ in range(2)]
     try:
-        wait_for(lambda: len(node.acceptor.associations) == 2, 30, "two connections held")
-        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as third:
+        wait_for(lambda: len(scp.acceptor.associations) == 2, 30, "two connections held")
+        with socket.create_connection(("127.0.0.1", scp.port), timeout=30) as third:
             assert third.recv(10) == b""  # closed at once
     finally:
         for sock in silent:
             sock.close()
-    wait_for(lambda: not node.acceptor.associations, 30, "the silent connections let go")
+    wait_for(lambda: not scp.acceptor.associations, 30, "the silent connections let go")
     for header in (struct.pack(">BBI", 4, 0, 0xFFFFFFF0), struct.pack(">BBI", 1, 0, 1 << 30)):
-        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+        with socket.create_connection(("127.0.0.1", scp.port), timeout=30) as sock:
             sock.sendall(header)
             abort = _recv_pdu(sock)
             assert abort is not None and abort[0] == 7, abort
-    sock, answer = _associate(node.port)
+    sock, answer = _associate(scp.port)
     with sock:
         assert answer[0] == 2
 
 
-def test_stopping_lets_associations_finish_then_aborts_the_rest(node):
-    sock, answer = _associate(node.port)
+def test_stopping_lets_associations_finish_then_aborts_the_rest(scp):
+    sock, answer = _associate(scp.port)
     with sock:
         assert answer[0] == 2
-        node.stop()
+        scp.stop()
         with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
+            socket.create_connection(("127.0.0.1", scp.port), timeout=5).close()
         sock.sendall(_pdata(3, 0x03, _command(0x0030, 1, VERIFICATION)))  # the association goes on
         assert _status(_response(sock)) == 0
         t = time.monotonic()
-        node.finish(0.5)
+        scp.finish(0.5)
         assert time.monotonic() - t >= 0.5
         abort = _recv_pdu(sock)
         assert abort is not None and abort[0] == 7 and abort[1][2] == 0  # A-ABORT from the service user
-    node.finish(5)  # nothing left: returns at once
+    scp.finish(5)  # nothing left: returns at once
 
 
 def _ct(synth_dirs) -> pydicom.Dataset:
     return pydicom.dcmread(sorted((synth_dirs["dicom"] / "case_000" / "ct").glob("*.dcm"))[0])
 
 
-def test_an_instance_in_small_fragments_over_many_pdus_is_stored_whole(node, synth_dirs):
+def test_an_instance_in_small_fragments_over_many_pdus_is_stored_whole(scp, synth_dirs):
     ds = _ct(synth_dirs)
     payload, uid = encoded(ds), str(ds.SOPInstanceUID).encode()
     command = _command(0x0001, 9, CT, uid)
-    sock, answer = _associate(node.port)
+    sock, answer = _associate(scp.port)
     with sock:
         assert answer[0] == 2
         sock.sendall(_pdata(1, 0x01, command[:20]) + _pdata(1, 0x03, command[20:]))
@@ -245,34 +232,34 @@ def test_an_instance_in_small_fragments_over_many_pdus_is_stored_whole(node, syn
         rsp = _response(sock)
         assert _status(rsp) == 0 and rsp[0x1000].rstrip(b"\0") == uid
         assert struct.unpack("<H", rsp[0x0120])[0] == 9 and struct.unpack("<H", rsp[0x0100])[0] == 0x8001
-    stored = _stored(node)
+    stored = _stored(scp)
     assert len(stored) == 1 and len(pieces) > 20
     assert stored[0].read_bytes().endswith(payload)
     assert pydicom.dcmread(stored[0]).SOPInstanceUID == ds.SOPInstanceUID
 
 
-def test_a_refusal_names_its_reason_in_the_answer(node, synth_dirs):
+def test_a_refusal_names_its_reason_in_the_answer(scp, synth_dirs):
     """Error Comment (0000,0902) carries the reason the log and the audit give, for the peer's own log."""
     ds = _ct(synth_dirs)
-    sock, _ = _associate(node.port)
+    sock, _ = _associate(scp.port)
     with sock:
         sock.sendall(_pdata(1, 0x03, _command(0x0001, 1, CT, b"1.2.3.4.5.6.7")) + _pdata(1, 0x02, encoded(ds)))
         rsp = _response(sock)
     assert _status(rsp) == 0xA900
     assert rsp[0x0902].rstrip(b"\0 ") == b"dataset does not match request"
-    assert not _stored(node)
+    assert not _stored(scp)
 
 
-def test_a_store_on_another_sop_classes_context_is_refused(node, synth_dirs):
+def test_a_store_on_another_sop_classes_context_is_refused(scp, synth_dirs):
     ds = _ct(synth_dirs)
-    sock, _ = _associate(node.port)
+    sock, _ = _associate(scp.port)
     with sock:
         uid = str(ds.SOPInstanceUID).encode()
         sock.sendall(_pdata(3, 0x03, _command(0x0001, 1, CT, uid)) + _pdata(3, 0x02, encoded(ds)))
         assert _status(_response(sock)) == 0x0122  # SOP class not supported
         sock.sendall(_pdata(1, 0x03, _command(0x0001, 2, CT, uid)) + _pdata(1, 0x02, encoded(ds)))
         assert _status(_response(sock)) == 0  # and the association goes on
-    assert len(_stored(node)) == 1
+    assert len(_stored(scp)) == 1
 
 
 VIOLATIONS = {
@@ -290,8 +277,8 @@ VIOLATIONS = {
 
 
 @pytest.mark.parametrize("name", list(VIOLATIONS))
-def test_a_protocol_violation_ends_the_association_with_an_abort_and_a_reason(node, tmp_path, name):
-    sock, answer = _associate(node.port)
+def test_a_protocol_violation_ends_the_association_with_an_abort_and_a_reason(scp, tmp_path, name):
+    sock, answer = _associate(scp.port)
     with sock:
         assert answer[0] == 2
         sock.sendall(VIOLATIONS[name])
@@ -300,21 +287,21 @@ def test_a_protocol_violation_ends_the_association_with_an_abort_and_a_reason(no
         assert _recv_pdu(sock) is None
     aborted = _audited(tmp_path, "association_aborted", 1)
     assert aborted[0]["calling_ae"] == "RAWTEST" and len(aborted[0]["reason"]) > 20, aborted
-    assert not _stored(node)
-    sock, answer = _associate(node.port)  # the node goes on serving
+    assert not _stored(scp)
+    sock, answer = _associate(scp.port)  # the node goes on serving
     with sock:
         assert answer[0] == 2
 
 
-def test_silent_peers_are_let_go(node, tmp_path, monkeypatch):
+def test_silent_peers_are_let_go(scp, tmp_path, monkeypatch):
     monkeypatch.setattr(upper_layer, "ARTIM_S", 0.5)
     monkeypatch.setattr(upper_layer, "IDLE_S", 0.5)
-    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as silent:
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=30) as silent:
         t = time.monotonic()
         assert silent.recv(10) == b""  # closed without an association request
         assert time.monotonic() - t < 10
     request = _rq([(1, CT, (EXPLICIT,))])
-    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as slow:
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=30) as slow:
         t = time.monotonic()
         try:  # an association request a byte at a time, each well within the limit: the whole of it is not
             for i in range(len(request)):
@@ -327,7 +314,7 @@ def test_silent_peers_are_let_go(node, tmp_path, monkeypatch):
         except ConnectionResetError:  # the node closed it while bytes were still arriving
             closed = True
         assert closed and time.monotonic() - t < 0.5 + 5
-    sock, answer = _associate(node.port)
+    sock, answer = _associate(scp.port)
     with sock:
         assert answer[0] == 2
         abort = _recv_pdu(sock)  # then nothing is sent
@@ -391,13 +378,13 @@ def test_a_pdu_length_claimed_by_the_peer_does_not_reserve_memory():
             upper_layer.read_pdu(a)
 
 
-def test_a_failing_handler_answers_c211_and_the_instance_can_be_sent_again(node, synth_dirs, monkeypatch, caplog):
+def test_a_failing_handler_answers_c211_and_the_instance_can_be_sent_again(scp, synth_dirs, monkeypatch, caplog):
     """An unexpected failure behind the C-STORE (here the index) is that instance's: the peer hears 0xC211 and may
     send it again on the same association."""
     import sqlite3
 
     ds = _ct(synth_dirs)
-    real, calls = node.store.add_instance, []
+    real, calls = scp.store.add_instance, []
 
     def locked_once(*args, **kwargs):
         calls.append(1)
@@ -405,12 +392,12 @@ def test_a_failing_handler_answers_c211_and_the_instance_can_be_sent_again(node,
             raise sqlite3.OperationalError("database is locked")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(node.store, "add_instance", locked_once)
+    monkeypatch.setattr(scp.store, "add_instance", locked_once)
     uid = str(ds.SOPInstanceUID).encode()
-    sock, _ = _associate(node.port)
+    sock, _ = _associate(scp.port)
     with sock:
         for message_id, expected in ((1, 0xC211), (2, 0x0000)):
             sock.sendall(_pdata(1, 0x03, _command(0x0001, message_id, CT, uid)) + _pdata(1, 0x02, encoded(ds)))
             assert _status(_response(sock)) == expected
     assert "database is locked" in caplog.text and "the receiver failed" in caplog.text
-    assert len(_stored(node)) == 1 and node.store.study(str(ds.StudyInstanceUID)).instances == 1
+    assert len(_stored(scp)) == 1 and scp.store.study(str(ds.StudyInstanceUID)).instances == 1
