@@ -108,10 +108,11 @@ class Association:
         with self._send_lock:
             self.sock.sendall(data)
 
-    def abort(self) -> None:
-        """A-ABORT from this side (source 0, the service user), then the connection ends."""
+    def abort(self, source: int = 0, reason: int = 0) -> None:
+        """A-ABORT from this side (source 0: the service user, as the node stopping; 2: the service provider, for a
+        broken protocol or a timeout), then the connection ends."""
         try:
-            self.send(_pdu(ABORT, bytes([0, 0, 0, 0])))
+            self.send(_pdu(ABORT, bytes([0, 0, source, reason])))
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
@@ -414,19 +415,13 @@ class Acceptor:
             self._run(assoc)
         except ProtocolError as exc:
             self.on_aborted(assoc, str(exc))
-            try:
-                assoc.send(_pdu(ABORT, bytes([0, 0, 2, exc.abort_reason])))
-            except OSError:
-                pass
+            assoc.abort(2, exc.abort_reason)
         except socket.timeout:
             why = (f"no association request within {ARTIM_S:g} s" if not assoc.established
                    else f"nothing received for {IDLE_S:g} s (network timeout)")
             if assoc.established:
                 self.on_aborted(assoc, why)
-                try:
-                    assoc.send(_pdu(ABORT, bytes([0, 0, 2, 0])))
-                except OSError:
-                    pass
+                assoc.abort(2)
             else:
                 log.warning("connection from %s closed: %s", address[0], why)
         except (ConnectionError, OSError) as exc:
@@ -435,10 +430,7 @@ class Acceptor:
         except Exception as exc:  # a defect here: this association ends, the node serves on
             log.exception("association with %s: serving it failed", address[0])
             self.on_aborted(assoc, f"the receiver failed: {type(exc).__name__}")
-            try:
-                assoc.send(_pdu(ABORT, bytes([0, 0, 2, 0])))
-            except OSError:
-                pass
+            assoc.abort(2)
 
     def _run(self, assoc: Association) -> None:
         sock = assoc.sock
