@@ -34,6 +34,15 @@ def _blend_table() -> tuple[np.ndarray, np.ndarray]:
 
 
 _BLEND_ROW, _BLEND = _blend_table()
+# The table one colour channel at a time, flat (row * 256 + grey level): a 1-D take per channel is some five times
+# faster than indexing the 3-D table with two index arrays, and gives the same bytes.
+_BLEND_FLAT = tuple(np.ascontiguousarray(_BLEND[:, :, c]).ravel() for c in range(3))
+
+
+def _blend(labels: np.ndarray, grey: np.ndarray) -> np.ndarray:
+    """(rows, cols) labels and uint8 grey levels -> (rows, cols, 3) BGR: `_BLEND[_BLEND_ROW[labels], grey]`."""
+    at = _BLEND_ROW[labels] * 256 + grey
+    return np.dstack([np.take(channel, at) for channel in _BLEND_FLAT])
 
 
 def summary_dict(findings: Findings, **extra) -> dict:
@@ -54,11 +63,12 @@ def write_json(path: Path, data: dict) -> None:
 
 def preview(hu: np.ndarray, findings: Findings, path: Path, turn: Orientation = Orientation(), *, tiles: int = 12,
             tile_px: int = 256) -> Path:
-    """Axial montage of the slices with most liver, liver and tumour outlined and filled, lesion boxes in yellow;
-    each slice turned by `turn` the way a head-first supine axial image is shown, whatever its storage."""
+    """Axial montage of `tiles` slices spread evenly over those with any label, liver and tumour tinted, lesion
+    boxes in yellow; each slice turned by `turn` the way a head-first supine axial image is shown, whatever its
+    storage."""
     labels = findings.labels
-    area = np.count_nonzero(labels.reshape(len(labels), -1), axis=1)
-    idx = np.flatnonzero(area) if area.any() else np.arange(len(labels))
+    labelled = labels.reshape(len(labels), -1).any(axis=1)
+    idx = np.flatnonzero(labelled) if labelled.any() else np.arange(len(labels))
     picks = idx[np.linspace(0, len(idx) - 1, min(tiles, len(idx))).round().astype(int)]
     cols = min(4, len(picks))
     rows = math.ceil(len(picks) / cols)
@@ -66,7 +76,7 @@ def preview(hu: np.ndarray, findings: Findings, path: Path, turn: Orientation = 
     for n, k in enumerate(picks):
         img = np.ascontiguousarray((window(turn.forward(hu[k]), -160, 240) * 255).astype(np.uint8))
         lab = turn.forward(labels[k])
-        rgb = _BLEND[_BLEND_ROW[lab], img]  # the grey level, 40 % of the segment's colour over it
+        rgb = _blend(lab, img)  # the grey level, 40 % of the segment's colour over it
         comp, _ = ndimage.label(lab == TUMOUR)  # boxes around each lesion's footprint on this slice
         for sl in ndimage.find_objects(comp):
             if sl is not None:

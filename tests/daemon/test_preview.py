@@ -9,8 +9,9 @@ from livernode.imaging.volume import LIVER, TUMOUR
 
 
 def test_the_tint_table_equals_blending_in_float32():
-    """Every grey level under every label: the table gives what 0.6 x grey + 0.4 x colour in float32, truncated,
-    gives (the way the preview was first drawn, pixel by pixel); other labels keep the grey level."""
+    """Every grey level under every label: the table, and the preview's per-channel look-up of it, give what
+    0.6 x grey + 0.4 x colour in float32, truncated, gives (the way the preview was first drawn, pixel by pixel);
+    other labels keep the grey level."""
     grey = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
     lab = np.array([0, LIVER, TUMOUR, 7], np.uint8)[:, None].repeat(256, axis=1)
     want = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR).astype(np.float32)
@@ -19,6 +20,7 @@ def test_the_tint_table_equals_blending_in_float32():
         want[m] = 0.6 * want[m] + 0.4 * np.array(colour, np.float32)
     got = report._BLEND[report._BLEND_ROW[lab], grey]
     assert got.shape == (4, 256, 3) and np.array_equal(got, want.astype(np.uint8))
+    assert np.array_equal(report._blend(lab, grey), got)
     assert not np.array_equal(got[1], got[0]) and np.array_equal(got[3], got[0])
 
 
