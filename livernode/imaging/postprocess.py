@@ -195,15 +195,14 @@ def _grown_box(labels: np.ndarray, spacing: tuple[float, float, float],
 
 
 def _box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The bounding box of the non-zero labels, from projections (no full-size temporary)."""
-    spans = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(labels.any(axis=others))
-        if not len(idx):
-            return None
-        spans.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(spans)
+    """The bounding box of the non-zero labels, in one pass over the volume: the slices that hold any, then the
+    rows and columns of their projection onto one plane (no full-size temporary)."""
+    held = np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))
+    if not len(held):
+        return None
+    plane = labels[held[0]:held[-1] + 1].max(axis=0)
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in (held, rows, cols))
 
 
 def postprocess(labels: np.ndarray, spacing: tuple[float, float, float], *, min_lesion_ml: float = 0.05,
@@ -261,8 +260,8 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     if tbox is not None:  # lesions are labelled inside the tumour's own bounding box (4 bytes a voxel)
         inside = tumour[tbox]
         del tumour
-        tcomp = cc3d.connected_components(inside, connectivity=26)
-        for i, local, vox in _components(tcomp, inside, min_voxels=min_lesion_ml / voxel_ml):
+        tcomp, tn = cc3d.connected_components(inside, connectivity=26, return_N=True)
+        for i, local, vox in _components(tcomp, tn, inside, min_voxels=min_lesion_ml / voxel_ml):
             m = tcomp[local] == i
             sl = tuple(slice(t.start + b.start, t.start + b.stop) for t, b in zip(tbox, local))
             out[sl][m] = TUMOUR
@@ -305,31 +304,22 @@ def _largest(comp: np.ndarray, n: int, mask: np.ndarray, chunk: int = 8) -> int:
     return min(first, key=first.__getitem__)
 
 
-def _components(comp: np.ndarray, mask: np.ndarray, min_voxels: float
+def _components(comp: np.ndarray, n: int, mask: np.ndarray, min_voxels: float
                 ) -> list[tuple[int, tuple[slice, slice, slice], int]]:
-    """(label, bounding box, voxels) of every component in `comp` (`mask`: its non-zero voxels) with at least
-    `min_voxels` voxels, in scipy's order (by first voxel in C order), from the coordinates of the labelled voxels
-    alone: no pass over the volume per component, and no sort of the voxels (sizes by counting, first voxels and
-    boxes by unbuffered minima and maxima per label)."""
-    coords = np.nonzero(mask)
-    found = comp[coords]
-    if not len(found):
+    """(label, bounding box, voxels) of every component in `comp` (labels 1..n; `mask`: its non-zero voxels) with
+    at least `min_voxels` voxels, in scipy's order (by first voxel in C order). Sizes by counting the labelled
+    voxels, every box in one pass (ndimage.find_objects), and a kept component's first voxel from the first slice
+    of its box alone: no pass over the volume per component, and no sort of the voxels."""
+    if n == 0:
         return []
-    n = int(found.max()) + 1
-    sizes = np.bincount(found, minlength=n)
-    first = np.full(n, len(found), np.intp)
-    np.minimum.at(first, found, np.arange(len(found)))  # coords are in C order: the index of each label's first
-    lo, hi = [], []
-    for c in coords:
-        low, high = np.full(n, np.iinfo(np.intp).max, np.intp), np.full(n, -1, np.intp)
-        np.minimum.at(low, found, c)
-        np.maximum.at(high, found, c)
-        lo.append(low)
-        hi.append(high)
-    present = np.flatnonzero(sizes)
-    out = []
-    for j in present[np.argsort(first[present], kind="stable")]:  # scipy numbers them in the order it meets them
-        if sizes[j] >= min_voxels:
-            box = tuple(slice(int(a[j]), int(b[j]) + 1) for a, b in zip(lo, hi))
-            out.append((int(j), box, int(sizes[j])))
-    return out
+    sizes = np.bincount(comp[mask], minlength=n + 1)
+    boxes = ndimage.find_objects(comp, max_label=n)
+    found = []
+    for j in np.flatnonzero(sizes[1:] >= max(min_voxels, 1)) + 1:
+        box = boxes[j - 1]
+        z = box[0].start
+        at = int(np.flatnonzero(comp[z, box[1], box[2]].ravel() == j)[0])  # C order within its first slice
+        r, c = divmod(at, box[2].stop - box[2].start)
+        found.append(((z, box[1].start + r, box[2].start + c), int(j), box, int(sizes[j])))
+    found.sort()  # scipy numbers them in the order it meets them
+    return [(j, box, size) for _, j, box, size in found]
