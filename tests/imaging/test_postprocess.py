@@ -159,3 +159,21 @@ def test_the_liver_among_equally_large_components_is_the_first_in_scan_order():
     lab[4:6, 10:14, 10:14] = 1  # ... and this one, as large, is met later
     f = postprocess(lab, (1.0, 1.0, 1.0))
     assert f.labels[3, 3, 3] == 1 and not f.labels[4:6, 10:14, 10:14].any()
+
+
+def test_bounding_box_equals_the_extent_of_the_labelled_voxels():
+    """`_box` (one pass: the slices that hold a label, then one projected plane) equals the least and greatest
+    index of the non-zero voxels along each axis, for labels and masks, and is None for an empty volume."""
+    from livernode.imaging.postprocess import _box
+
+    rng = np.random.default_rng(3)
+    boxes = 0
+    for _ in range(300):
+        lab = np.zeros(tuple(rng.integers(1, 9, 3)), np.uint8)
+        for _ in range(int(rng.integers(0, 4))):
+            lab[tuple(int(rng.integers(0, s)) for s in lab.shape)] = rng.integers(1, 3)
+        at = np.argwhere(lab)
+        want = None if not len(at) else tuple(slice(int(a), int(b) + 1) for a, b in zip(at.min(0), at.max(0)))
+        assert _box(lab) == want and _box(lab > 0) == want
+        boxes += want is not None
+    assert boxes > 200
