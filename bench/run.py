@@ -115,7 +115,7 @@ def table(r: dict) -> list[dict]:
                      f"{f['host_ms_per_slice']:.0f}", f"{f['host_ms_per_slice'] / f['fused_ms_per_slice']:.2f}x",
                      "(report)", None))
     h = r["host_steps"]
-    rows.append(_row(f"decode a 512^2 slice to int16 HU: ms, from the stored words vs pydicom's pixel_array",
+    rows.append(_row("decode a 512^2 slice to int16 HU: ms, from the stored words vs pydicom's pixel_array",
                      f"{h['decode_ms_per_slice']:.2f}", f"{h['decode_pydicom_ms_per_slice']:.2f}",
                      f"{h['decode_pydicom_ms_per_slice'] / h['decode_ms_per_slice']:.2f}x", "(report)", None))
     rows.append(_row(f"restore {h['network_px']} px output to 512^2 labels: ms, plane by plane vs all classes "
