@@ -195,12 +195,14 @@ def _grown_box(labels: np.ndarray, spacing: tuple[float, float, float],
 
 
 def _box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The bounding box of the non-zero labels, in one pass over the volume: the slices that hold any, then the
-    rows and columns of their projection onto one plane (no full-size temporary)."""
-    held = np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))
+    """The bounding box of the non-zero labels (None: there are none), with no full-size temporary."""
+    if labels.size == 0:
+        return None
+    # the slices that hold any label, then the rows and columns of those slices' projection onto one plane
+    held = np.flatnonzero(labels.any(axis=(1, 2)))
     if not len(held):
         return None
-    plane = labels[held[0]:held[-1] + 1].max(axis=0)
+    plane = labels[held[0]:held[-1] + 1].any(axis=0)
     rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     return tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in (held, rows, cols))
 
@@ -307,9 +309,10 @@ def _largest(comp: np.ndarray, n: int, mask: np.ndarray, chunk: int = 8) -> int:
 def _components(comp: np.ndarray, n: int, mask: np.ndarray, min_voxels: float
                 ) -> list[tuple[int, tuple[slice, slice, slice], int]]:
     """(label, bounding box, voxels) of every component in `comp` (labels 1..n; `mask`: its non-zero voxels) with
-    at least `min_voxels` voxels, in scipy's order (by first voxel in C order). Sizes by counting the labelled
-    voxels, every box in one pass (ndimage.find_objects), and a kept component's first voxel from the first slice
-    of its box alone: no pass over the volume per component, and no sort of the voxels."""
+    at least `min_voxels` voxels, in scipy's order (by first voxel in C order), with no pass over the volume per
+    component."""
+    # Sizes by counting the labelled voxels, every box from ndimage.find_objects, and a kept component's first
+    # voxel from the first slice of its box alone (that slice is the component's smallest index along axis 0).
     if n == 0:
         return []
     sizes = np.bincount(comp[mask], minlength=n + 1)

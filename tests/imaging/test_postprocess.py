@@ -177,3 +177,7 @@ def test_bounding_box_equals_the_extent_of_the_labelled_voxels():
         assert _box(lab) == want and _box(lab > 0) == want
         boxes += want is not None
     assert boxes > 200
+    assert _box(np.zeros((0, 4, 4), np.uint8)) is None
+    signed = np.zeros((2, 2, 2), np.int8)
+    signed[0, 0, 1], signed[1, 0, 0] = -1, 1
+    assert _box(signed) == (slice(0, 2), slice(0, 1), slice(0, 2))  # a negative label is a label too
