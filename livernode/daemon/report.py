@@ -67,7 +67,7 @@ def preview(hu: np.ndarray, findings: Findings, path: Path, turn: Orientation = 
     boxes in yellow; each slice turned by `turn` the way a head-first supine axial image is shown, whatever its
     storage."""
     labels = findings.labels
-    labelled = labels.reshape(len(labels), -1).any(axis=1)
+    labelled = labels.any(axis=(1, 2))
     idx = np.flatnonzero(labelled) if labelled.any() else np.arange(len(labels))
     picks = idx[np.linspace(0, len(idx) - 1, min(tiles, len(idx))).round().astype(int)]
     cols = min(4, len(picks))

@@ -350,10 +350,11 @@ class Acceptor:
                         time.sleep(0.1 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                                         errno.ENOMEM) else 0)
                         continue
-                    if exc.errno == errno.EINVAL and not self._stop.is_set():  # shut down: the node stopping
-                        log.info("%s: listening socket shut down; no longer accepting connections", self.name)
-                    elif not self._stop.is_set():
-                        log.error("%s: no longer accepting connections: %s", self.name, exc)
+                    if not self._stop.is_set():
+                        if exc.errno == errno.EINVAL:  # the listening socket shut down: the node stopping
+                            log.info("%s: listening socket shut down; no longer accepting connections", self.name)
+                        else:
+                            log.error("%s: no longer accepting connections: %s", self.name, exc)
                     break
                 self._start_serving(conn, address)
         self._stop.set()

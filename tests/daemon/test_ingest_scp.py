@@ -213,8 +213,6 @@ def test_a_wall_clock_step_does_not_abort_an_association(scp, synth_dirs, monkey
     assert scp.store.study(str(first.StudyInstanceUID)).instances == 2
 
 
-
-
 def test_a_deflated_dataset_is_inflated_whole_or_refused(synth_dirs):
     """Deflated Explicit VR Little Endian: the dataset decodes as sent; one cut short is refused, not read in part."""
     import zlib
