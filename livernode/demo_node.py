@@ -15,6 +15,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 
 from livernode.config import load_daemon_config
+from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdicom's timers on the monotonic clock
 from livernode.daemon.send import Destination, send_files
 from livernode.daemon.service import Service
 from livernode.errors import LivernodeError

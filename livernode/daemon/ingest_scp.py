@@ -20,12 +20,11 @@ from pydicom.uid import (
     JPEGLossless, RLELossless,
 )
 
-from livernode import __version__
 from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.spool import UID_RE, InvalidUID, Spool, check_uid
 from livernode.daemon.store import Store
 from livernode.daemon.upper_layer import (
-    VERIFICATION, Acceptor, Association, Rejected, StoreRequest, listening_socket,
+    VERIFICATION, VERSION_NAME, Acceptor, Association, Rejected, StoreRequest, listening_socket,
 )
 from livernode.errors import InputError
 from livernode.imaging.dicomio import check_dataset, part10_header
@@ -53,7 +52,6 @@ SUCCESS, OUT_OF_RESOURCES, DATA_SET_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700
 MAX_ASSOCIATIONS = 10
 # A deflated dataset is refused when it would inflate beyond this.
 MAX_INFLATED = 1 << 30
-VERSION_NAME = f"LIVERNODE_{__version__}"[:16]
 
 
 def decode_dataset(data, transfer_syntax: str):

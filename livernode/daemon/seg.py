@@ -14,8 +14,9 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 
 from livernode.errors import LivernodeError
 from livernode.fsutil import replacing
+from livernode.imaging.dicomio import LONG_VRS_ENCODED
 from livernode.imaging.labels import LABELS
-from livernode.imaging.segwrite import LONG_VRS_ENCODED, PER_FRAME, PIXEL_DATA, Algorithm, write_seg
+from livernode.imaging.segwrite import PER_FRAME, PIXEL_DATA, Algorithm, write_seg
 
 
 class SegCheckFailed(LivernodeError):

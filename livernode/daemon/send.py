@@ -13,18 +13,16 @@ from pathlib import Path
 import pydicom
 import pydicom.uid
 from pydicom import Dataset
-from pynetdicom import AE, _config, evt
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from pynetdicom.dsutils import encode
 
 from livernode.config import DestinationConfig, TlsConfig
-from livernode.daemon import netclock  # noqa: F401 - importing it puts pynetdicom's timers on the monotonic clock
+from livernode.daemon.requestor import AssociationFailed, AssociationRejected, associate, describe
+from livernode.daemon.upper_layer import VERSION_NAME, ProtocolError
 from livernode.errors import ConfigError
+from livernode.imaging.dicomio import dataset_offset
 
 log = logging.getLogger(__name__)
-# An instance whose file the caller names is sent as the file's own bytes (send_c_store given its path), not encoded again
-# from the dataset: the same bytes on the wire, and a SEG's thousands of per-frame items are not encoded a second
-# time. It needs an accepted context in the file's own transfer syntax, which is the only one `send_datasets`
-# proposes. The flag changes only calls that pass a path.
-_config.STORE_SEND_CHUNKED_DATASET = True
 DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 
@@ -86,68 +84,84 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
                   timeout: float = 30, *, progress: Callable[[], None] = lambda: None,
                   stopping: Callable[[], bool] = lambda: False, files: list[Path | None] | None = None
                   ) -> list[Outcome]:
-    """C-STORE `datasets` (named `names` in messages) in one association proposing exactly their SOP classes and
-    stored transfer syntaxes; one Outcome per dataset, in order. `files`: the files the datasets were read from,
-    unchanged since; each goes out as its own bytes when its file meta names the same instance (`_as_sent`).
+    """C-STORE `datasets` (named `names` in messages) in one association (livernode's requestor) proposing exactly
+    their SOP classes and stored transfer syntaxes; one Outcome per dataset, in order. `files`: the files the
+    datasets were read from, unchanged since; each goes out as its own bytes after its file meta when that file
+    meta names the same instance (`_as_sent`), any other dataset as pydicom encodes it.
 
     An instance whose presentation context the peer refused fails with the SOP class named, and the others are
     still sent. A failure of the association or connection fails every instance not yet stored. `progress()` is
-    called before each C-STORE and for every PDU sent; once `stopping()` is true, the remaining instances are left
-    unattempted. Each network step (connect and TLS handshake, association, each response) waits at most
-    `timeout` seconds."""
-    ae = AE(ae_title=calling_ae)
-    # connection_timeout covers the TCP connect and the TLS handshake: without it a peer that accepts and stays
-    # silent holds the sender for good.
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    called before the association, before each C-STORE and after each write of PDUs; once `stopping()` is true,
+    the remaining instances are left unattempted. Each network step (connect, each read of the TLS handshake,
+    association, each write of up to half a megabyte, each response, the release) waits at most `timeout`
+    seconds."""
     wanted = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets]
-    for sop_class, ts in sorted(set(wanted)):
-        ae.add_requested_context(sop_class, ts)
-    ctx = dest.ssl_context()
     progress()
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                         tls_args=(ctx, dest.host) if ctx is not None else None,
-                         evt_handlers=[(evt.EVT_PDU_SENT, lambda event: progress())])  # a large upload is progress
-    refused = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
-    if not assoc.is_established:
-        if refused:  # the peer accepted none of what we proposed
-            return [Outcome(False, _refused(dest, sop, ts)) for sop, ts in wanted]
-        why = f"{dest}: association {'rejected' if assoc.is_rejected else 'failed'}"
-        return [Outcome(False, why)] * len(datasets)
-    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    try:
+        assoc = associate(dest.host, dest.port, called=dest.ae_title, calling=calling_ae,
+                          contexts=sorted(set(wanted)), timeout=timeout, implementation_uid=PYDICOM_IMPLEMENTATION_UID,
+                          version_name=VERSION_NAME, tls=dest.ssl_context(), on_sent=progress)
+    except AssociationFailed as exc:
+        kind = "" if isinstance(exc, AssociationRejected) else "failed: "
+        return [Outcome(False, f"{dest}: association {kind}{exc}")] * len(datasets)
     outcomes: list[Outcome] = []
     try:
         for i, (name, ds, (sop, ts)) in enumerate(zip(names, datasets, wanted)):
-            if (sop, ts) not in accepted:
-                outcomes.append(Outcome(False, _refused(dest, sop, ts)))
+            if (sop, ts) not in assoc.accepted:
+                outcomes.append(Outcome(False, _refused(dest, sop, ts, assoc.refused.get((sop, ts), ""))))
                 continue
             if stopping():
                 outcomes.append(NOT_ATTEMPTED)
                 continue
-            if not assoc.is_established:
+            if not assoc.established:
                 outcomes.append(Outcome(False, f"{dest}: connection lost before {name} was sent"))
                 continue
             progress()
-            status = assoc.send_c_store(_as_sent(ds, files[i] if files else None))
-            code = getattr(status, "Status", None)
-            if code is None:
-                outcomes.append(Outcome(False, f"{dest}: no response for {name} (connection lost or timed out)"))
-            elif code & 0xF000 == 0xB000:
-                log.warning("%s stored %s with warning status 0x%04X", dest, name, code)
+            try:
+                data = _payload(ds, files[i] if files else None)
+            except (OSError, ValueError) as exc:
+                outcomes.append(Outcome(False, f"{name} could not be read for sending: {exc}"))
+                continue
+            try:
+                rsp = assoc.store(sop, str(ds.SOPInstanceUID), ts, data)
+            except (OSError, ProtocolError) as exc:
+                outcomes.append(Outcome(False, f"{dest}: no response for {name} ({describe(exc)})"))
+                continue
+            except Exception as exc:  # noqa: BLE001 - this instance's failure; those stored keep their outcome
+                outcomes.append(Outcome(False, f"{dest}: {name} not sent: {describe(exc)}"))
+                continue
+            comment = f" ({rsp.comment})" if rsp.comment else ""
+            if rsp.status & 0xF000 == 0xB000:
+                log.warning("%s stored %s with warning status 0x%04X%s", dest, name, rsp.status, comment)
                 outcomes.append(Outcome(True))
-            elif code != 0x0000:
-                outcomes.append(Outcome(False, f"{dest}: {name} refused with status 0x{code:04X}"))
+            elif rsp.status != 0x0000:
+                outcomes.append(Outcome(False, f"{dest}: {name} refused with status 0x{rsp.status:04X}{comment}"))
             else:
                 outcomes.append(Outcome(True))
     finally:
-        if assoc.is_established:
-            assoc.release()
+        assoc.release()
     return outcomes
+
+
+def _payload(ds: Dataset, path: Path | None) -> bytes | memoryview:
+    """The dataset as it goes on the wire, encoded in its transfer syntax: the bytes of its file after the file
+    meta where `_as_sent` allows, else pydicom's encoding of `ds`. OSError if the file cannot be read, ValueError
+    if neither can be had."""
+    sent = _as_sent(ds, path)
+    if isinstance(sent, Path):
+        raw = sent.read_bytes()
+        return memoryview(raw)[dataset_offset(raw):]
+    ts = ds.file_meta.TransferSyntaxUID
+    data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    if data is None:
+        raise ValueError(f"it cannot be encoded in {_sop_name(ts)}")
+    return data
 
 
 def _as_sent(ds: Dataset, path: Path | None) -> Dataset | Path:
     """`path`, the file `ds` was read from, when it can go out as it lies: its file meta names the dataset's SOP
-    class and instance, and the dataset was read in the encoding its transfer syntax says (pynetdicom takes all
-    three from the file meta and sends the bytes unchecked). Otherwise the dataset, encoded by pynetdicom."""
+    class and instance, and the dataset was read in the encoding its transfer syntax says. Otherwise the dataset,
+    to be encoded."""
     if path is None:
         return ds
     meta = getattr(ds, "file_meta", None) or {}
@@ -163,9 +177,9 @@ def _as_sent(ds: Dataset, path: Path | None) -> Dataset | Path:
     return Path(path)
 
 
-def _refused(dest: Destination, sop: str, ts: str) -> str:
+def _refused(dest: Destination, sop: str, ts: str, why: str = "") -> str:
     return (f"{dest} does not accept {_sop_name(sop)} in {_sop_name(ts)}: the presentation context was refused "
-            "at association negotiation")
+            f"at association negotiation{f' ({why})' if why else ''}")
 
 
 def send_files(paths: list[Path], dest: Destination, calling_ae: str = "LIVERNODE", timeout: float = 30) -> None:

@@ -5,8 +5,8 @@ buffer, a dataset handed on as the PDU buffers that hold it, the answer written 
 Why not pynetdicom's server: it serves each association with a reactor thread, a socket-reading thread, a state
 machine driven through queues and a DIMSE layer that copies the dataset into a BytesIO. `make bench` measured a
 receiver doing only the durable write at 0.20-0.23x of dcmtk's storescp that way, and at 0.51-0.57x on this reading
-of the upper layer (`bench/raw_scp.py`, which became this module). pynetdicom stays the node's SCU (sender, echo)
-and the tests' peer.
+of the upper layer (`bench/raw_scp.py`, which became this module). The sender's side of the same layer is
+requestor.py; pynetdicom stays the operator commands' C-ECHO SCU and the tests' peer.
 
 What it does and refuses:
 
@@ -37,9 +37,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from livernode import __version__
+
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERSION_NAME = f"LIVERNODE_{__version__}"[:16]  # the implementation version name livernode gives its peers
 VERIFICATION = "1.2.840.10008.1.1"
 # PDU types
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = range(1, 8)
@@ -211,8 +214,9 @@ def parse_associate_rq(body: bytes | bytearray) -> AssociationRequest:
     return AssociationRequest(version, _text(body[4:20]), _text(body[20:36]), app, contexts, bytes(body[4:36]))
 
 
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """A command set (group 0000, implicit VR little endian) by element number."""
+def parse_command(data: bytes, *, response: bool = False) -> dict[int, bytes]:
+    """A command set (group 0000, implicit VR little endian) by element number; a `response` has a Message ID
+    Being Responded To and a Status where a request has a Message ID."""
     out, at = {}, 0
     while at < len(data):
         if at + 8 > len(data):
@@ -223,7 +227,9 @@ def parse_command(data: bytes) -> dict[int, bytes]:
                                 "command element that fits")
         out[element] = data[at + 8:at + 8 + length]
         at += 8 + length
-    for element, name in ((0x0100, "Command Field"), (0x0110, "Message ID"), (0x0800, "Command Data Set Type")):
+    required = ((0x0100, "Command Field"), (0x0800, "Command Data Set Type")) + (
+        ((0x0120, "Message ID Being Responded To"), (0x0900, "Status")) if response else ((0x0110, "Message ID"),))
+    for element, name in required:
         if len(out.get(element, b"")) != 2:
             raise ProtocolError(f"command set without a valid {name}")
     return out
@@ -277,14 +283,15 @@ def _read_exactly(sock: socket.socket, n: int, deadline: float | None = None,
 
 
 def read_pdu(sock: socket.socket, deadline: float | None = None, *,
-             associated: bool = True) -> tuple[int, bytearray]:
+             associated: bool = True, answer: bool = False) -> tuple[int, bytearray]:
     """The next PDU. Before an association (`associated` false) only an A-ASSOCIATE-RQ of at most
-    CONTROL_PDU_MAX bytes is read; within one, only P-DATA may be longer."""
+    CONTROL_PDU_MAX bytes is read; within one, only P-DATA may be longer. The `answer` to an association request
+    (the requestor's side) may be of any type, and none longer."""
     head = _read_exactly(sock, 6, deadline)
     kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
     if not associated and kind != ASSOCIATE_RQ:
         raise ProtocolError(f"PDU of type 0x{kind:02X} before an association request", UNEXPECTED_PDU)
-    if (kind != P_DATA or not associated) and length > CONTROL_PDU_MAX:
+    if (kind != P_DATA or not associated or answer) and length > CONTROL_PDU_MAX:
         raise ProtocolError(f"PDU of type 0x{kind:02X} declares {length} bytes (at most {CONTROL_PDU_MAX})")
     return kind, _read_exactly(sock, length, deadline, FIRST_BUFFER if associated else FIRST_BUFFER_UNASSOCIATED)
 

@@ -25,6 +25,9 @@ IMAGE_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGM
 MAX_TILT_DEG = 0.5
 DEFER_BYTES = 1 << 20  # values larger than this are read from the file only once their length is checked
 SPACING_TOLERANCE = 0.1  # relative deviation of one slice step from the median step
+# explicit VR: the VRs whose element header has 2 reserved bytes and a 4-byte length; the others have a 2-byte one
+LONG_VRS = {"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}
+LONG_VRS_ENCODED = {vr.encode() for vr in LONG_VRS}  # as they lie in a file
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
@@ -52,6 +55,31 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
         _meta_element(0x0013, b"SH", _padded(implementation_version, b" ")),
     ))
     return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def dataset_offset(raw: bytes | memoryview) -> int:
+    """Where the dataset begins in the bytes of a Part 10 file: after the preamble, "DICM" and the file meta
+    elements (group 0002, explicit VR little endian). They end where the group's length (0002,0000) says, where it
+    is given (a deflated dataset's first bytes may look like a group 0002 element), else at the first element of
+    another group. ValueError if the bytes do not begin that way."""
+    if len(raw) < 132 or bytes(raw[128:132]) != b"DICM":
+        raise ValueError("not a DICOM file: no preamble and DICM prefix")
+    at, end = 132, len(raw)
+    if len(raw) >= 144 and bytes(raw[132:140]) == b"\x02\x00\x00\x00UL\x04\x00":
+        end = min(end, 144 + struct.unpack_from("<I", raw, 140)[0])
+    while at + 8 <= end:
+        group, element, vr = struct.unpack_from("<HH2s", raw, at)
+        if group != 2:
+            break
+        if vr in LONG_VRS_ENCODED:
+            if at + 12 > len(raw):
+                raise ValueError(f"file meta element (0002,{element:04X}) runs past the end of the file")
+            at += 12 + struct.unpack_from("<I", raw, at + 8)[0]
+        else:
+            at += 8 + struct.unpack_from("<H", raw, at + 6)[0]
+    if at > end:
+        raise ValueError("the file meta runs past its group length or the end of the file")
+    return at
 
 
 def read_dataset(path: Path, *, pixels: bool = True, checked: bool = False) -> pydicom.Dataset:

@@ -19,6 +19,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from livernode import __version__
+from livernode.imaging.dicomio import LONG_VRS_ENCODED
 from livernode.imaging.labels import LABELS, CodedConcept
 
 
@@ -249,8 +250,6 @@ def _frame(constant: tuple[bytes, bytes, bytes], ref: tuple[bytes, bytes], posit
 # anything else goes to pydicom.
 PER_FRAME = Tag(0x52009230)  # PerFrameFunctionalGroupsSequence
 PIXEL_DATA = Tag(0x7FE00010)
-LONG_VRS = {"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}  # 4-byte length
-LONG_VRS_ENCODED = {vr.encode() for vr in LONG_VRS}  # as they lie in a file
 _NUMBERS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
 # in every character set, ASCII is ASCII (text that is not ASCII goes to pydicom)
 _ASCII = {"UI", "CS", "SH", "LO", "DA", "TM", "DT", "AS", "AE", "ST", "LT", "UT"}

@@ -49,13 +49,14 @@ def test_success_warning_and_refusal(synth_dirs):
 def test_a_file_goes_out_as_its_own_bytes_and_a_dataset_in_memory_is_encoded(synth_dirs, monkeypatch):
     """An instance read from a file reaches the peer as the file's bytes after its file meta, without being
     encoded again; a dataset changed since it was read (its file meta no longer names it) and one with no file
-    behind it are encoded by pynetdicom as before."""
-    import pynetdicom.association
+    behind it are encoded by pydicom (through pynetdicom's encoder)."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
+    from livernode.daemon import send
+
     encoded = []
-    real_encode = pynetdicom.association.encode
-    monkeypatch.setattr(pynetdicom.association, "encode", lambda ds, *a: encoded.append(ds) or real_encode(ds, *a))
+    real_encode = send.encode
+    monkeypatch.setattr(send, "encode", lambda ds, *a: encoded.append(ds) or real_encode(ds, *a))
     ae = AE(ae_title="PACS")
     ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     got = {}
