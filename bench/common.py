@@ -18,6 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
+def storescp_env() -> dict[str, str]:
+    """ENV for dcmtk's storescp, which has no option for its address: with the tests' bind shim preloaded
+    (tests/loopback.c), so that it listens on 127.0.0.1 only."""
+    from tests.peers import loopback_env
+
+    return loopback_env(ENV)
+
+
 def best_of(fn, repeats: int, warmup: bool = True) -> float:
     """The fastest of `repeats` runs of fn() in seconds (after one warm-up run)."""
     if warmup:

@@ -1,7 +1,7 @@
 """`make bench`: one table of livernode against a peer measured in the same run, also written as
 bench/results.json. Parts: model speed (bench/model_speed.py), ingest (bench/ingest.py), end to end, memory and
-scaling (bench/pipeline.py), an archive through `livernode batch` (bench/batch.py), the node's work on each slice
-around the network (bench/host_steps.py), and the GPU script
+scaling (bench/pipeline.py), sending the results (bench/send.py), an archive through `livernode batch`
+(bench/batch.py), the node's work on each slice around the network (bench/host_steps.py), and the GPU script
 (bench/gpu.py) exercised on the CPU when there is no GPU."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import batch, host_steps, ingest, model_speed, pipeline  # noqa: E402
+from bench import batch, host_steps, ingest, model_speed, pipeline, send  # noqa: E402
 from bench.common import ENV, PY, REPO, log, stacked_study  # noqa: E402
 
 WORK = REPO / "bench" / "work"
@@ -85,6 +85,10 @@ def table(r: dict) -> list[dict]:
                      f"the run; e2e - quiet - pure model: {e['non_model_by_subtraction_s']:.2f}) vs pydicom reading "
                      "the files", f"{e['non_model_s']:.2f}", f"{e['pydicom_decode_s']:.2f}",
                      f"{e['non_model_vs_decode']:.2f}x", "<= 2x", e["non_model_vs_decode"] <= 2))
+    x = r["send"]
+    rows.append(_row(f"send that study's SEG and SR ({x['bytes'] / 1e6:.1f} MB, storescp's 16 KiB PDUs): s, read and "
+                     "sent by livernode's requestor vs pynetdicom's AE", f"{x['requestor_s']:.3f}",
+                     f"{x['pynetdicom_s']:.3f}", f"{x['speedup']:.2f}x", "(report)", None))
     mem = r["memory"]
     rows.append(_row(f"memory {mem['slices']} x 512^2: peak RSS MiB vs int16 volume (+ model)",
                      f"{mem['peak_rss_bytes'] / 2**20:.0f}",
@@ -188,6 +192,9 @@ def main() -> int:
     native, _ = pipeline.pipeline_model(WORK, WORK / "template", size=trained_size, evaluate_it=False)
     results["ingest"] = part("ingest", "ingest ...", ingest.run, study, model, WORK)
     results["end_to_end"] = part("end_to_end", "end to end ...", pipeline.end_to_end, study, model, WORK)
+    delivered = sorted((WORK / "e2e-1" / "e2e-pacs").iterdir())  # the SEG and SR its first node run sent
+    results["send"] = part("send", "sending those results: livernode's requestor vs pynetdicom's AE ...", send.run,
+                           delivered)
     results["memory"] = part("memory", "memory ...", pipeline.memory, template, model, WORK)
     results["memory_3d"] = part("memory_3d", "memory, 3-D model (trains a short V-Net recipe the first time) ...",
                                 pipeline.memory_3d, template, WORK)
