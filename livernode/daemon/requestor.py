@@ -13,8 +13,9 @@ What it does and refuses:
   largest PDU this side reads (`MAX_PDU`; it only ever reads responses), an implementation class UID and version
   name, and the default roles.
 - A-ASSOCIATE-AC: each context accepted or not, and the peer's largest PDU (0: no limit); the PDUs sent are
-  no larger than that, nor than `LARGEST_SENT`. A-ASSOCIATE-RJ: `AssociationRejected`, naming the standard's result, source and reason. A peer that
-  aborts, closes, stays silent or answers out of turn: `AssociationFailed`, naming which.
+  no larger than that, nor than `LARGEST_SENT`. A-ASSOCIATE-RJ: `AssociationRejected`, naming the standard's
+  result, source and reason. A peer that aborts, closes, stays silent or answers out of turn: `AssociationFailed`,
+  naming which.
 - C-STORE: the command set (implicit VR little endian) in one write, the dataset's fragments gathered into writes
   of about `WRITE_BYTES`; then the C-STORE-RSP for that message is read: its status and error comment.
 - Every wait ends after `timeout` seconds: the connection, the TLS handshake (each of its reads), the answer to

@@ -337,40 +337,62 @@ class Segmenter:
                          spacing: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Decode, infer and restore `n` slices in overlapping stages; returns (HU volume, uint8 labels).
 
-        A reader thread fills the HU volume slice by slice with `decode(i)`; this thread runs the network on each
-        batch as soon as its slices are decoded (ONNX Runtime releases the GIL); a third thread resizes the
-        probabilities back to `shape` and keeps only the argmax. So decoding and restoring overlap inference, and
-        the float probabilities of the whole study are never held at once. `dtype` int16 holds integer HU exactly
-        in half the memory of float32.
+        A reader thread fills the HU volume slice by slice with `decode(i)` and prepares each batch's network input
+        as soon as its slices are decoded, at most two batches ahead; this thread only runs the network on the
+        prepared batches (ONNX Runtime releases the GIL); a third thread resizes the probabilities back to `shape`
+        and keeps only the argmax. So decoding, preparing and restoring overlap inference, and the float
+        probabilities of the whole study are never held at once. `dtype` int16 holds integer HU exactly in half
+        the memory of float32.
 
         `on_batch(done, n)` is called after each batch has run. An exception it raises (the node stopping) ends
-        the call between batches: the reader stops decoding and the exception reaches the caller. The network sees
-        each slice turned to the convention by `orientation`; the labels come back as the slices are stored.
+        the call between batches: the reader stops and the exception reaches the caller. The network sees each
+        slice turned to the convention by `orientation`; the labels come back as the slices are stored.
 
         A 2.5-D model's batch waits for the neighbours its context needs. A 3-D model decodes the whole series
         first, then runs `segment_volume` (with `spacing`); `on_batch` then counts patches."""
         hu = np.empty((n, *shape), dtype)
         labels = np.empty((n, *shape), np.uint8)
         bs, errors = (self.batch_size if self.mode.dims == 2 else 16), []
-        decoded: queue.Queue = queue.Queue()
+        ready: queue.Queue = queue.Queue(maxsize=1)  # (start, stop, network input; None when fused), None: done
         probs: queue.Queue = queue.Queue(maxsize=2)
         cancelled = threading.Event()
+        k = self.mode.context
+
+        def hand_on(item) -> bool:
+            """Put `item` on `ready` unless the call was cancelled meanwhile (nobody takes it then)."""
+            while not cancelled.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def reader() -> None:
             try:
-                for start in range(0, n, bs):
+                start = 0
+                for first_new in range(0, n, bs):
                     if cancelled.is_set():
                         break
-                    for i in range(start, min(n, start + bs)):
+                    have = min(n, first_new + bs)
+                    for i in range(first_new, have):
                         hu[i] = decode(i)
-                    decoded.put(min(n, start + bs))
+                    if self.mode.dims == 3:
+                        continue  # the volume first, then the sliding window in the caller's thread
+                    # a batch is prepared once its slices and the neighbours its context needs are decoded
+                    while start < have and (have == n or min(n, start + bs) + k <= have):
+                        stop = min(n, start + bs)
+                        first, last = context_span(n, start, stop, k)
+                        x = None if self.fused else self.inputs(hu[first:last], n, start, stop, first, orientation)
+                        if not hand_on((start, stop, x)):
+                            return
+                        start = stop
             except BaseException as exc:  # handed to the caller below
                 errors.append(exc)
             finally:
-                decoded.put(None)
+                hand_on(None)
 
         seen = orientation.shape(shape)
-        k = self.mode.context
 
         def restorer() -> None:
             while (item := probs.get()) is not None:
@@ -385,22 +407,15 @@ class Segmenter:
         for t in threads:
             t.start()
         try:
-            start = 0
-            while (have := decoded.get()) is not None:
-                if self.mode.dims == 3:
-                    continue  # the volume first, then the sliding window below
-                # a batch runs once its slices and the neighbours its context needs are decoded
-                while start < have and (have == n or min(n, start + bs) + k <= have):
-                    stop = min(n, start + bs)
-                    if self.fused:  # labels straight from the graph: nothing left to restore
-                        labels[start:stop] = self.fused_labels(hu[start:stop], orientation)
-                    else:
-                        first, last = context_span(n, start, stop, k)
-                        probs.put((start, self.run(self.inputs(hu[first:last], n, start, stop, first,
-                                                               orientation))))
-                    if on_batch is not None:
-                        on_batch(stop, n)
-                    start = stop
+            while (item := ready.get()) is not None:
+                start, stop, x = item
+                if x is None:  # fused: labels straight from the graph, nothing left to restore
+                    labels[start:stop] = self.fused_labels(hu[start:stop], orientation)
+                else:
+                    probs.put((start, self.run(x)))
+                del x, item
+                if on_batch is not None:
+                    on_batch(stop, n)
             if self.mode.dims == 3 and not errors and not cancelled.is_set():
                 self.segment_volume(hu, orientation, spacing, on_patch=on_batch, out=labels)
         except BaseException:

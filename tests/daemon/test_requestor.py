@@ -52,6 +52,30 @@ def test_dataset_offset_with_and_without_the_group_length(synth_dirs):
             dataset_offset(bad)
 
 
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"])
+def test_dataset_offset_of_implicit_and_deflated_files(synth_dirs, tmp_path, syntax):
+    """The dataset after the file meta, as pydicom reads it back from those bytes alone in that transfer syntax; a
+    deflated dataset whose first bytes look like a group 0002 element is cut at the group length."""
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    ds = pydicom.dcmread(_ct_file(synth_dirs))
+    ds.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    data = raw[dataset_offset(raw):]
+    if syntax.endswith(".99"):
+        data = zlib.decompress(data, -15)
+    back = read_dataset(DicomBytesIO(data), syntax == "1.2.840.10008.1.2", True)
+    assert back.SOPInstanceUID == ds.SOPInstanceUID and back.PixelData == ds.PixelData
+    if syntax.endswith(".99"):
+        lookalike = raw[:dataset_offset(raw)] + b"\x02\x00\x10\x00UI\x02\x00xx" + raw[dataset_offset(raw):]
+        assert dataset_offset(lookalike) == dataset_offset(raw)
+
+
 def test_a_dataset_reaches_storescp_whole_in_small_pdus(synth_dirs, tmp_path):
     """storescp takes PDUs of at most 4 KiB: a 0.5 MB slice goes out as some 130 fragments, and the file storescp
     writes holds the same dataset bytes."""
