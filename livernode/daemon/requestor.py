@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from livernode.daemon.upper_layer import (
     ABORT, APPLICATION_CONTEXT, ASSOCIATE_AC, ASSOCIATE_RJ, ASSOCIATE_RQ, C_STORE_RQ, C_STORE_RSP, NO_DATASET, P_DATA,
     RELEASE_RP, RELEASE_RQ, UNEXPECTED_PDU, UNRECOGNISED_PDU, ProtocolError, _element, _item, _items, _pdu, _text,
-    _uid, _us, parse_command, read_pdu,
+    _uid, _us, parse_command, pdv_items, read_pdu,
 )
 
 log = logging.getLogger(__name__)
@@ -255,28 +255,23 @@ class Requestor:
                 raise ConnectionAbortedError(f"the peer aborted{_abort_text(body)}")
             if kind != P_DATA:
                 raise ProtocolError(f"PDU of type 0x{kind:02X} while waiting for a C-STORE response",
-                                    UNEXPECTED_PDU if kind <= 7 else UNRECOGNISED_PDU)
-            at, end = 0, len(body)
-            while at < end:
-                if at + 6 > end:
-                    raise ProtocolError("P-DATA-TF: a value item header runs past the end")
-                size, pdv_cid, control = struct.unpack_from(">IBB", body, at)
-                if size < 2 or at + 4 + size > end:
-                    raise ProtocolError(f"P-DATA-TF: a value item declares {size} bytes, {end - at - 4} remain")
+                                    UNEXPECTED_PDU if kind <= ABORT else UNRECOGNISED_PDU)
+            fields = None
+            for pdv_cid, control, value in pdv_items(body):
+                if fields is not None:
+                    raise ProtocolError("P-DATA-TF: more after the response's last fragment")
                 if pdv_cid != cid or not control & 1:
                     raise ProtocolError("a response came on another presentation context or as a dataset")
-                command += body[at + 6:at + 4 + size]
-                at += 4 + size
+                command += value
                 if control & 2:
-                    if at != end:
-                        raise ProtocolError("P-DATA-TF: more after the response's last fragment")
                     fields = parse_command(bytes(command), response=True)
-                    if _us(fields, 0x0100) != C_STORE_RSP or _us(fields, 0x0120) != message_id:
-                        raise ProtocolError(f"a response (command 0x{_us(fields, 0x0100):04X}, message "
-                                            f"{_us(fields, 0x0120)}) to no request of ours")
-                    if _us(fields, 0x0800) != NO_DATASET:
-                        raise ProtocolError("a C-STORE response that announces a dataset")
-                    return StoreResponse(_us(fields, 0x0900), _text(fields.get(0x0902, b"")))
+            if fields is not None:
+                if _us(fields, 0x0100) != C_STORE_RSP or _us(fields, 0x0120) != message_id:
+                    raise ProtocolError(f"a response (command 0x{_us(fields, 0x0100):04X}, message "
+                                        f"{_us(fields, 0x0120)}) to no request of ours")
+                if _us(fields, 0x0800) != NO_DATASET:
+                    raise ProtocolError("a C-STORE response that announces a dataset")
+                return StoreResponse(_us(fields, 0x0900), _text(fields.get(0x0902, b"")))
 
     def release(self) -> None:
         """A-RELEASE-RQ, then wait (at most the timeout) for A-RELEASE-RP; the connection is closed either way."""

@@ -235,6 +235,20 @@ def parse_command(data: bytes, *, response: bool = False) -> dict[int, bytes]:
     return out
 
 
+def pdv_items(body: bytes | bytearray):
+    """(presentation context id, message control header, value as a view) of each value item of a P-DATA-TF
+    PDU's body; ProtocolError where one does not fit."""
+    at, end = 0, len(body)
+    while at < end:
+        if at + 6 > end:
+            raise ProtocolError("P-DATA-TF: a value item header runs past the end")
+        size, cid, control = struct.unpack_from(">IBB", body, at)
+        if size < 2 or at + 4 + size > end:
+            raise ProtocolError(f"P-DATA-TF: a value item declares {size} bytes, {end - at - 4} remain")
+        yield cid, control, memoryview(body)[at + 6:at + 4 + size]
+        at += 4 + size
+
+
 def _us(command: dict[int, bytes], element: int) -> int:
     return struct.unpack("<H", command[element])[0]
 
@@ -454,17 +468,9 @@ class Acceptor:
         while True:
             kind, body = read_pdu(sock)
             if kind == P_DATA:
-                at, end = 0, len(body)
-                while at < end:
-                    if at + 6 > end:
-                        raise ProtocolError("P-DATA-TF: a value item header runs past the end")
-                    size, cid, control = struct.unpack_from(">IBB", body, at)
-                    if size < 2 or at + 4 + size > end:
-                        raise ProtocolError(f"P-DATA-TF: a value item declares {size} bytes, {end - at - 4} remain")
+                for cid, control, value in pdv_items(body):
                     if cid not in assoc.contexts:
                         raise ProtocolError(f"P-DATA-TF on presentation context {cid}, which was not accepted")
-                    value = memoryview(body)[at + 6:at + 4 + size]
-                    at += 4 + size
                     if control & 1:  # a command fragment
                         if fields is not None:
                             raise ProtocolError("a command arrived before the previous command's dataset ended")
