@@ -136,6 +136,12 @@ class Segmenter:
         # graph session nothing else may run it. On the CPU session.run is as fast; `bound` forces either way.
         self.device = "cuda" if gpu else "cpu"
         self.bound = gpu if bound is None else bound
+        # Streamed inference prepares the next batch's input in the reader thread while the network runs where
+        # the network does not run on the host's cores: on a GPU the host's time between two runs is the GPU's
+        # idle time. On the CPU that overlap takes cores from the network and holds more batches in memory
+        # (`make bench` at 3f2b817, where it was on everywhere: end to end 1.18x against the pure model, the
+        # 600-slice peak 1256 MiB against 1198 at 781ab37), so there the network's thread prepares each batch.
+        self.prepare_ahead = gpu
         if self.engine == "cuda graph" and not self.bound:
             raise ManifestError(f"{self.path}: a CUDA graph session runs bound only")
         self._bound: dict[tuple, object] = {}  # input shape -> its binding, oldest first
@@ -337,10 +343,11 @@ class Segmenter:
                          spacing: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Decode, infer and restore `n` slices in overlapping stages; returns (HU volume, uint8 labels).
 
-        A reader thread fills the HU volume slice by slice with `decode(i)` and prepares each batch's network input
-        as soon as its slices are decoded, at most two batches ahead; this thread only runs the network on the
-        prepared batches (ONNX Runtime releases the GIL); a third thread resizes the probabilities back to `shape`
-        and keeps only the argmax. So decoding, preparing and restoring overlap inference, and the float
+        A reader thread fills the HU volume slice by slice with `decode(i)`, and where `prepare_ahead` (the network
+        on a GPU) also prepares each batch's network input as soon as its slices are decoded, at most two batches
+        ahead; this thread runs the network on each batch as soon as it is ready (ONNX Runtime releases the GIL),
+        preparing it first where the reader did not; a third thread resizes the probabilities back to `shape` and
+        keeps only the argmax. So decoding and restoring (and on a GPU preparing) overlap inference, and the float
         probabilities of the whole study are never held at once. `dtype` int16 holds integer HU exactly in half
         the memory of float32.
 
@@ -353,7 +360,7 @@ class Segmenter:
         hu = np.empty((n, *shape), dtype)
         labels = np.empty((n, *shape), np.uint8)
         bs, errors = (self.batch_size if self.mode.dims == 2 else 16), []
-        ready: queue.Queue = queue.Queue(maxsize=1)  # (start, stop, network input; None when fused), None: done
+        ready: queue.Queue = queue.Queue(maxsize=1)  # (start, stop, network input or None), None: done
         probs: queue.Queue = queue.Queue(maxsize=2)
         cancelled = threading.Event()
         k = self.mode.context
@@ -379,11 +386,13 @@ class Segmenter:
                         hu[i] = decode(i)
                     if self.mode.dims == 3:
                         continue  # the volume first, then the sliding window in the caller's thread
-                    # a batch is prepared once its slices and the neighbours its context needs are decoded
+                    # a batch is ready once its slices and the neighbours its context needs are decoded
                     while start < have and (have == n or min(n, start + bs) + k <= have):
                         stop = min(n, start + bs)
-                        first, last = context_span(n, start, stop, k)
-                        x = None if self.fused else self.inputs(hu[first:last], n, start, stop, first, orientation)
+                        x = None
+                        if self.prepare_ahead and not self.fused:
+                            first, last = context_span(n, start, stop, k)
+                            x = self.inputs(hu[first:last], n, start, stop, first, orientation)
                         if not hand_on((start, stop, x)):
                             return
                         start = stop
@@ -409,9 +418,12 @@ class Segmenter:
         try:
             while (item := ready.get()) is not None:
                 start, stop, x = item
-                if x is None:  # fused: labels straight from the graph, nothing left to restore
+                if self.fused:  # labels straight from the graph: nothing left to restore
                     labels[start:stop] = self.fused_labels(hu[start:stop], orientation)
                 else:
+                    if x is None:
+                        first, last = context_span(n, start, stop, k)
+                        x = self.inputs(hu[first:last], n, start, stop, first, orientation)
                     probs.put((start, self.run(x)))
                 del x, item
                 if on_batch is not None:

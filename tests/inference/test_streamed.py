@@ -1,5 +1,5 @@
-"""Streamed inference (Segmenter.segment_streamed): a reader thread decodes and prepares the batches, this thread
-runs the network, a third restores the labels. The labels are those of segmenting the whole volume at once, and a
+"""Streamed inference (Segmenter.segment_streamed): a reader thread decodes (and on a GPU prepares) the batches,
+this thread runs the network, a third restores the labels. The labels are those of segmenting the whole volume at once, and a
 failure in any stage, or a stop asked for between batches, reaches the caller with every thread ended."""
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ def _stage_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name in ("decode", "restore") and t.is_alive()]
 
 
-def test_streamed_labels_are_the_whole_volumes(liver_model, hu):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_streamed_labels_are_the_whole_volumes(liver_model, hu, ahead):
+    """Each batch prepared by the network's thread (the CPU's way) or by the reader (a GPU's), the same labels."""
     seg = Segmenter(liver_model, providers="cpu", batch_size=4)
+    assert not seg.prepare_ahead  # on the CPU
+    seg.prepare_ahead = ahead
     turn = Orientation(flip_rows=True)
     batches = []
     got_hu, got = seg.segment_streamed(len(hu), hu.shape[1:], hu.__getitem__, np.int16, orientation=turn,
@@ -38,9 +42,11 @@ def test_streamed_labels_are_the_whole_volumes(liver_model, hu):
     assert not _stage_threads()
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("where", ["decode", "between batches"])
-def test_a_failure_or_a_stop_reaches_the_caller_and_the_reader_stops(liver_model, hu, where):
+def test_a_failure_or_a_stop_reaches_the_caller_and_the_reader_stops(liver_model, hu, where, ahead):
     seg = Segmenter(liver_model, providers="cpu", batch_size=2)
+    seg.prepare_ahead = ahead
     decoded = []
 
     def decode(i):
