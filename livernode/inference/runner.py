@@ -138,9 +138,10 @@ class Segmenter:
         self.bound = gpu if bound is None else bound
         # Streamed inference prepares the next batch's input in the reader thread while the network runs where
         # the network does not run on the host's cores: on a GPU the host's time between two runs is the GPU's
-        # idle time. On the CPU that overlap takes cores from the network and holds more batches in memory
-        # (`make bench` at 3f2b817, where it was on everywhere: end to end 1.18x against the pure model, the
-        # 600-slice peak 1256 MiB against 1198 at 781ab37), so there the network's thread prepares each batch.
+        # idle time. On the CPU the network's threads use every core, and the overlap only moves that work into
+        # the network's seconds: `make bench` at 3f2b817, where it was on everywhere, put the time beside the
+        # network at 1.59 s (1.76 at 781ab37) and end to end at 1.18x the pure model (1.13x), no gain beyond this
+        # machine's spread. So on the CPU the network's thread prepares each batch, as before.
         self.prepare_ahead = gpu
         if self.engine == "cuda graph" and not self.bound:
             raise ManifestError(f"{self.path}: a CUDA graph session runs bound only")
@@ -360,7 +361,10 @@ class Segmenter:
         hu = np.empty((n, *shape), dtype)
         labels = np.empty((n, *shape), np.uint8)
         bs, errors = (self.batch_size if self.mode.dims == 2 else 16), []
-        ready: queue.Queue = queue.Queue(maxsize=1)  # (start, stop, network input or None), None: done
+        # (start, stop, network input or None), None: done. Bounded only where the reader prepares the inputs:
+        # otherwise it decodes the series as fast as it can, as the items are small
+        ahead = self.prepare_ahead and not self.fused and self.mode.dims == 2
+        ready: queue.Queue = queue.Queue(maxsize=1 if ahead else 0)
         probs: queue.Queue = queue.Queue(maxsize=2)
         cancelled = threading.Event()
         k = self.mode.context
@@ -390,7 +394,7 @@ class Segmenter:
                     while start < have and (have == n or min(n, start + bs) + k <= have):
                         stop = min(n, start + bs)
                         x = None
-                        if self.prepare_ahead and not self.fused:
+                        if ahead:
                             first, last = context_span(n, start, stop, k)
                             x = self.inputs(hu[first:last], n, start, stop, first, orientation)
                         if not hand_on((start, stop, x)):
