@@ -5,7 +5,8 @@ longer than the peer accepts.
 Why not pynetdicom's AE, which sent the results until now: it hands each PDU through a queue to a reactor thread
 that encodes and sends one PDU per turn of its loop, with the interpreter lock passed back and forth. A PACS
 usually takes PDUs of 16 KiB, so a 200-slice SEG of 13 MB is some 800 PDUs; `make bench` compares the two sending
-the same SEG and SR to dcmtk's storescp. pynetdicom stays the operator commands' C-ECHO SCU and the tests' peer.
+the same SEG and SR to dcmtk's storescp. pynetdicom stays the `livernode echo` SCU, the demo's PACS stand-in and
+the tests' peer.
 
 What it does and refuses:
 
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from livernode.daemon.upper_layer import (
     ABORT, APPLICATION_CONTEXT, ASSOCIATE_AC, ASSOCIATE_RJ, ASSOCIATE_RQ, C_STORE_RQ, C_STORE_RSP, NO_DATASET, P_DATA,
     RELEASE_RP, RELEASE_RQ, UNEXPECTED_PDU, UNRECOGNISED_PDU, ProtocolError, _element, _item, _items, _pdu, _text,
-    _uid, _us, parse_command, pdv_items, read_pdu,
+    _uid, _us, abort_pdu, parse_command, pdv_items, read_pdu,
 )
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def associate(host: str, port: int, *, called: str, calling: str, contexts: Sequ
             raise AssociationFailed(f"the peer aborted instead of answering{_abort_text(body)}")
         if kind != ASSOCIATE_AC:
             raise ProtocolError(f"PDU of type 0x{kind:02X} in answer to an association request",
-                                UNEXPECTED_PDU if kind <= ABORT else UNRECOGNISED_PDU)
+                                UNEXPECTED_PDU if 1 <= kind <= ABORT else UNRECOGNISED_PDU)
         accepted, refused, max_pdu = parse_associate_ac(body, contexts)
     except ProtocolError as exc:
         _abort(sock, 2, exc.abort_reason)
@@ -250,12 +251,12 @@ class Requestor:
         deadline = time.monotonic() + self.timeout
         command = bytearray()
         while True:
-            kind, body = read_pdu(self.sock, deadline)
+            kind, body = read_pdu(self.sock, deadline, answer=True)  # a response is a few hundred bytes
             if kind == ABORT:
                 raise ConnectionAbortedError(f"the peer aborted{_abort_text(body)}")
             if kind != P_DATA:
                 raise ProtocolError(f"PDU of type 0x{kind:02X} while waiting for a C-STORE response",
-                                    UNEXPECTED_PDU if kind <= ABORT else UNRECOGNISED_PDU)
+                                    UNEXPECTED_PDU if 1 <= kind <= ABORT else UNRECOGNISED_PDU)
             fields = None
             for pdv_cid, control, value in pdv_items(body):
                 if fields is not None:
@@ -283,7 +284,7 @@ class Requestor:
             self.sock.sendall(_pdu(RELEASE_RQ, bytes(4)))
             deadline = time.monotonic() + self.timeout
             while True:
-                kind, _ = read_pdu(self.sock, deadline)
+                kind, _ = read_pdu(self.sock, deadline, answer=True)
                 if kind in (RELEASE_RP, ABORT):
                     break
                 if kind == RELEASE_RQ:  # a release collision: the requestor answers the peer's request first
@@ -308,7 +309,7 @@ class Requestor:
 def _abort(sock: socket.socket, source: int, reason: int) -> None:
     try:
         sock.settimeout(1.0)
-        sock.sendall(_pdu(ABORT, bytes([0, 0, source, reason])))
+        sock.sendall(abort_pdu(source, reason))
     except OSError:
         pass
     sock.close()

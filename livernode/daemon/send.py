@@ -145,12 +145,15 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
 
 def _payload(ds: Dataset, path: Path | None) -> bytes | memoryview:
     """The dataset as it goes on the wire, encoded in its transfer syntax: the bytes of its file after the file
-    meta where `_as_sent` allows, else pydicom's encoding of `ds`. OSError if the file cannot be read, ValueError
-    if neither can be had."""
+    meta where `_as_sent` allows and the file meta adds up, else pydicom's encoding of `ds`. OSError if the file
+    cannot be read, ValueError if neither can be had."""
     sent = _as_sent(ds, path)
     if isinstance(sent, Path):
         raw = sent.read_bytes()
-        return memoryview(raw)[dataset_offset(raw):]
+        try:
+            return memoryview(raw)[dataset_offset(raw):]
+        except ValueError as exc:  # a file meta that does not add up: the dataset as pydicom read it instead
+            log.warning("%s: %s; sending the dataset encoded again", sent.name, exc)
     ts = ds.file_meta.TransferSyntaxUID
     data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
     if data is None:

@@ -79,7 +79,7 @@ class Sender:
             outcomes = send_datasets(datasets, [Path(p).name for _, p in items], target, cfg.calling_ae_title,
                                      cfg.timeout_seconds, progress=beat, stopping=self.stop.is_set,
                                      files=[Path(p) for _, p in items])
-        except Exception as exc:  # noqa: BLE001 - whatever the network library raises fails this attempt only
+        except Exception as exc:  # noqa: BLE001 - whatever sending raises fails this attempt only
             log.debug("send of study %s to %s raised", key, dest, exc_info=True)
             outcomes = [Outcome(False, f"{dest}: {type(exc).__name__}: {exc}")] * len(items)
         self._record(study, dest, items, outcomes)

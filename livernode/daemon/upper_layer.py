@@ -6,7 +6,7 @@ Why not pynetdicom's server: it serves each association with a reactor thread, a
 machine driven through queues and a DIMSE layer that copies the dataset into a BytesIO. `make bench` measured a
 receiver doing only the durable write at 0.20-0.23x of dcmtk's storescp that way, and at 0.51-0.57x on this reading
 of the upper layer (`bench/raw_scp.py`, which became this module). The sender's side of the same layer is
-requestor.py; pynetdicom stays the operator commands' C-ECHO SCU and the tests' peer.
+requestor.py; pynetdicom stays the `livernode echo` SCU, the demo's PACS stand-in and the tests' peer.
 
 What it does and refuses:
 
@@ -115,7 +115,7 @@ class Association:
         """A-ABORT from this side (source 0: the service user, as the node stopping; 2: the service provider, for a
         broken protocol or a timeout), then the connection ends."""
         try:
-            self.send(_pdu(ABORT, bytes([0, 0, source, reason])))
+            self.send(abort_pdu(source, reason))
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
@@ -154,6 +154,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def _pdu(kind: int, body: bytes) -> bytes:
     return struct.pack(">BBI", kind, 0, len(body)) + body
+
+
+def abort_pdu(source: int, reason: int) -> bytes:
+    """A-ABORT: source 0 the service user, 2 the service provider (with a reason)."""
+    return _pdu(ABORT, bytes([0, 0, source, reason]))
 
 
 def _item(kind: int, value: bytes) -> bytes:

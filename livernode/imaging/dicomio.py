@@ -61,13 +61,14 @@ def dataset_offset(raw: bytes | memoryview) -> int:
     """Where the dataset begins in the bytes of a Part 10 file: after the preamble, "DICM" and the file meta
     elements (group 0002, explicit VR little endian). They end where the group's length (0002,0000) says, where it
     is given (a deflated dataset's first bytes may look like a group 0002 element), else at the first element of
-    another group. ValueError if the bytes do not begin that way."""
+    another group. ValueError if the bytes do not begin that way, or the elements do not end where the group's
+    length says."""
     if len(raw) < 132 or bytes(raw[128:132]) != b"DICM":
         raise ValueError("not a DICOM file: no preamble and DICM prefix")
-    at, end = 132, len(raw)
+    at, end, given = 132, len(raw), False
     if len(raw) >= 144 and bytes(raw[132:140]) == b"\x02\x00\x00\x00UL\x04\x00":
-        end = min(end, 144 + struct.unpack_from("<I", raw, 140)[0])
-    while at + 8 <= end:
+        end, given = 144 + struct.unpack_from("<I", raw, 140)[0], True
+    while at + 8 <= min(end, len(raw)):
         group, element, vr = struct.unpack_from("<HH2s", raw, at)
         if group != 2:
             break
@@ -77,8 +78,9 @@ def dataset_offset(raw: bytes | memoryview) -> int:
             at += 12 + struct.unpack_from("<I", raw, at + 8)[0]
         else:
             at += 8 + struct.unpack_from("<H", raw, at + 6)[0]
-    if at > end:
-        raise ValueError("the file meta runs past its group length or the end of the file")
+    if at > min(end, len(raw)) or (given and at != end):
+        raise ValueError(f"the file meta's elements end at byte {at}, its group length says {end}, the file has "
+                         f"{len(raw)}")
     return at
 
 

@@ -394,7 +394,7 @@ class Segmenter:
                     while start < have and (have == n or min(n, start + bs) + k <= have):
                         stop = min(n, start + bs)
                         x = None
-                        if ahead:
+                        if ahead and not cancelled.is_set():
                             first, last = context_span(n, start, stop, k)
                             x = self.inputs(hu[first:last], n, start, stop, first, orientation)
                         if not hand_on((start, stop, x)):

@@ -47,7 +47,11 @@ def test_dataset_offset_with_and_without_the_group_length(synth_dirs):
     assert (group, element) == (2, 0)
     without = raw[:132] + raw[144:]  # the same file meta, without (0002,0000)
     assert dataset_offset(without) == expected - 12 and without[expected - 12:] == raw[expected:]
-    for bad in (b"", raw[:100], b"\0" * 128 + b"DICX" + raw[132:], raw[:140]):
+    (length,) = struct.unpack_from("<I", raw, 140)
+    for wrong in (length - 2, length + 2, length + 1000):  # a group length that the elements do not end at
+        with pytest.raises(ValueError, match="group length"):
+            dataset_offset(raw[:140] + struct.pack("<I", wrong) + raw[144:])
+    for bad in (b"", raw[:100], b"\0" * 128 + b"DICX" + raw[132:], raw[:140], raw[:expected - 3]):
         with pytest.raises(ValueError):
             dataset_offset(bad)
 
