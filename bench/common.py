@@ -18,12 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def storescp_env() -> dict[str, str]:
-    """ENV for dcmtk's storescp, which has no option for its address: with the tests' bind shim preloaded
-    (tests/loopback.c), so that it listens on 127.0.0.1 only."""
+def storescp(out: Path, port: int, *options: str, aet: str = "PACS") -> subprocess.Popen:
+    """dcmtk's storescp as the bench's peer or PACS, writing to `out`, quiet. It has no option for its address,
+    so the tests' bind shim is preloaded (tests/loopback.c) and it listens on 127.0.0.1 only."""
     from tests.peers import loopback_env
 
-    return loopback_env(ENV)
+    return subprocess.Popen(["/usr/bin/storescp", *options, "-aet", aet, "-od", str(out), str(port)],
+                            env=loopback_env(ENV), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def best_of(fn, repeats: int, warmup: bool = True) -> float:

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bench.common import ENV, PY, free_port, log, stop, storescp_env, storescu, wait_port
+from bench.common import ENV, PY, free_port, log, stop, storescp, storescu, wait_port
 
 REPEATS = 2
 CORES = len(os.sched_getaffinity(0))  # the cores this process (and what it starts) may run on
@@ -33,8 +33,7 @@ CORES = len(os.sched_getaffinity(0))  # the cores this process (and what it star
 
 def _storescp(out: Path, port: int) -> subprocess.Popen:
     out.mkdir(parents=True)
-    return subprocess.Popen(["/usr/bin/storescp", "--fork", "-aet", "LIVERNODE", "-od", str(out), str(port)],
-                            env=storescp_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return storescp(out, port, "--fork", aet="LIVERNODE")
 
 
 def _floor(script: str):

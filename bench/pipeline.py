@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (ENV, PY, REPO, at_size, best_of, free_port, log, stacked_study, stop, storescp_env,
+from bench.common import (ENV, PY, REPO, at_size, best_of, free_port, log, stacked_study, stop, storescp,
                           storescu, wait_port)
 
 QUIET_S = 0.5
@@ -98,9 +98,7 @@ def _node_once(files: list[Path], model: Path, work: Path) -> tuple[float, float
     PACS, seconds sending took, its stage timings, its summary.json)."""
     pacs_port, node_port, pacs_out = free_port(), free_port(), work / "e2e-pacs"
     pacs_out.mkdir(parents=True)
-    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(pacs_out), str(pacs_port)],
-                            env=storescp_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = storescp(pacs_out, pacs_port)
     state = work / "e2e-state"
     node = subprocess.Popen([PY, "-m", "livernode.cli", "serve", "--model", str(model), "--providers", "cpu",
                              "--state", str(state), "--port", str(node_port), "--bind", "127.0.0.1",

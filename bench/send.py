@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import best_interleaved, free_port, storescp_env, wait_port
+from bench.common import best_interleaved, free_port, storescp, wait_port
 
 ROUNDS = 5
 
@@ -28,8 +27,7 @@ def run(files: list[Path], rounds: int = ROUNDS) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="bench-send-"))
     port = free_port()
-    pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                            env=storescp_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = storescp(out, port)
     dest = Destination("PACS", "127.0.0.1", port)
     names = [f.name for f in files]
 

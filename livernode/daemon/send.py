@@ -87,7 +87,7 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
     """C-STORE `datasets` (named `names` in messages) in one association (livernode's requestor) proposing exactly
     their SOP classes and stored transfer syntaxes; one Outcome per dataset, in order. `files`: the files the
     datasets were read from, unchanged since; each goes out as its own bytes after its file meta when that file
-    meta names the same instance (`_as_sent`), any other dataset as pydicom encodes it.
+    meta names the same instance (`_file_matches`), any other dataset as pydicom encodes it.
 
     An instance whose presentation context the peer refused fails with the SOP class named, and the others are
     still sent. A failure of the association or connection fails every instance not yet stored. `progress()` is
@@ -145,15 +145,14 @@ def send_datasets(datasets: list[Dataset], names: list[str], dest: Destination, 
 
 def _payload(ds: Dataset, path: Path | None) -> bytes | memoryview:
     """The dataset as it goes on the wire, encoded in its transfer syntax: the bytes of its file after the file
-    meta where `_as_sent` allows and the file meta adds up, else pydicom's encoding of `ds`. OSError if the file
+    meta where `_file_matches` and the file meta adds up, else pydicom's encoding of `ds`. OSError if the file
     cannot be read, ValueError if neither can be had."""
-    sent = _as_sent(ds, path)
-    if isinstance(sent, Path):
-        raw = sent.read_bytes()
+    if path is not None and _file_matches(ds):
+        raw = Path(path).read_bytes()
         try:
             return memoryview(raw)[dataset_offset(raw):]
         except ValueError as exc:  # a file meta that does not add up: the dataset as pydicom read it instead
-            log.warning("%s: %s; sending the dataset encoded again", sent.name, exc)
+            log.warning("%s: %s; sending the dataset encoded again", Path(path).name, exc)
     ts = ds.file_meta.TransferSyntaxUID
     data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
     if data is None:
@@ -161,23 +160,18 @@ def _payload(ds: Dataset, path: Path | None) -> bytes | memoryview:
     return data
 
 
-def _as_sent(ds: Dataset, path: Path | None) -> Dataset | Path:
-    """`path`, the file `ds` was read from, when it can go out as it lies: its file meta names the dataset's SOP
-    class and instance, and the dataset was read in the encoding its transfer syntax says. Otherwise the dataset,
-    to be encoded."""
-    if path is None:
-        return ds
+def _file_matches(ds: Dataset) -> bool:
+    """Whether the file `ds` was read from can go out as it lies: its file meta names the dataset's SOP class and
+    instance, and the dataset was read in the encoding its transfer syntax says."""
     meta = getattr(ds, "file_meta", None) or {}
     ts = meta.get("TransferSyntaxUID")
     try:
         encoding = (ts.is_implicit_VR, ts.is_little_endian)
     except (AttributeError, ValueError):  # none, or not a transfer syntax pydicom knows
-        return ds
-    if (meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID")
-            or meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID")
-            or tuple(ds.original_encoding) != encoding):
-        return ds
-    return Path(path)
+        return False
+    return (meta.get("MediaStorageSOPClassUID") == ds.get("SOPClassUID")
+            and meta.get("MediaStorageSOPInstanceUID") == ds.get("SOPInstanceUID")
+            and tuple(ds.original_encoding) == encoding)
 
 
 def _refused(dest: Destination, sop: str, ts: str, why: str = "") -> str:

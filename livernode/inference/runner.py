@@ -369,6 +369,11 @@ class Segmenter:
         cancelled = threading.Event()
         k = self.mode.context
 
+        def prepared(start: int, stop: int) -> np.ndarray:
+            """The network input of slices start..stop, with the neighbours its context needs."""
+            first, last = context_span(n, start, stop, k)
+            return self.inputs(hu[first:last], n, start, stop, first, orientation)
+
         def hand_on(item) -> bool:
             """Put `item` on `ready` unless the call was cancelled meanwhile (nobody takes it then)."""
             while not cancelled.is_set():
@@ -393,10 +398,7 @@ class Segmenter:
                     # a batch is ready once its slices and the neighbours its context needs are decoded
                     while start < have and (have == n or min(n, start + bs) + k <= have):
                         stop = min(n, start + bs)
-                        x = None
-                        if ahead and not cancelled.is_set():
-                            first, last = context_span(n, start, stop, k)
-                            x = self.inputs(hu[first:last], n, start, stop, first, orientation)
+                        x = prepared(start, stop) if ahead and not cancelled.is_set() else None
                         if not hand_on((start, stop, x)):
                             return
                         start = stop
@@ -425,10 +427,7 @@ class Segmenter:
                 if self.fused:  # labels straight from the graph: nothing left to restore
                     labels[start:stop] = self.fused_labels(hu[start:stop], orientation)
                 else:
-                    if x is None:
-                        first, last = context_span(n, start, stop, k)
-                        x = self.inputs(hu[first:last], n, start, stop, first, orientation)
-                    probs.put((start, self.run(x)))
+                    probs.put((start, self.run(prepared(start, stop) if x is None else x)))
                 del x, item
                 if on_batch is not None:
                     on_batch(stop, n)
