@@ -227,6 +227,9 @@ class InferenceConfig(_Strict):
     ray_address: str = Field("local", description="'local' starts Ray on this machine, bound to 127.0.0.1; "
                                                   "host:port joins a cluster (token authentication on)")
     ray_actors: int = Field(1, ge=1, description="CPU actors when the cluster has no GPU")
+    sr_process: bool | None = Field(None, description=(
+        "build each SR in a helper process while the SEG is written (local backend); default: where the node may "
+        "run on 4 or more cores (on 2, the SR, the SEG and the preview only take turns)"))
 
 
 class StudyConfig(_Strict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +20,9 @@ from livernode.daemon.coverage import coverage_pass
 from livernode.daemon.report import preview, summary_dict, write_json
 from livernode.daemon.select import select_series, short_key
 from livernode.daemon.seg import write_result_seg
-from livernode.daemon.sr import build_sr, write_sr
+from livernode.daemon.sr import SrJob, build_sr, write_sr
+from livernode.daemon.sr_process import WAIT_S as SR_WAIT_S
+from livernode.daemon.sr_process import SrProcess
 from livernode.errors import InputError, SeriesRejected
 from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_int16_of, hu_of, order_slices,
                                       ordered_volume, read_dataset)
@@ -68,27 +70,30 @@ def process_study(study_dir: Path, segmenter: Segmenter, out_dir: Path,
 
 
 def process_files(files: list[Path], segmenter: Segmenter, out_dir: Path, *, series_number_offset: int = 0,
-                  progress: Progress = _no_progress, rules: SelectionConfig | None = None) -> StudyResult:
+                  progress: Progress = _no_progress, rules: SelectionConfig | None = None,
+                  sr_process: SrProcess | None = None) -> StudyResult:
     """Segment the best CT series among `files` (one study) and write the results into `out_dir`; see
     `process_all`, of which this is the first result."""
     return process_all(files, segmenter, out_dir, series_number_offset=series_number_offset, progress=progress,
-                       rules=rules)[0]
+                       rules=rules, sr_process=sr_process)[0]
 
 
 def process_all(files: list[Path], segmenter: Segmenter, out_dir: Path, *, series_number_offset: int = 0,
                 progress: Progress = _no_progress, rules: SelectionConfig | None = None,
-                known: Mapping[str, str] | None = None) -> list[StudyResult]:
+                known: Mapping[str, str] | None = None, sr_process: SrProcess | None = None) -> list[StudyResult]:
     """Choose the series to segment among `files` (one study) by `rules`, segment each and write its results:
     into `out_dir` for one series, into `out_dir/series-N` for each of several (`rules.segment_all`).
     `series_number_offset` numbers a reprocess's SEG and SR series after the ones they supersede; `progress` is
     told of every file read, every inference batch and every stage finished. `known` maps a file to its header
-    facts from the node's index (imaging/headers.py): those files are not read to choose the series."""
+    facts from the node's index (imaging/headers.py): those files are not read to choose the series.
+    `sr_process`: builds the SRs beside the SEGs (the daemon's; without it, each SR is built after its SEG)."""
     headers, chosen, shared, clock = _choose(files, lambda: segmenter, rules, progress, known)
     results = []
     for i, uid in enumerate(chosen):
         target = out_dir / _subdir(i, len(chosen))
         results.append(_process_series(headers, uid, segmenter, target, clock.fork(),
-                                       series_number=_series_number(i, series_number_offset), series=shared))
+                                       series_number=_series_number(i, series_number_offset), series=shared,
+                                       sr_process=sr_process))
     return results
 
 
@@ -236,7 +241,8 @@ def _ordered(headers: list[tuple[str, Dataset]], series_uid: str
 
 
 def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segmenter: Segmenter, out_dir: Path,
-                    clock: _Clock, *, series_number: int, series: dict) -> StudyResult:
+                    clock: _Clock, *, series_number: int, series: dict,
+                    sr_process: SrProcess | None = None) -> StudyResult:
     """Segment one series of the study and write its SEG, SR, summary.json and preview.png into `out_dir`."""
     kept, order, turn = _ordered(headers, series_uid)
     clock.lap("load")
@@ -251,13 +257,13 @@ def _process_series(headers: list[tuple[str, Dataset]], series_uid: str, segment
     del volume
     return _write_series(source, labels, spacing, shape, slices, turn, out_dir, clock,
                          ModelFacts.of(segmenter), series_uid, series_number=series_number, series=series,
-                         network_s=network_s)
+                         network_s=network_s, sr_process=sr_process)
 
 
 def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[float, float, float],
                   shape: tuple[int, ...], slices, turn: Orientation, out_dir: Path, clock: _Clock,
                   model: ModelFacts, series_uid: str, *, series_number: int, series: dict,
-                  network_s: float | None = None) -> StudyResult:
+                  network_s: float | None = None, sr_process: SrProcess | None = None) -> StudyResult:
     """Post-process a series' labels and write its SEG, SR, summary.json and preview.png (from `slices`, HU slice
     by index) into `out_dir`. `network_s`: of the infer stage, the seconds the network itself ran, where known."""
     source = list(source)  # headers only
@@ -269,17 +275,44 @@ def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[
     note = " (liver cut off)" if findings.liver_touches_scan_edge else ""  # SeriesDescription holds 64
     statement = m.research_use  # a phantom-trained model says so in every result
     # The preview needs the findings and a dozen slices only: it is drawn beside the SEG and the SR (OpenCV and
-    # numpy release the interpreter lock), its time its own.
+    # numpy release the interpreter lock), its time its own. With an SR process, the SR is built there from the
+    # SEG's object model while this process writes the SEG's frames; its time too is its own.
+    seg_path, sr_path = out_dir / "seg.dcm", out_dir / "sr.dcm"
+    sr_kw = dict(series_uid=generate_uid(), sop_uid=generate_uid(), series_number=series_number + 1, note=note,
+                 description=statement)
+    started: list = []
+    what = f"series {short_key(series_uid)}"
+
+    def start_sr(seg_model: Dataset) -> None:
+        try:
+            job = SrJob.of(seg_model, source, findings, algorithm, sr_path, **sr_kw)
+        except Exception as exc:  # noqa: BLE001 - never the SEG's failure: the SR is then built after it
+            log.warning("%s: no SR job (%s: %s); building the SR after the SEG", what, type(exc).__name__, exc)
+            return
+        future = sr_process.submit(job, what)
+        if future is not None:
+            started.append((job, future))
+
     with ThreadPoolExecutor(1, thread_name_prefix="preview") as beside:
         drawn = beside.submit(_timed, preview, slices, findings, out_dir / "preview.png", turn)
-        seg_path = out_dir / "seg.dcm"
-        seg = write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
-                               sop_uid=generate_uid(), series_number=series_number, note=note, description=statement)
+        try:
+            seg = write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
+                                   sop_uid=generate_uid(), series_number=series_number, note=note,
+                                   description=statement, on_model=None if sr_process is None else start_sr)
+        except BaseException:
+            for _, future in started:  # nothing of this attempt is written after it has failed
+                if wait([future], timeout=SR_WAIT_S).not_done:
+                    sr_process.restart()
+            raise
         clock.lap("seg")
-        sr_path = out_dir / "sr.dcm"
-        write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid(),
-                          series_number=series_number + 1, note=note, description=statement), sr_path)
-        clock.lap("sr")
+        if started:
+            (job, future), = started
+            clock.timings["sr"] = sr_process.wait(future, job, what)
+            clock.t = time.perf_counter()
+            clock.progress("sr", 0, 0)
+        else:
+            write_sr(build_sr(seg, source, findings, algorithm, **sr_kw), sr_path)
+            clock.lap("sr")
         preview_path, clock.timings["preview"] = drawn.result()
     clock.t = time.perf_counter()
     clock.progress("preview", 0, 0)
@@ -306,10 +339,11 @@ def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[
                        int(shape[0]), tuple(series["decisions"]))
 
 
-def warm_up(model: ModelFacts) -> float:
+def warm_up(model: ModelFacts, sr_process: SrProcess | None = None) -> float:
     """Write one tiny SEG, SR and preview into a temporary folder and throw them away; returns the seconds it took.
     highdicom reads its tables of the standard when it first builds a SEG or an SR (about 0.6 s here, a third of
-    writing a 200-slice SEG), so without this the first study after every start would wait for it."""
+    writing a 200-slice SEG), so without this the first study after every start would wait for it. With
+    `sr_process`, its helper is started and builds the SR too."""
     import tempfile
 
     from livernode.imaging.ctwrite import StudyInfo, ct_datasets
@@ -329,6 +363,12 @@ def warm_up(model: ModelFacts) -> float:
                                series_uid=generate_uid(), sop_uid=generate_uid())
         write_sr(build_sr(seg, source, findings, algorithm, series_uid=generate_uid(), sop_uid=generate_uid()),
                  Path(tmp) / "sr.dcm")
+        if sr_process is not None:
+            job = SrJob.of(seg, source, findings, algorithm, Path(tmp) / "sr-beside.dcm", series_uid=generate_uid(),
+                           sop_uid=generate_uid())
+            future = sr_process.submit(job, "warm-up")
+            if future is not None:
+                sr_process.wait(future, job, "warm-up")
         preview(hu, findings, Path(tmp) / "preview.png")
     return time.perf_counter() - t
 

@@ -61,7 +61,7 @@ def default_workers() -> int:
     return max(1, min(4, cores))
 
 
-def _die_with_parent(parent: int) -> bool:
+def die_with_parent(parent: int) -> bool:
     """Ask for SIGKILL when the node dies; False when it already has."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -73,7 +73,7 @@ def _die_with_parent(parent: int) -> bool:
 
 def _receiver(spec: ReceiverSpec, listener: socket.socket, threshold, parent: int, ready) -> None:
     """A receiver process: serve C-STORE on `listener` until SIGTERM or the parent is gone."""
-    if not _die_with_parent(parent):
+    if not die_with_parent(parent):
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     stopping: list[int] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +25,16 @@ class SegCheckFailed(LivernodeError):
 
 def write_result_seg(source: Sequence[Dataset], labels: np.ndarray, path: Path, *, algorithm: Algorithm,
                      series_uid: str, sop_uid: str, series_number: int = 9001, note: str = "",
-                     description: str = "") -> Dataset:
-    """Build, write and check the SEG; returns it without its frames (see `segwrite.write_seg`). Its series
-    description is `description` (the model's research-use statement, when it has one) or the algorithm's name,
-    ended by `note` (e.g. that the liver is cut off)."""
+                     description: str = "", on_model: Callable[[Dataset], None] | None = None) -> Dataset:
+    """Build, write and check the SEG; returns it without its frames (see `segwrite.write_seg`, also for
+    `on_model`). Its series description is `description` (the model's research-use statement, when it has one) or
+    the algorithm's name, ended by `note` (e.g. that the liver is cut off)."""
     name = description or f"{algorithm.name} liver segmentation"
     with replacing(path) as tmp:  # checked before it takes the final name; durable once it has
         # what build_seg(...).save_as(tmp, enforce_file_format=True) writes, the frames straight from the labels
         seg = write_seg(source, labels, tmp, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number,
-                        algorithm=algorithm, series_description=name[:64 - len(note)] + note)  # LO: 64
+                        algorithm=algorithm, series_description=name[:64 - len(note)] + note,  # LO: 64
+                        on_model=on_model)
         verify_seg(tmp, source, labels)
     return seg
 

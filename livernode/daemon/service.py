@@ -31,6 +31,7 @@ from livernode.daemon.sdnotify import Notifier, watchdog_period
 from livernode.daemon.send import Destination
 from livernode.daemon.sender import Sender
 from livernode.daemon.spool import Spool
+from livernode.daemon.sr_process import SrProcess, sr_beside
 from livernode.daemon.store import Store
 from livernode.daemon.worker import Worker
 from livernode.errors import ConfigError
@@ -75,9 +76,11 @@ class Service:
         self.liveness = Liveness(cfg.stall_seconds())
         parts = dict(metrics=self.metrics, audit=self.audit, liveness=self.liveness, stop=self.stop_event)
         self.listeners = Listeners(cfg, self.spool, self.store, **parts)
+        # on Ray the actors write the results; here a helper process may build each SR beside its SEG
+        self.sr_process = SrProcess() if self.ray is None and sr_beside(cfg.inference.sr_process) else None
         self.worker = Worker(lambda: self.cfg, self.store, self.segmenter, state / "results",
                              destinations=lambda: list(self.destinations), on_result=lambda: self.sender.wake.set(),
-                             ray=self.ray, **parts)
+                             ray=self.ray, sr_process=self.sr_process, **parts)
         self.sender = Sender(lambda: self.cfg, self.store, destinations=lambda: self.destinations,
                              on_requeue=self.worker.wake.set, **parts)
         self.retention = Retention(cfg.retention, self.store, state, self.audit)
@@ -109,7 +112,8 @@ class Service:
         self.worker.recover()
         if self.worker.ray is None:  # on Ray the results are written by the actors
             try:
-                log.info("result writers warmed up in %.2f s", warm_up(ModelFacts.of(self.segmenter)))
+                log.info("result writers warmed up in %.2f s",
+                         warm_up(ModelFacts.of(self.segmenter), self.sr_process))
             except Exception as exc:  # noqa: BLE001 - only a head start: the first study pays for it instead
                 log.warning("warming up the result writers failed (%s: %s); the first study will be slower",
                             type(exc).__name__, exc)
@@ -211,6 +215,8 @@ class Service:
     def stop(self) -> None:
         self.stop_event.set()
         self.listeners.stop_all()
+        if self.sr_process is not None:
+            self.sr_process.stop()
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()

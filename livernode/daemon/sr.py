@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -143,6 +147,60 @@ def _document(report: hd.sr.MeasurementReport, evidence: Sequence[Dataset], **kw
     sr.ContentSequence = root.ContentSequence  # the element highdicom would have copied from `report`
     sr._content = report  # what `sr.content` returns; highdicom's own from_dataset sets it the same way
     return sr
+
+
+# What build_sr reads of each source slice (highdicom: the evidence's UIDs, and for a diameter drawn on a slice
+# that it is an image of a modality that may be measured), and the SEG's elements it does not read: its frames'
+# references and descriptions. tests/daemon/test_sr_process.py pins the SR from these to the SR from the whole.
+SOURCE_READ = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows",
+               "Columns", "SamplesPerPixel", "PixelRepresentation", "NumberOfFrames")
+SEG_UNREAD = ("ReferencedSeriesSequence", "SourceImageSequence", "DimensionOrganizationSequence",
+              "DimensionIndexSequence", "SegmentSequence", "SharedFunctionalGroupsSequence",
+              "PerFrameFunctionalGroupsSequence", "PixelData")
+
+
+@dataclass(frozen=True)
+class SrJob:
+    """Everything `build_sr` and `write_sr` need, small enough to hand to another process: what the SR reads of
+    the SEG and of the source slices, and the findings without their label volume."""
+
+    seg: Dataset
+    source: tuple[Dataset, ...]
+    findings: Findings
+    algorithm: Algorithm
+    path: Path
+    series_uid: str
+    sop_uid: str
+    series_number: int = 9002
+    note: str = ""
+    description: str = ""
+
+    @classmethod
+    def of(cls, seg: Dataset, source: Sequence[Dataset], findings: Findings, algorithm: Algorithm, path: Path,
+           **kw) -> "SrJob":
+        """The job for `seg` (its object model, with or without its frames) and `source`, copied: neither is read
+        again after this returns, so the SEG's writer may go on changing its own."""
+        head = Dataset()
+        for elem in seg:
+            if elem.keyword not in SEG_UNREAD:
+                head.add(copy.deepcopy(elem))
+        slim = []
+        for ds in source:
+            one = Dataset()
+            for keyword in SOURCE_READ:
+                if keyword in ds:
+                    one.add(copy.deepcopy(ds[keyword]))
+            slim.append(one)
+        no_labels = dataclasses.replace(findings, labels=np.zeros((0, 0, 0), np.uint8))
+        return cls(head, tuple(slim), no_labels, algorithm, Path(path), **kw)
+
+    def run(self) -> float:
+        """Build and write the SR; the seconds it took."""
+        t = time.perf_counter()
+        write_sr(build_sr(self.seg, self.source, self.findings, self.algorithm, series_uid=self.series_uid,
+                          sop_uid=self.sop_uid, series_number=self.series_number, note=self.note,
+                          description=self.description), self.path)
+        return round(time.perf_counter() - t, 3)
 
 
 def _private_scheme():

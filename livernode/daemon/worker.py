@@ -21,6 +21,7 @@ from livernode.daemon.metrics import AuditLog, Metrics
 from livernode.daemon.pipeline import STUDY_STAGES, StudyResult, process_all
 from livernode.daemon.select import NoUsableSeries
 from livernode.daemon.spool import uid_key
+from livernode.daemon.sr_process import SrProcess
 from livernode.daemon.store import Store
 from livernode.errors import LivernodeError, StudyInterrupted
 from livernode.fsutil import atomic_write, publish_dir
@@ -33,11 +34,13 @@ NAME = "worker"
 class Worker:
     def __init__(self, settings: Callable[[], DaemonConfig], store: Store, segmenter: Segmenter, results: Path, *,
                  destinations: Callable[[], list[str]], metrics: Metrics, audit: AuditLog, liveness: Liveness,
-                 stop: threading.Event, on_result: Callable[[], None] = lambda: None, ray=None) -> None:
+                 stop: threading.Event, on_result: Callable[[], None] = lambda: None, ray=None,
+                 sr_process: SrProcess | None = None) -> None:
         self.settings, self.store, self.segmenter, self.results = settings, store, segmenter, Path(results)
         self.destinations, self.metrics, self.audit, self.liveness = destinations, metrics, audit, liveness
         self.stop, self.on_result = stop, on_result
         self.ray = ray  # a ray_backend.RayStudies when [inference] backend = "ray"
+        self.sr_process = sr_process  # builds each SR beside its SEG (pipeline.py)
         self.wake = threading.Event()
         self.doing = "idle"
         self.current: str | None = None  # the Study Instance UID being processed
@@ -109,7 +112,8 @@ class Worker:
             indexed = self.store.instance_headers(study)  # selection reads the index's header facts, not the files
             return process_all([Path(p) for p, _ in indexed], self.segmenter, out,
                                series_number_offset=row.generation, progress=self._progress(key),
-                               rules=self.settings().selection, known={p: h for p, h in indexed if h})
+                               rules=self.settings().selection, known={p: h for p, h in indexed if h},
+                               sr_process=self.sr_process)
         return self._conclude(study, row, extra, out, compute)
 
     def _conclude(self, study: str, row, extra: dict, out: Path, compute) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +117,8 @@ def build_seg(source: Sequence[Dataset], labels: np.ndarray, *, series_uid: str,
 
 
 def write_seg(source: Sequence[Dataset], labels: np.ndarray, path, *, series_uid: str, sop_uid: str,
-              series_number: int, algorithm: Algorithm | None, series_description: str) -> Dataset:
+              series_number: int, algorithm: Algorithm | None, series_description: str,
+              on_model: Callable[[Dataset], None] | None = None) -> Dataset:
     """Build the SEG of `build_seg` and write it to `path` (a path or a writable binary file): the elements
     `build_seg` and `save_seg` write, with frames straight from the label volume. highdicom builds the object model
     (every module but the frames) on a probe volume with one labelled voxel; the per-frame groups and the bit-packed
@@ -128,18 +129,27 @@ def write_seg(source: Sequence[Dataset], labels: np.ndarray, path, *, series_uid
     transfer syntax other than explicit VR little endian), highdicom builds it all.
 
     Returns the SEG's object model without its per-frame groups and pixel data (those are in the file), for the
-    references an SR makes to it."""
+    references an SR makes to it. `on_model`, where given, is called with the object model as soon as it is
+    settled but for its frames, before they are encoded: the SR can be started from it."""
     kw = dict(series_uid=series_uid, sop_uid=sop_uid, series_number=series_number, algorithm=algorithm,
               series_description=series_description)
-    seg = _direct(source, labels, path, kw)
+    seg = _direct(source, labels, path, kw, on_model or _ignore)
     if seg is None:
         seg = build_seg(source, labels, **kw)
+        if on_model is not None:
+            on_model(seg)
         save_seg(seg, path)
     return seg
 
 
-def _direct(source: Sequence[Dataset], labels: np.ndarray, path, kw: dict) -> Dataset | None:
-    """`write_seg`'s frames from the label volume; None (nothing written) where highdicom must build it all."""
+def _ignore(seg: Dataset) -> None:
+    pass
+
+
+def _direct(source: Sequence[Dataset], labels: np.ndarray, path, kw: dict,
+            on_model: Callable[[Dataset], None]) -> Dataset | None:
+    """`write_seg`'s frames from the label volume; None (nothing written, `on_model` not called) where highdicom
+    must build it all."""
     from highdicom.spatial import _get_slice_distances, get_normal_vector, get_volume_positions
     from highdicom.volume import VOLUME_INDEX_CONVENTION
     from pydicom.valuerep import DS
@@ -183,6 +193,7 @@ def _direct(source: Sequence[Dataset], labels: np.ndarray, path, kw: dict) -> Da
             return None  # highdicom makes its frames otherwise than this encoder assumes
     except (AttributeError, IndexError, KeyError, TypeError, ValueError, _Unhandled, UnicodeEncodeError):
         return None
+    on_model(seg)  # from here on only its frames, their count and its dimension organisation change
     keep = set(labelled.tolist())
     planes = [int(p) for p in order if int(p) in keep]  # the labelled planes in highdicom's order
     if len(labelled) > 1 and len(segments) == 1:  # highdicom's test for a 3D dimension organisation: one channel

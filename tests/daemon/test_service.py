@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -83,3 +84,38 @@ def test_cuda_requested_without_cuda_fails_loudly(exported, synth_dirs, tmp_path
                        capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "providers = 'cuda'" in r.stderr
+
+
+def test_the_sr_process_builds_the_sr_beside_the_seg_and_ends_with_the_node(exported, synth_dirs, tmp_path, caplog):
+    """`inference.sr_process = true` (the default only from 4 cores on): the node's helper, started with it,
+    writes the SR that goes out with the SEG, and is gone once the node has stopped."""
+    cfg = load_daemon_config(None, {"inference.model": exported, "inference.providers": "cpu", "node.port": 0,
+                                    "node.bind": "127.0.0.1", "paths.state": tmp_path / "state",
+                                    "paths.output": tmp_path / "out", "study.quiet_seconds": 0,
+                                    "observability.metrics_port": 0, "inference.sr_process": True})
+    s = Service(cfg)
+    s.start()
+    try:
+        pid = s.sr_process.pid()  # started (and warmed up) by start
+        assert pid != os.getpid()
+        files = sorted((synth_dirs["dicom"] / "case_001" / "ct").glob("*.dcm"))
+        _send(s.scp.port, files)
+        s.run_once(send=False)
+        assert s.store.study(_study_uid(files)).state == "done"
+        out = next((tmp_path / "out").glob("*/gen-1"))
+        seg = pydicom.dcmread(out / "seg.dcm", stop_before_pixels=True)
+        sr = pydicom.dcmread(out / "sr.dcm")
+        evidence = [item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                    for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence]
+        assert seg.SOPInstanceUID in evidence and len(evidence) == len(files) + 1
+        assert str(sr.PatientID) == str(seg.PatientID) and len(sr.ContentSequence) > 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["timings_s"]["sr"] > 0
+        assert s.sr_process.pid() == pid  # the same helper built it, with no fallback
+        assert "SR process" not in caplog.text
+    finally:
+        s.stop()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)

@@ -1,0 +1,138 @@
+"""The SR built in a process of its own while the node writes the SEG (#17: what is independent runs beside the
+SEG, not after it).
+
+Building the SR is pure Python (highdicom and pydicom), as is most of writing the SEG: in threads of one process
+they would take turns at the interpreter lock. The node therefore keeps one helper process (spawned, so it
+shares no threads or locks with the node) and hands it an `SrJob`: the SEG's and the source slices' few
+attributes the SR reads, and the findings without their label volume (some tens of kilobytes, pickled by the
+caller). The helper writes the SR file itself and returns the seconds it took.
+
+A job that fails there (the helper died, hung past `WAIT_S`, or the job raised) is built again in the caller's
+process, as without a helper, and the helper is replaced; the warning names the series and the reason. Only the
+daemon starts one (`Service.start`, where `sr_beside` holds); `livernode infer` and the Ray actors build the SR
+after the SEG as before."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from livernode.daemon.receivers import die_with_parent
+from livernode.daemon.sr import SrJob
+
+log = logging.getLogger(__name__)
+WAIT_S = 120.0  # a 600-slice SR with 20 lesions takes well under a second; past this the helper is stuck
+# The fewest cores on which a helper is started by default. On this project's 2-core machine the SR built beside
+# the SEG gave no shorter tail (node runs, 01421d2 against the helper, 3 of each): the SEG, the SR and the preview
+# are mostly Python and took turns at the two cores, and the SEG took longer for it.
+MIN_CORES = 4
+
+
+def sr_beside(setting: bool | None) -> bool:
+    """Whether the node starts a helper: `inference.sr_process`, or where unset, whether this process may run on
+    MIN_CORES or more cores."""
+    if setting is not None:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores >= MIN_CORES
+
+
+def _run(payload: bytes) -> float:
+    """In the helper: the job, unpickled here so that the caller pickles it at once (see `SrProcess.submit`)."""
+    job: SrJob = pickle.loads(payload)
+    return job.run()
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def _init(parent: int) -> None:
+    """The helper's start: it dies with the node (a node killed with SIGKILL leaves no helper behind), and leaves
+    Ctrl-C, which reaches the whole process group, to the node."""
+    if not die_with_parent(parent):
+        os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class SrProcess:
+    """One helper process that builds and writes SRs, started on first use (or by `pid`) and after a failure."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def _running(self) -> ProcessPoolExecutor:
+        """The helper's pool, started where there is none (under the lock). Its process is spawned by the thread
+        that first submits to it, and dies with that thread (PR_SET_PDEATHSIG): the node's main or worker thread,
+        both as long-lived as the node."""
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_init,
+                                             initargs=(os.getpid(),))
+        return self._pool
+
+    def pid(self) -> int:
+        """The helper's process ID, starting it where none runs."""
+        with self._lock:
+            pool = self._running()
+        return pool.submit(_pid).result(timeout=WAIT_S)
+
+    def submit(self, job: SrJob, what: str) -> Future | None:
+        """Hand `job` (the SR of `what`: the series, in log lines) to the helper; None where it cannot take it
+        (with a warning naming `what`) or after `stop`: the caller then builds the SR itself. The job is pickled
+        here, before this returns: the pool's own feeder thread would pickle it later, while the caller may
+        already be changing what it was made from."""
+        try:
+            payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+            with self._lock:
+                if self._stopped:
+                    return None
+                return self._running().submit(_run, payload)
+        except Exception as exc:  # noqa: BLE001 - a broken pool or an unpicklable value: the SR is built here
+            log.warning("%s: the SR process cannot take the SR (%s: %s); building it after the SEG", what,
+                        type(exc).__name__, exc)
+            self.restart()
+            return None
+
+    def wait(self, future: Future, job: SrJob, what: str) -> float:
+        """The seconds the helper took for `job`; where it failed, the SR built here instead (and the helper
+        replaced), with a warning naming `what` (the series) and the reason."""
+        try:
+            return future.result(timeout=WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong there, the SR is built here
+            stuck = isinstance(exc, TimeoutError)
+            reason = f"no answer in {WAIT_S:.0f} s" if stuck else f"{type(exc).__name__}: {exc}"
+            log.warning("%s: the SR process failed (%s); building the SR in the node's own process", what, reason)
+            if stuck or isinstance(exc, BrokenProcessPool):
+                self.restart()  # the stuck one is killed before the SR is written here
+            return job.run()
+
+    def restart(self) -> None:
+        """Replace the helper: the running one is ended (a job left in it is dropped), a new one starts on the
+        next job."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            _end(pool)
+
+    def stop(self) -> None:
+        """End the helper (a job in it is finished first); jobs handed in later are refused (`submit`)."""
+        with self._lock:
+            pool, self._pool, self._stopped = self._pool, None, True
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _end(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's processes and shut it down without waiting for its work."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        if process.is_alive():
+            process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
