@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # share a worker and the order they are handed out in: GROUPS and the hooks in tests/conftest.py.
 TEST_WORKERS ?= 2
 
-.PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-train compare compare-long gpu-model gpu-wheels lock \
+.PHONY: setup setup-gpu deb-deps demo test test-fast bench bench-sr bench-train compare compare-long gpu-model gpu-wheels lock \
         clean reliability-figures
 
 setup: $(STAMP)
@@ -60,6 +60,11 @@ reliability-figures: setup
 
 bench: setup deb-deps
 	$(BIN)/python bench/run.py
+
+# The tail with the SR built in a helper process beside the SEG against after it (separate from `make bench`, which
+# must stay within 20 minutes): four fresh nodes on the bench's 200-slice study. bench/sr-beside.json.
+bench-sr: setup deb-deps
+	$(BIN)/python bench/sr_beside.py
 
 # Training at scale on this machine (separate from `make bench`): memory flat in the number of cases, the input
 # pipeline against the model, cache preparation, and a projection of LiTS. bench/train_results.json.

@@ -93,8 +93,8 @@ def _failed(state: Path) -> str:
     return row[0] if row else ""
 
 
-def _node_once(files: list[Path], model: Path, work: Path, sr_process: bool | None = None
-               ) -> tuple[float, float, dict, dict]:
+def node_once(files: list[Path], model: Path, work: Path, sr_process: bool | None = None
+              ) -> tuple[float, float, dict, dict]:
     """One study through a freshly started node: (seconds from the last acknowledgement to the SEG and SR at the
     PACS, seconds sending took, its stage timings, its summary.json). `sr_process`: the node's
     `inference.sr_process` (None: its default)."""
@@ -128,18 +128,11 @@ def _node_once(files: list[Path], model: Path, work: Path, sr_process: bool | No
 
 
 def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
-    """The node against the pure model, in the order pure, node, (other, other,) node, pure: this machine's speed
-    drifts by a fifth within minutes (shared hosts), and the symmetric order cancels a steady drift, where one node
-    run against a later best-of-two model run did not. "other" is a node with the other `inference.sr_process`
-    than its default (the SR built in a helper process beside the SEG, or after it): the runs in the middle,
-    against the node's runs around them."""
-    from livernode.daemon.sr_process import sr_beside
-
-    default = sr_beside(None)
+    """The node against the pure model, in the order pure, node, node, pure: this machine's speed drifts by a
+    fifth within minutes (shared hosts), and the symmetric order cancels a steady drift, where one node run
+    against a later best-of-two model run did not."""
     model_runs = [_pure_model_seconds(files, model)]
-    nodes = [_node_once(files, model, work / "e2e-1")]
-    others = [_node_once(files, model, work / f"e2e-other-{k}", sr_process=not default) for k in (1, 2)]
-    nodes.append(_node_once(files, model, work / "e2e-2"))
+    nodes = [node_once(files, model, work / f"e2e-{k}") for k in (1, 2)]
     model_runs.append(_pure_model_seconds(files, model))
     e2e = [n[0] for n in nodes]
     model_s, node_s = sum(model_runs) / 2, sum(e2e) / 2
@@ -149,16 +142,6 @@ def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
     # another, which made the difference node - pure model swing by seconds. That difference is kept beside it.
     tails = [e - QUIET_S - n[3]["network_s"] for e, n in zip(e2e, nodes)]
     tail_s = sum(tails) / 2
-    other_tails = [o[0] - QUIET_S - o[3]["network_s"] for o in others]
-    beside, after = (tails, other_tails) if default else (other_tails, tails)
-    both = (nodes, others) if default else (others, nodes)
-    sr_process = {"default": default, "tail_beside_runs_s": beside, "tail_after_runs_s": after,
-                  "tail_beside_s": sum(beside) / 2, "tail_after_s": sum(after) / 2,
-                  "stages_beside_s": {k: round(sum(n[2].get(k, 0.0) for n in both[0]) / 2, 3) for k in both[0][0][2]},
-                  "stages_after_s": {k: round(sum(n[2].get(k, 0.0) for n in both[1]) / 2, 3) for k in both[1][0][2]}}
-    log(f"SR beside the SEG (helper process) against after it: tail {sr_process['tail_beside_s']:.2f} s (runs "
-        f"{', '.join(f'{x:.2f}' for x in beside)}) against {sr_process['tail_after_s']:.2f} s (runs "
-        f"{', '.join(f'{x:.2f}' for x in after)}); the node's default: {'beside' if default else 'after'}")
     subtracted = node_s - QUIET_S - model_s
     stages = {k: round(sum(n[2].get(k, 0.0) for n in nodes) / 2, 3) for k in nodes[0][2]}
     summary = nodes[-1][3]
@@ -171,8 +154,7 @@ def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
             "pure_model_s": model_s, "overhead": node_s / model_s, "non_model_s": tail_s, "non_model_runs_s": tails,
             "network_runs_s": [n[3]["network_s"] for n in nodes], "non_model_by_subtraction_s": subtracted,
             "pydicom_decode_s": decode_s, "non_model_vs_decode": tail_s / decode_s,
-            "lesions_found": summary["lesion_count"], "liver_ml": summary.get("liver_volume_ml"),
-            "sr_process": sr_process}
+            "lesions_found": summary["lesion_count"], "liver_ml": summary.get("liver_volume_ml")}
 
 
 def _infer(files_dir: Path, model: Path, out: Path) -> tuple[float, dict]:

@@ -85,11 +85,6 @@ def table(r: dict) -> list[dict]:
                      f"the run; e2e - quiet - pure model: {e['non_model_by_subtraction_s']:.2f}) vs pydicom reading "
                      "the files", f"{e['non_model_s']:.2f}", f"{e['pydicom_decode_s']:.2f}",
                      f"{e['non_model_vs_decode']:.2f}x", "<= 2x", e["non_model_vs_decode"] <= 2))
-    x = e["sr_process"]
-    rows.append(_row(f"tail {e['slices']} x 512^2: s, the SR built in a helper process beside the SEG vs after it "
-                     f"(SEG {x['stages_beside_s'].get('seg', 0):.2f} / {x['stages_after_s'].get('seg', 0):.2f} s; "
-                     f"the node's default here: {'beside' if x['default'] else 'after'})", f"{x['tail_beside_s']:.2f}",
-                     f"{x['tail_after_s']:.2f}", f"{x['tail_after_s'] / x['tail_beside_s']:.2f}x", "(report)", None))
     x = r["send"]
     rows.append(_row(f"send that study's SEG and SR ({x['bytes'] / 1e6:.1f} MB, storescp's 16 KiB PDUs): s, read and "
                      "sent by livernode's requestor vs pynetdicom's AE", f"{x['requestor_s']:.3f}",

@@ -28,6 +28,7 @@ from livernode.daemon.sr import SrJob
 
 log = logging.getLogger(__name__)
 WAIT_S = 120.0  # a 600-slice SR with 20 lesions takes well under a second; past this the helper is stuck
+STOP_S = 30.0  # at the node's stop, the helper finishes its job for at most this long, then is killed
 # The fewest cores on which a helper is started by default. On this project's 2-core machine the SR built beside
 # the SEG gave no shorter tail (node runs, 01421d2 against the helper, 3 of each): the SEG, the SR and the preview
 # are mostly Python and took turns at the two cores, and the SEG took longer for it.
@@ -120,19 +121,23 @@ class SrProcess:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            _end(pool)
+            _end(pool, 0.0)
 
     def stop(self) -> None:
-        """End the helper (a job in it is finished first); jobs handed in later are refused (`submit`)."""
+        """End the helper (a job in it is finished first, for at most STOP_S); jobs handed in later are refused
+        (`submit`)."""
         with self._lock:
             pool, self._pool, self._stopped = self._pool, None, True
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _end(pool, STOP_S)
 
 
-def _end(pool: ProcessPoolExecutor) -> None:
-    """Kill a pool's processes and shut it down without waiting for its work."""
-    for process in list(getattr(pool, "_processes", {}).values()):
+def _end(pool: ProcessPoolExecutor, grace: float) -> None:
+    """Shut a pool down: its process may finish the job it holds for `grace` seconds, and is then killed."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(grace)
         if process.is_alive():
             process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
+            process.join(5)
