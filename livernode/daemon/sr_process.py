@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 WAIT_S = 120.0  # a 600-slice SR with 20 lesions takes well under a second; past this the helper is stuck
 STOP_S = 30.0  # at the node's stop, the helper finishes its job for at most this long, then is killed
 # The fewest cores on which a helper is started by default. On this project's 2-core machine the SR built beside
-# the SEG gave no shorter tail (node runs, 01421d2 against the helper, 3 of each): the SEG, the SR and the preview
-# are mostly Python and took turns at the two cores, and the SEG took longer for it.
+# the SEG shortened the tail by 0.14 s on average in `make bench-sr` (12 node runs each way), but by nothing in
+# the other comparisons (make bench's pair of runs, 3 alternating runs each way), and the SEG itself took longer
+# beside it (0.43 s against 0.34 s): the SEG, the SR and the preview are mostly Python and share the two cores.
 MIN_CORES = 4
 
 
