@@ -229,7 +229,7 @@ class InferenceConfig(_Strict):
     ray_actors: int = Field(1, ge=1, description="CPU actors when the cluster has no GPU")
     sr_process: bool | None = Field(None, description=(
         "build each SR in a helper process while the SEG is written (local backend); default: where the node may "
-        "run on 4 or more cores (on 2, the SR, the SEG and the preview only take turns)"))
+        "run on 2 or more cores"))
 
 
 class StudyConfig(_Strict):

@@ -14,6 +14,7 @@ after the SEG as before."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -29,11 +30,12 @@ from livernode.daemon.sr import SrJob
 log = logging.getLogger(__name__)
 WAIT_S = 120.0  # a 600-slice SR with 20 lesions takes well under a second; past this the helper is stuck
 STOP_S = 30.0  # at the node's stop, the helper finishes its job for at most this long, then is killed
-# The fewest cores on which a helper is started by default. On this project's 2-core machine the SR built beside
-# the SEG shortened the tail by 0.14 s on average in `make bench-sr` (12 node runs each way), but by nothing in
-# the other comparisons (make bench's pair of runs, 3 alternating runs each way), and the SEG itself took longer
-# beside it (0.43 s against 0.34 s): the SEG, the SR and the preview are mostly Python and share the two cores.
-MIN_CORES = 4
+# The fewest cores on which a helper is started by default: with one, nothing can run beside the SEG. On this
+# project's 2-core machine the SR built beside the SEG shortened the tail by 0.14 s on average in `make bench-sr`
+# (12 node runs each way, five sets of six in its favour), by nothing in make bench's pair of runs at f120070 and
+# in 3 alternating runs each way, and the SEG itself took longer beside it (0.43 s against 0.34 s): the SEG, the
+# SR and the preview are mostly Python and share the two cores.
+MIN_CORES = 2
 
 
 def sr_beside(setting: bool | None) -> bool:
@@ -55,12 +57,19 @@ def _pid() -> int:
     return os.getpid()
 
 
+NAME = b"livernode-sr"  # the helper's name in ps and /proc/PID/comm
+
+
 def _init(parent: int) -> None:
-    """The helper's start: it dies with the node (a node killed with SIGKILL leaves no helper behind), and leaves
-    Ctrl-C, which reaches the whole process group, to the node."""
+    """The helper's start: it dies with the node (a node killed with SIGKILL leaves no helper behind), leaves
+    Ctrl-C, which reaches the whole process group, to the node, and names itself."""
     if not die_with_parent(parent):
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(15, NAME)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: only the name is missing
+        pass
 
 
 class SrProcess:

@@ -26,14 +26,16 @@ pytestmark = pytest.mark.slow
 
 
 def _receivers(node_pid: int) -> set[int]:
-    """The node's receiver processes (its children running a multiprocessing spawn with our target)."""
+    """The node's receiver processes (its children running a multiprocessing spawn with our target), not its SR
+    helper (named livernode-sr)."""
     out = set()
     for pid in subprocess.run(["pgrep", "-P", str(node_pid)], capture_output=True, text=True).stdout.split():
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            comm = Path(f"/proc/{pid}/comm").read_bytes().strip()
         except FileNotFoundError:
             continue
-        if b"spawn_main" in cmd:
+        if b"spawn_main" in cmd and comm != b"livernode-sr":
             out.add(int(pid))
     return out
 

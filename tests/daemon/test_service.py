@@ -87,7 +87,7 @@ def test_cuda_requested_without_cuda_fails_loudly(exported, synth_dirs, tmp_path
 
 
 def test_the_sr_process_builds_the_sr_beside_the_seg_and_ends_with_the_node(exported, synth_dirs, tmp_path, caplog):
-    """`inference.sr_process = true` (the default only from 4 cores on): the node's helper, started with it,
+    """`inference.sr_process = true` (the default from 2 cores on): the node's helper, started with it,
     writes the SR that goes out with the SEG, and is gone once the node has stopped."""
     cfg = load_daemon_config(None, {"inference.model": exported, "inference.providers": "cpu", "node.port": 0,
                                     "node.bind": "127.0.0.1", "paths.state": tmp_path / "state",

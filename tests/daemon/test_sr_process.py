@@ -69,6 +69,7 @@ def test_a_spawned_helper_writes_the_sr(made, tmp_path):
     try:
         pid = helper.pid()
         assert pid != os.getpid()
+        assert open(f"/proc/{pid}/comm", "rb").read().strip() == sr_process.NAME
         job = SrJob.of(model, source, findings, ALGORITHM, tmp_path / "beside.dcm", **SR_KW)
         future = helper.submit(job, "series test")
         assert future is not None
@@ -126,7 +127,7 @@ def test_a_stopped_helper_takes_no_job(made, tmp_path):
 
 def test_the_helper_is_on_by_setting_or_by_cores(monkeypatch):
     assert sr_beside(True) and not sr_beside(False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert not sr_beside(None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(sr_process.MIN_CORES)))
     assert sr_beside(None)
