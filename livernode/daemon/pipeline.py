@@ -299,12 +299,12 @@ def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[
             seg = write_result_seg(source, findings.labels, seg_path, algorithm=algorithm, series_uid=generate_uid(),
                                    sop_uid=generate_uid(), series_number=series_number, note=note,
                                    description=statement, on_model=None if sr_process is None else start_sr)
+            clock.lap("seg")  # raises StudyInterrupted when the node is stopping
         except BaseException:
-            for _, future in started:  # nothing of this attempt is written after it has failed
+            for _, future in started:  # nothing of this attempt is written after it has failed or stopped
                 if wait([future], timeout=SR_WAIT_S).not_done:
                     sr_process.restart()
             raise
-        clock.lap("seg")
         if started:
             (job, future), = started
             clock.timings["sr"] = sr_process.wait(future, job, what)

@@ -28,8 +28,10 @@ from livernode.daemon.receivers import die_with_parent
 from livernode.daemon.sr import SrJob
 
 log = logging.getLogger(__name__)
-WAIT_S = 120.0  # a 600-slice SR with 20 lesions takes well under a second; past this the helper is stuck
-STOP_S = 30.0  # at the node's stop, the helper finishes its job for at most this long, then is killed
+# A 600-slice SR with 20 lesions takes well under a second: past this the helper is stuck. Far inside the
+# worker's stall bound and the node's stop budget, which a wait for the helper must not overrun.
+WAIT_S = 20.0
+STOP_S = 5.0  # at the node's stop, the helper finishes its job for at most this long, then is killed
 # The fewest cores on which a helper is started by default: with one, nothing can run beside the SEG. On this
 # project's 2-core machine the SR built beside the SEG shortened the tail by 0.14 s on average in `make bench-sr`
 # (12 node runs each way, five sets of six in its favour), by nothing in make bench's pair of runs at f120070 and
@@ -90,8 +92,10 @@ class SrProcess:
         return self._pool
 
     def pid(self) -> int:
-        """The helper's process ID, starting it where none runs."""
+        """The helper's process ID, starting it where none runs (RuntimeError after `stop`)."""
         with self._lock:
+            if self._stopped:
+                raise RuntimeError("the SR process was stopped")
             pool = self._running()
         return pool.submit(_pid).result(timeout=WAIT_S)
 
@@ -102,15 +106,21 @@ class SrProcess:
         already be changing what it was made from."""
         try:
             payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
-            with self._lock:
-                if self._stopped:
-                    return None
-                return self._running().submit(_run, payload)
-        except Exception as exc:  # noqa: BLE001 - a broken pool or an unpicklable value: the SR is built here
-            log.warning("%s: the SR process cannot take the SR (%s: %s); building it after the SEG", what,
+        except Exception as exc:  # noqa: BLE001 - a value that cannot be pickled: the helper itself is fine
+            log.warning("%s: the SR cannot go to the SR process (%s: %s); building it after the SEG", what,
                         type(exc).__name__, exc)
-            self.restart()
             return None
+        with self._lock:
+            if self._stopped:
+                return None
+            try:
+                return self._running().submit(_run, payload)
+            except (BrokenProcessPool, RuntimeError) as exc:  # the helper died since the last job
+                failed = exc
+        log.warning("%s: the SR process cannot take the SR (%s: %s); building it after the SEG", what,
+                    type(failed).__name__, failed)
+        self.restart()
+        return None
 
     def wait(self, future: Future, job: SrJob, what: str) -> float:
         """The seconds the helper took for `job`; where it failed, the SR built here instead (and the helper
@@ -123,6 +133,8 @@ class SrProcess:
             log.warning("%s: the SR process failed (%s); building the SR in the node's own process", what, reason)
             if stuck or isinstance(exc, BrokenProcessPool):
                 self.restart()  # the stuck one is killed before the SR is written here
+            for left in job.path.parent.glob(f".{job.path.name}.*.tmp"):  # a killed helper's partial file
+                left.unlink(missing_ok=True)
             return job.run()
 
     def restart(self) -> None:

@@ -4,13 +4,13 @@ import json
 import logging
 import os
 import subprocess
-import time
 
 import pydicom
 import pytest
 
 from livernode.config import load_daemon_config
 from livernode.daemon.service import Service
+from tests.daemon.test_sr_process import wait_gone
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, TCP_NODELAY="1")
@@ -86,7 +86,8 @@ def test_cuda_requested_without_cuda_fails_loudly(exported, synth_dirs, tmp_path
     assert "providers = 'cuda'" in r.stderr
 
 
-def test_the_sr_process_builds_the_sr_beside_the_seg_and_ends_with_the_node(exported, synth_dirs, tmp_path, caplog):
+def test_the_sr_process_builds_the_sr_beside_the_seg_and_ends_with_the_node(exported, synth_dirs, tmp_path, caplog,
+                                                                             monkeypatch):
     """`inference.sr_process = true` (the default from 2 cores on): the node's helper, started with it,
     writes the SR that goes out with the SEG, and is gone once the node has stopped."""
     cfg = load_daemon_config(None, {"inference.model": exported, "inference.providers": "cpu", "node.port": 0,
@@ -98,6 +99,11 @@ def test_the_sr_process_builds_the_sr_beside_the_seg_and_ends_with_the_node(expo
     try:
         pid = s.sr_process.pid()  # started (and warmed up) by start
         assert pid != os.getpid()
+
+        def not_here(*args, **kwargs):
+            raise AssertionError("the SR was built in the node's own process")
+        monkeypatch.setattr("livernode.daemon.pipeline.build_sr", not_here)  # the helper has its own modules
+        monkeypatch.setattr("livernode.daemon.sr.build_sr", not_here)
         files = sorted((synth_dirs["dicom"] / "case_001" / "ct").glob("*.dcm"))
         _send(s.scp.port, files)
         s.run_once(send=False)
@@ -115,7 +121,4 @@ def test_the_sr_process_builds_the_sr_beside_the_seg_and_ends_with_the_node(expo
         assert "SR process" not in caplog.text
     finally:
         s.stop()
-    with pytest.raises(ProcessLookupError):
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.05)
+    assert wait_gone(pid)
