@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +21,6 @@ from livernode.daemon.report import preview, summary_dict, write_json
 from livernode.daemon.select import select_series, short_key
 from livernode.daemon.seg import write_result_seg
 from livernode.daemon.sr import SrJob, build_sr, write_sr
-from livernode.daemon.sr_process import WAIT_S as SR_WAIT_S
 from livernode.daemon.sr_process import SrProcess
 from livernode.errors import InputError, SeriesRejected
 from livernode.imaging.dicomio import (SliceOrder, dicom_files, hu_int16_of, hu_of, order_slices,
@@ -302,8 +301,7 @@ def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[
             clock.lap("seg")  # raises StudyInterrupted when the node is stopping
         except BaseException:
             for _, future in started:  # nothing of this attempt is written after it has failed or stopped
-                if wait([future], timeout=SR_WAIT_S).not_done:
-                    sr_process.restart()
+                sr_process.settle(future)
             raise
         if started:
             (job, future), = started

@@ -21,7 +21,7 @@ import os
 import pickle
 import signal
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from livernode.daemon.receivers import die_with_parent
@@ -136,6 +136,12 @@ class SrProcess:
             for left in job.path.parent.glob(f".{job.path.name}.*.tmp"):  # a killed helper's partial file
                 left.unlink(missing_ok=True)
             return job.run()
+
+    def settle(self, future: Future) -> None:
+        """Let a job whose result nobody wants end: wait for it (at most WAIT_S), else end the helper with it, so
+        that it writes nothing later."""
+        if wait([future], timeout=WAIT_S).not_done:
+            self.restart()
 
     def restart(self) -> None:
         """Replace the helper: the running one is ended (a job left in it is dropped), a new one starts on the

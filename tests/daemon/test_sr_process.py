@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import pydicom
 import pytest
 
@@ -22,6 +20,7 @@ from livernode.daemon.seg import write_result_seg
 from livernode.daemon.sr import SrJob
 from livernode.daemon.sr_process import SrProcess, sr_beside
 from livernode.imaging.segwrite import Algorithm
+from tests.daemon.test_receivers import _gone as gone
 from tests.daemon.test_sr_fast import _differences, _findings, _source
 
 ALGORITHM = Algorithm("livernode test", "1 (abc)")
@@ -40,14 +39,6 @@ def made(synth_dirs, tmp_path):
     assert len(models) == 1 and models[0].SOPInstanceUID == "1.2.3.5"
     assert "PerFrameFunctionalGroupsSequence" in models[0] and "PerFrameFunctionalGroupsSequence" not in seg
     return models[0], seg, source, findings
-
-
-def gone(pid: int) -> bool:
-    """The process has ended: no such process, or a zombie not yet reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def wait_gone(pid: int, seconds: float = 5.0) -> bool:
