@@ -266,7 +266,7 @@ def _write_series(source: Sequence[Dataset], labels: np.ndarray, spacing: tuple[
     """Post-process a series' labels and write its SEG, SR, summary.json and preview.png (from `slices`, HU slice
     by index) into `out_dir`. `network_s`: of the infer stage, the seconds the network itself ran, where known."""
     source = list(source)  # headers only
-    findings = postprocess(labels, spacing)
+    findings = postprocess(labels, spacing, overwrite=True)  # the network's labels are not needed after this
     del labels
     clock.lap("postprocess")
     out_dir.mkdir(parents=True, exist_ok=True)

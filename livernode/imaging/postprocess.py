@@ -208,17 +208,23 @@ def _box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
 
 
 def postprocess(labels: np.ndarray, spacing: tuple[float, float, float], *, min_lesion_ml: float = 0.05,
-                liver_margin_mm: float = 5.0) -> Findings:
+                liver_margin_mm: float = 5.0, overwrite: bool = False) -> Findings:
     """Largest 3-D liver component with holes filled; tumour kept only inside the (dilated) liver; lesions below
     `min_lesion_ml` dropped; remaining tumour split into 3-D connected components (26-connectivity).
 
     Works inside the bounding box of what the network labelled, grown by the liver margin: component labelling
-    needs 4 bytes per voxel, and a 600-slice study is 157 million voxels of which the abdomen's organs are few."""
+    needs 4 bytes per voxel, and a 600-slice study is 157 million voxels of which the abdomen's organs are few.
+    `overwrite`: the cleaned labels are written into `labels` (where it is a writable uint8 volume), which the
+    findings then hold, instead of into a new volume: for a caller with no further use for the network's labels
+    (the node, where each fresh allocation of a volume's size costs the first touch of that memory)."""
     box = _grown_box(labels, spacing, liver_margin_mm)
     if box is None:
         return Findings(np.zeros_like(labels, np.uint8), 0.0, 0.0, (), False)
     inner = _postprocess(labels[box], spacing, min_lesion_ml, liver_margin_mm)
-    out = np.zeros_like(labels, np.uint8)
+    if overwrite and labels.dtype == np.uint8 and labels.flags.writeable:  # (Ray's shared arrays are read-only)
+        out = labels  # beyond the box it holds no label already
+    else:
+        out = np.zeros_like(labels, np.uint8)
     out[box] = inner.labels
     offset = tuple(b.start for b in box) * 2
     at = (box[0].start, box[1].start, box[2].start, box[1].start, box[2].start)
@@ -249,12 +255,12 @@ def _postprocess(labels: np.ndarray, spacing: tuple[float, float, float], min_le
     for k in range(box[0].start, box[0].stop):  # holes are filled slice by slice, inside the organ's box only
         liver[k, box[1], box[2]] = fill_holes_2d(liver[k, box[1], box[2]])
     tumour = labels == TUMOUR
-    outside = tumour & ~liver
+    outside = tumour > liver  # tumour and not liver, in one pass and one mask
     if outside.any():  # only tumour outside the liver needs the distance to it
-        tumour &= ~outside
+        tumour &= liver  # the tumour inside it, then that outside it within the margin
         tumour |= _near_at(liver, outside, spacing, liver_margin_mm)
     del outside
-    out = liver.astype(np.uint8)  # not np.where(liver, LIVER, 0): that makes an 8-byte-a-voxel temporary
+    out = liver.view(np.uint8)  # the liver's own mask becomes the output: no copy, no new volume
     out *= LIVER
     del liver
     lesions, tumour_voxels = [], 0

@@ -151,6 +151,15 @@ def test_postprocess_equals_the_scipy_reference_on_a_noisy_output(seed):
     voxel_ml = float(np.prod(spacing)) / 1000
     assert got.liver_volume_ml == pytest.approx((want > 0).sum() * voxel_ml)
     assert got.tumour_volume_ml == pytest.approx((want == 2).sum() * voxel_ml)
+    # written into the network's labels (as the node asks): the same findings, held in that very array
+    into = lab.copy()
+    again = postprocess(into, spacing, min_lesion_ml=0.01, liver_margin_mm=5.0, overwrite=True)
+    assert again.labels is into and np.array_equal(into, want)
+    assert again.lesions == got.lesions and again.liver_volume_ml == got.liver_volume_ml
+    shared = lab.copy()
+    shared.flags.writeable = False  # as Ray hands an array over: a new volume instead
+    assert np.array_equal(postprocess(shared, spacing, min_lesion_ml=0.01, overwrite=True).labels, want)
+    assert np.array_equal(shared, lab)
 
 
 def test_the_liver_among_equally_large_components_is_the_first_in_scan_order():
