@@ -79,11 +79,11 @@ def test_exception_in_the_pipeline_fails_only_its_study(running_node, trained_ru
     real = pipeline.postprocess
     calls = []
 
-    def poisoned(labels, spacing):  # the first study hits a bug (here, in post-processing); later ones do not
+    def poisoned(labels, spacing, **kw):  # the first study hits a bug (here, in post-processing); later ones do not
         calls.append(labels.shape)
         if len(calls) == 1:
             raise IndexError("injected: index 7 is out of bounds for axis 0 with size 7")
-        return real(labels, spacing)
+        return real(labels, spacing, **kw)
     monkeypatch.setattr(pipeline, "postprocess", poisoned)
     node = running_node(send__destinations=[f"PACS@127.0.0.1:{pacs_port}"])
     root, _ = trained_run
