@@ -144,6 +144,10 @@ def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
     tail_s = sum(tails) / 2
     subtracted = node_s - QUIET_S - model_s
     stages = {k: round(sum(n[2].get(k, 0.0) for n in nodes) / 2, 3) for k in nodes[0][2]}
+    # of the tail, what comes before post-processing: the infer stage less the network's own seconds, with
+    # selection and loading
+    beyond = stages.get("infer", 0.0) - sum(n[3]["network_s"] for n in nodes) / 2
+    before = {"select": stages.get("select", 0.0), "load": stages.get("load", 0.0), "infer_beyond_network": beyond}
     summary = nodes[-1][3]
     log(f"end to end: {node_s:.2f} s after the last ack (runs {', '.join(f'{x:.2f}' for x in e2e)}); pure model "
         f"{model_s:.2f} s (runs {', '.join(f'{x:.2f}' for x in model_runs)}); the rest {tail_s:.2f} s (runs "
@@ -154,6 +158,7 @@ def end_to_end(files: list[Path], model: Path, work: Path) -> dict:
             "pure_model_s": model_s, "overhead": node_s / model_s, "non_model_s": tail_s, "non_model_runs_s": tails,
             "network_runs_s": [n[3]["network_s"] for n in nodes], "non_model_by_subtraction_s": subtracted,
             "pydicom_decode_s": decode_s, "non_model_vs_decode": tail_s / decode_s,
+            "before_postprocess_s": before,
             "lesions_found": summary["lesion_count"], "liver_ml": summary.get("liver_volume_ml")}
 
 

@@ -89,6 +89,12 @@ def table(r: dict) -> list[dict]:
     rows.append(_row(f"send that study's SEG and SR ({x['bytes'] / 1e6:.1f} MB, storescp's 16 KiB PDUs): s, read and "
                      "sent by livernode's requestor vs pynetdicom's AE", f"{x['requestor_s']:.3f}",
                      f"{x['pynetdicom_s']:.3f}", f"{x['speedup']:.2f}x", "(report)", None))
+    b = e["before_postprocess_s"]
+    fixed = sum(b.values()) + x["requestor_s"]
+    rows.append(_row(f"  why: of the tail, select {b['select']:.2f} + load {b['load']:.2f} + infer beyond the network "
+                     f"{b['infer_beyond_network']:.2f} + sending SEG and SR {x['requestor_s']:.2f}: s vs pydicom "
+                     "reading the files", f"{fixed:.2f}", f"{e['pydicom_decode_s']:.2f}",
+                     f"{fixed / e['pydicom_decode_s']:.2f}x", "(of the 2x)", None))
     mem = r["memory"]
     rows.append(_row(f"memory {mem['slices']} x 512^2: peak RSS MiB vs int16 volume (+ model)",
                      f"{mem['peak_rss_bytes'] / 2**20:.0f}",
